@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Make this machine ready to build, test and demo targetmirror (Debian 12 / Ubuntu, as root):
+# system packages for the QEMU lab (lab/install-host-deps.sh), then a virtual environment in
+# .venv with the project and its test tools.  Idempotent: a second run installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "dev/bootstrap.sh: run as root (apt-get and the lab need it)" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3 python3-venv python3-pip >/dev/null
+fi
+sh lab/install-host-deps.sh
+
+VENV=${TARGETMIRROR_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+stamp="$VENV/.installed-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi
+echo "dev/bootstrap.sh: ready ($VENV)"

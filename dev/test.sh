@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, types, unit tests on the host, and the lab tests, which boot the
+# QEMU guest once and run inside it against the real kernel (LIO, TCMU, open-iscsi).
+# Extra arguments go to pytest (e.g. dev/test.sh -k ring).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash dev/bootstrap.sh
+VENV=${TARGETMIRROR_VENV:-.venv}
+"$VENV/bin/ruff" check targetmirror tests lab
+"$VENV/bin/mypy" targetmirror/tcmu targetmirror/scsi targetmirror/store targetmirror/mirror \
+    targetmirror/config targetmirror/daemon
+exec "$VENV/bin/python" -m pytest -v -rA "$@"

@@ -1,0 +1,1 @@
+"""Configuration: the device cfgstring (and later the YAML config file)."""

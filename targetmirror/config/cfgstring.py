@@ -1,0 +1,111 @@
+"""The cfgstring of a ``user:mirror`` backstore: which two images back the LUN.
+
+The kernel carries it in ``dev_config`` and in the UIO device's name
+(``tcm-user/<hba>/<dev>/mirror/<cfgstring>``).  ``dev_config`` may not contain ',' (the control
+file's separator) nor ':' (rtslib refuses it), and is at most 255 bytes with the subtype, so the
+format is ``;``-separated ``key=value`` pairs::
+
+    a=/srv/images/db-a.raw;b=/srv/images/db-b.raw
+
+Keys: ``a`` and ``b`` (required): absolute paths of the two images; ``direct`` (optional, 0/1):
+open with O_DIRECT where the backing allows it.  Parsing is pure; :func:`check_images` then
+checks the paths on this host (exists, file or block device, not the same image twice, big
+enough) so that ``targetmirror create`` and the D-Bus CheckConfig give the admin the reason
+before LIO ever sees the device.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from targetmirror.errors import ConfigError
+
+MAX_DEV_CONFIG = 255
+SUBTYPE = "mirror"
+FORBIDDEN = {",": "a comma", ":": "a colon", "\n": "a newline", "\0": "a NUL byte"}
+KEYS = {"a", "b", "direct"}
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorSpec:
+    """What a cfgstring names: the two images and how to open them."""
+
+    image_a: str
+    image_b: str
+    direct: bool = False
+
+    def to_cfgstring(self) -> str:
+        """The canonical cfgstring for this spec (round-trips through :func:`parse`)."""
+        text = f"a={self.image_a};b={self.image_b}"
+        if self.direct:
+            text += ";direct=1"
+        return text
+
+
+def _check_path(key: str, path: str) -> str:
+    if not path.startswith("/"):
+        raise ConfigError(f"cfgstring key '{key}': expected an absolute path, got {path!r}")
+    parts = path.split("/")[1:]
+    if any(p in ("", ".", "..") for p in parts):
+        raise ConfigError(f"cfgstring key '{key}': path {path!r} must be normalised "
+                          "(no '.', '..' or empty components)")
+    for ch in ";=":
+        if ch in path:
+            raise ConfigError(f"cfgstring key '{key}': path {path!r} may not contain {ch!r}")
+    return path
+
+
+def parse(cfgstring: str) -> MirrorSpec:
+    """Parse a cfgstring (without the ``mirror/`` subtype prefix) into a :class:`MirrorSpec`."""
+    if cfgstring.startswith(SUBTYPE + "/"):
+        cfgstring = cfgstring[len(SUBTYPE) + 1:]
+    for ch, name in FORBIDDEN.items():
+        if ch in cfgstring:
+            raise ConfigError(f"cfgstring may not contain {name} (the kernel's dev_config "
+                              f"does not allow it): {cfgstring!r}")
+    if len(SUBTYPE) + 1 + len(cfgstring) > MAX_DEV_CONFIG:
+        raise ConfigError(f"cfgstring is {len(cfgstring)} characters; with 'mirror/' it must "
+                          f"fit the kernel's {MAX_DEV_CONFIG}-byte dev_config")
+    values: dict[str, str] = {}
+    for item in cfgstring.split(";"):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"cfgstring item {item!r}: expected key=value")
+        if key not in KEYS:
+            raise ConfigError(f"cfgstring key {key!r} is unknown; expected one of "
+                              f"{', '.join(sorted(KEYS))}")
+        if key in values:
+            raise ConfigError(f"cfgstring key {key!r} is given twice")
+        values[key] = value
+    for key in ("a", "b"):
+        if key not in values:
+            raise ConfigError(f"cfgstring lacks key '{key}' (expected a=PATH;b=PATH)")
+    direct = values.get("direct", "0")
+    if direct not in ("0", "1"):
+        raise ConfigError(f"cfgstring key 'direct': expected 0 or 1, got {direct!r}")
+    a = _check_path("a", values["a"])
+    b = _check_path("b", values["b"])
+    if a == b:
+        raise ConfigError(f"cfgstring names the same image for a and b: {a}")
+    return MirrorSpec(a, b, direct == "1")
+
+
+def check_images(spec: MirrorSpec, size: int | None = None) -> None:
+    """Check on this host that both images exist, are usable and distinct, and hold ``size``."""
+    ids = []
+    for key, path in (("a", spec.image_a), ("b", spec.image_b)):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ConfigError(f"image {key} {path}: {exc.strerror}") from exc
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise ConfigError(f"image {key} {path}: expected a regular file or block device")
+        ids.append((st.st_dev, st.st_ino, st.st_rdev))
+        if size is not None and stat.S_ISREG(st.st_mode) and st.st_size < size:
+            raise ConfigError(f"image {key} {path}: has {st.st_size} bytes, the LUN needs {size}")
+    if ids[0] == ids[1]:
+        raise ConfigError(f"images a and b are the same file: {spec.image_a}, {spec.image_b}")

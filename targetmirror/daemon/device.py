@@ -1,0 +1,145 @@
+"""Turn one discovered TCMU device into something that serves: images, mirror, SCSI, ring loop.
+
+The kernel tells us the device's shape through configfs (size, block size, largest command,
+unit serial) and its backing through the cfgstring in the UIO name.  A device whose cfgstring is
+bad or whose images cannot be opened is still served — every command gets CHECK CONDITION
+NOT READY, MANUAL INTERVENTION REQUIRED — so the initiator sees a clear state instead of
+commands hanging until the kernel's timeout, and the reason is logged for the admin.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from targetmirror import __version__
+from targetmirror.config.cfgstring import parse
+from targetmirror.daemon.runner import DeviceRunner, Executor
+from targetmirror.errors import TargetMirrorError
+from targetmirror.mirror.mirror import Mirror
+from targetmirror.scsi import constants as C
+from targetmirror.scsi.handler import ScsiDevice, ScsiResult
+from targetmirror.scsi.identity import DeviceIdentity
+from targetmirror.scsi.sense import build_fixed_sense
+from targetmirror.store.image import Image
+from targetmirror.tcmu.uio import ConfigfsDevice, UioDevice, UioInfo
+
+log = logging.getLogger("targetmirror.device")
+
+# LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED (04/03)
+_NOT_READY = ScsiResult(C.Status.CHECK_CONDITION,
+                        build_fixed_sense(C.SenseKey.NOT_READY, 0x04, 0x03))
+
+
+@dataclass
+class ServedDevice:
+    """Everything that belongs to one served device, closed together."""
+
+    info: UioInfo
+    uio: UioDevice
+    runner: DeviceRunner
+    mirror: Mirror | None
+    reason: str | None = None
+
+    def close(self) -> None:
+        """Stop the ring loop (finishing in-flight commands), then close ring and images."""
+        self.runner.stop()
+        self.runner.join()
+        self.uio.close()
+        if self.mirror is not None:
+            self.mirror.close()
+
+
+def _revision() -> str:
+    digits = "".join(ch for ch in __version__ if ch.isdigit())
+    return (digits or "0")[:4].rjust(4, "0")
+
+
+def build_mirror(info: UioInfo, cfs: ConfigfsDevice) -> Mirror:
+    """Open the images named by the cfgstring and shape the mirror like the kernel's device."""
+    spec = parse(info.cfgstring)
+    size = cfs.size()
+    block_size = cfs.hw_block_size()
+    a = Image(spec.image_a, direct=spec.direct)
+    try:
+        b = Image(spec.image_b, direct=spec.direct)
+    except BaseException:
+        a.close()
+        raise
+    try:
+        mirror = Mirror(info.dev_name, a, b, size=size, block_size=block_size,
+                        write_cache=True)
+    except BaseException:
+        a.close()
+        b.close()
+        raise
+    return mirror
+
+
+def read_identity(info: UioInfo, cfs: ConfigfsDevice) -> DeviceIdentity:
+    """What INQUIRY reports: LIO's unit serial and the kernel's largest command."""
+    try:
+        serial = cfs.unit_serial()
+    except (TargetMirrorError, OSError):
+        serial = ""
+    return DeviceIdentity(serial=serial or info.dev_name, revision=_revision(),
+                          max_transfer_blocks=cfs.hw_max_sectors())
+
+
+class LazyScsi:
+    """Build the :class:`ScsiDevice` when the first command arrives.
+
+    rtslib enables a device (which is when we learn of it) *before* it writes the unit serial,
+    so reading the identity at attach time races with the creator.  The first command only comes
+    after the LUN is exported and an initiator logged in, long after the serial is in place.
+    """
+
+    def __init__(self, info: UioInfo, cfs: ConfigfsDevice, mirror: Mirror) -> None:
+        self._info = info
+        self._cfs = cfs
+        self._mirror = mirror
+        self._scsi: ScsiDevice | None = None
+        self._lock = threading.Lock()
+
+    def execute(self, cdb: bytes, iov: list[memoryview]) -> ScsiResult:
+        scsi = self._scsi
+        if scsi is None:
+            with self._lock:
+                if self._scsi is None:
+                    self._scsi = ScsiDevice(self._mirror, read_identity(self._info, self._cfs))
+                scsi = self._scsi
+        return scsi.execute(cdb, iov)
+
+
+def serve(info: UioInfo, *, workers: int, configfs_root: str = "/sys/kernel/config"
+          ) -> ServedDevice:
+    """Open the UIO device, build its mirror and start its ring loop."""
+    cfs = ConfigfsDevice.for_device(info, configfs_root)
+    mirror: Mirror | None = None
+    reason: str | None = None
+    execute: Executor
+    try:
+        mirror = build_mirror(info, cfs)
+        execute = LazyScsi(info, cfs, mirror).execute
+    except (TargetMirrorError, OSError) as exc:
+        reason = str(exc)
+        log.error("cannot serve %s: %s; answering NOT READY until it is fixed", info.dev_name,
+                  reason, extra={"device": info.dev_name})
+
+        def execute(cdb: bytes, iov: list[memoryview]) -> ScsiResult:
+            return _NOT_READY
+
+    try:
+        uio = UioDevice.open(info)
+    except BaseException:
+        if mirror is not None:
+            mirror.close()
+        raise
+    runner = DeviceRunner(info.dev_name, uio, uio.ring, execute, workers=workers)
+    runner.start()
+    if mirror is not None:
+        log.info("serving %s: %d bytes, block %d, a=%s b=%s", info.dev_name, mirror.size,
+                 mirror.block_size, mirror.a.path, mirror.b.path,
+                 extra={"device": info.dev_name})
+    return ServedDevice(info, uio, runner, mirror, reason)

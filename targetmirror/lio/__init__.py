@@ -1,0 +1,1 @@
+"""LIO glue through rtslib-fb: the one seam between targetmirror and configfs."""

@@ -1,0 +1,199 @@
+"""One backing image: a raw file or a block device, read and written without copies.
+
+The ring hands us the command's data as memoryviews of the TCMU data area; ``os.preadv`` and
+``os.pwritev`` move bytes straight between that shared memory and the image, and release the GIL
+while they do, so two legs can be written in parallel from two threads.  Short transfers (legal
+for files on some filesystems, and after a signal) are finished in a loop rather than treated as
+errors; real failures become :class:`StoreError` with the failing operation in ``kind``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as errno_mod
+import fcntl
+import os
+import stat
+import struct
+import threading
+from collections.abc import Sequence
+
+from targetmirror.errors import StoreError
+
+# linux/falloc.h
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+# linux/fs.h: _IO(0x12, 119), _IO(0x12, 127), _IOR(0x12, 114, u64)
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_fallocate.restype = ctypes.c_int
+
+
+def _advance(iov: Sequence[memoryview], done: int) -> list[memoryview]:
+    """Return the part of ``iov`` left after ``done`` bytes (for finishing a short transfer)."""
+    rest: list[memoryview] = []
+    for view in iov:
+        n = len(view)
+        if done >= n:
+            done -= n
+            continue
+        rest.append(view[done:] if done else view)
+        done = 0
+    return rest
+
+
+class Image:
+    """A raw image file or block device opened for zero-copy vectored I/O.
+
+    ``size`` is the usable size in bytes.  For files it is the file's length; for block devices
+    the device's size.  The LUN may be smaller than the image, never larger (checked by the
+    mirror).  ``direct=True`` opens with O_DIRECT where the backing allows it; tmpfs does not, so
+    it falls back to buffered I/O and says so in ``self.direct``.
+    """
+
+    def __init__(self, path: str, *, readonly: bool = False, direct: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        self.direct = False
+        fd = -1
+        try:
+            if direct:
+                try:
+                    fd = os.open(path, flags | os.O_DIRECT)
+                    self.direct = True
+                except OSError as exc:
+                    if exc.errno != errno_mod.EINVAL:
+                        raise
+            if fd < 0:
+                fd = os.open(path, flags)
+        except OSError as exc:
+            raise StoreError(f"cannot open image {path}: {exc.strerror}", kind="open",
+                             path=path, errno=exc.errno) from exc
+        self.fd = fd
+        try:
+            st = os.fstat(fd)
+            self.is_block_device = stat.S_ISBLK(st.st_mode)
+            if not (self.is_block_device or stat.S_ISREG(st.st_mode)):
+                raise StoreError(f"image {path} is neither a regular file nor a block device",
+                                 kind="open", path=path)
+            if self.is_block_device:
+                buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+                self.size: int = struct.unpack("<Q", buf)[0]
+            else:
+                self.size = st.st_size
+        except BaseException:
+            os.close(fd)
+            raise
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    # -- data ------------------------------------------------------------------------------
+    def readv(self, offset: int, iov: Sequence[memoryview]) -> None:
+        """Fill ``iov`` from the image at ``offset``; past the end of a file reads as zeros."""
+        want = sum(len(v) for v in iov)
+        pending: Sequence[memoryview] = iov
+        pos = offset
+        while want > 0:
+            try:
+                n = os.preadv(self.fd, pending, pos)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise StoreError(f"read of {want} bytes at {pos} from {self.path} failed: "
+                                 f"{exc.strerror}", kind="read", path=self.path,
+                                 errno=exc.errno) from exc
+            if n == 0:  # end of file: a sparse tail reads as zeros
+                for view in pending:
+                    view[:] = _ZERO_CHUNK[: len(view)] if len(view) <= len(_ZERO_CHUNK) else \
+                        bytes(len(view))
+                return
+            want -= n
+            pos += n
+            if want:
+                pending = _advance(pending, n)
+
+    def writev(self, offset: int, iov: Sequence[memoryview]) -> None:
+        """Write all of ``iov`` to the image at ``offset``."""
+        want = sum(len(v) for v in iov)
+        pending: Sequence[memoryview] = iov
+        pos = offset
+        while want > 0:
+            try:
+                n = os.pwritev(self.fd, pending, pos)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise StoreError(f"write of {want} bytes at {pos} to {self.path} failed: "
+                                 f"{exc.strerror}", kind="write", path=self.path,
+                                 errno=exc.errno) from exc
+            if n == 0:
+                raise StoreError(f"write at {pos} to {self.path} made no progress",
+                                 kind="write", path=self.path, errno=errno_mod.EIO)
+            want -= n
+            pos += n
+            if want:
+                pending = _advance(pending, n)
+
+    def flush(self) -> None:
+        """Make every write so far durable (fdatasync)."""
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise StoreError(f"fdatasync of {self.path} failed: {exc.strerror}", kind="flush",
+                             path=self.path, errno=exc.errno) from exc
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset+length)`` read back as zeros, deallocating where possible.
+
+        Files get a punched hole (space comes back, reads return zeros); block devices get
+        BLKZEROOUT (which the kernel turns into WRITE ZEROES or UNMAP where the device can).
+        Where neither works, zeros are written in 1 MiB chunks.
+        """
+        if length <= 0:
+            return
+        try:
+            if self.is_block_device:
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("<QQ", offset, length))
+                return
+            if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                          length) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno_mod.EOPNOTSUPP, errno_mod.ENOSYS, errno_mod.EINVAL):
+                raise OSError(err, os.strerror(err))
+        except OSError as exc:
+            if exc.errno not in (errno_mod.EOPNOTSUPP, errno_mod.ENOTTY, errno_mod.EINVAL):
+                raise StoreError(f"zeroing {length} bytes at {offset} of {self.path} failed: "
+                                 f"{exc.strerror}", kind="write", path=self.path,
+                                 errno=exc.errno) from exc
+        zero = memoryview(_ZERO_CHUNK)
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(len(zero), end - pos)
+            self.writev(pos, [zero[:n]])
+            pos += n
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate a range; it reads back as zeros afterwards (we report LBPRZ)."""
+        self.write_zeroes(offset, length)
+
+    def close(self) -> None:
+        """Close the image; safe to call twice."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self.fd)
+
+    def __repr__(self) -> str:
+        return f"Image({self.path!r}, size={self.size})"

@@ -1,0 +1,50 @@
+"""cfgstring: parse, canonical form, and refusals with a reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from targetmirror.config.cfgstring import MirrorSpec, check_images, parse
+from targetmirror.errors import ConfigError
+
+
+def test_parse_and_roundtrip():
+    spec = parse("a=/srv/a.img;b=/srv/b.img")
+    assert spec == MirrorSpec("/srv/a.img", "/srv/b.img", False)
+    assert parse(spec.to_cfgstring()) == spec
+    assert parse("mirror/a=/x/a;b=/x/b;direct=1").direct is True
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("a=/x/a,b=/x/b", "comma"),
+    ("a=/x/a;b=/x:b", "colon"),
+    ("a=/x/a", "lacks key 'b'"),
+    ("b=/x/b", "lacks key 'a'"),
+    ("a=x/a;b=/x/b", "absolute path"),
+    ("a=/x/../a;b=/x/b", "normalised"),
+    ("a=/x//a;b=/x/b", "normalised"),
+    ("a=/x/a;b=/x/a", "same image"),
+    ("a=/x/a;b=/x/b;c=1", "unknown"),
+    ("a=/x/a;a=/x/c;b=/x/b", "twice"),
+    ("a=/x/a;b=/x/b;direct=yes", "expected 0 or 1"),
+    ("a=/x/a;bogus;b=/x/b", "key=value"),
+    ("a=/" + "x" * 300 + ";b=/x/b", "255"),
+])
+def test_bad_cfgstrings(text, reason):
+    with pytest.raises(ConfigError, match=reason):
+        parse(text)
+
+
+def test_check_images(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(bytes(4096))
+    b.write_bytes(bytes(2048))
+    spec = MirrorSpec(str(a), str(b))
+    check_images(spec, 2048)
+    with pytest.raises(ConfigError, match=r"image b .* needs 4096"):
+        check_images(spec, 4096)
+    with pytest.raises(ConfigError, match="No such file"):
+        check_images(MirrorSpec(str(a), str(tmp_path / "c")))
+    (tmp_path / "link").symlink_to(a)
+    with pytest.raises(ConfigError, match="same file"):
+        check_images(MirrorSpec(str(a), str(tmp_path / "link")))
