@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from targetmirror import __version__
 from targetmirror.config.cfgstring import parse
-from targetmirror.daemon.runner import DeviceRunner, Executor
+from targetmirror.daemon.runner import Admit, DeviceRunner, Job
 from targetmirror.errors import TargetMirrorError
 from targetmirror.mirror.mirror import Mirror
+from targetmirror.mirror.state import StateStore
 from targetmirror.scsi import constants as C
+from targetmirror.scsi.extent import write_extent
 from targetmirror.scsi.handler import ScsiDevice, ScsiResult
 from targetmirror.scsi.identity import DeviceIdentity
 from targetmirror.scsi.sense import build_fixed_sense
@@ -56,7 +59,7 @@ def _revision() -> str:
     return (digits or "0")[:4].rjust(4, "0")
 
 
-def build_mirror(info: UioInfo, cfs: ConfigfsDevice) -> Mirror:
+def build_mirror(info: UioInfo, cfs: ConfigfsDevice, store: StateStore | None) -> Mirror:
     """Open the images named by the cfgstring and shape the mirror like the kernel's device."""
     spec = parse(info.cfgstring)
     size = cfs.size()
@@ -69,7 +72,7 @@ def build_mirror(info: UioInfo, cfs: ConfigfsDevice) -> Mirror:
         raise
     try:
         mirror = Mirror(info.dev_name, a, b, size=size, block_size=block_size,
-                        write_cache=True)
+                        write_cache=True, store=store)
     except BaseException:
         a.close()
         b.close()
@@ -87,48 +90,65 @@ def read_identity(info: UioInfo, cfs: ConfigfsDevice) -> DeviceIdentity:
                           max_transfer_blocks=cfs.hw_max_sectors())
 
 
-class LazyScsi:
-    """Build the :class:`ScsiDevice` when the first command arrives.
+class MirrorCommands:
+    """Admission of a device's commands: SCSI semantics over the mirror, in ring order.
 
-    rtslib enables a device (which is when we learn of it) *before* it writes the unit serial,
-    so reading the identity at attach time races with the creator.  The first command only comes
-    after the LUN is exported and an initiator logged in, long after the serial is in place.
+    On the ring thread, :meth:`admit` computes the bytes a command may write (a pure CDB
+    parse) and admits it to the mirror with its tag, which takes its range-lock ticket in ring
+    order; the returned job runs on a worker.
+
+    The :class:`ScsiDevice` is built when the first command arrives: rtslib enables a device
+    (which is when we learn of it) *before* it writes the unit serial, so reading the identity
+    at attach time races with the creator; the first command only comes after the LUN is
+    exported and an initiator logged in.
     """
 
-    def __init__(self, info: UioInfo, cfs: ConfigfsDevice, mirror: Mirror) -> None:
-        self._info = info
-        self._cfs = cfs
+    def __init__(self, mirror: Mirror, identity: Callable[[], DeviceIdentity]) -> None:
+        self._identity = identity
         self._mirror = mirror
         self._scsi: ScsiDevice | None = None
         self._lock = threading.Lock()
 
-    def execute(self, cdb: bytes, iov: list[memoryview]) -> ScsiResult:
+    def _device(self) -> ScsiDevice:
         scsi = self._scsi
         if scsi is None:
             with self._lock:
                 if self._scsi is None:
-                    self._scsi = ScsiDevice(self._mirror, read_identity(self._info, self._cfs))
+                    self._scsi = ScsiDevice(self._mirror, self._identity())
                 scsi = self._scsi
-        return scsi.execute(cdb, iov)
+        return scsi
+
+    def admit(self, cdb: bytes, iov: list[memoryview], tag: int) -> Job:
+        mirror = self._mirror
+        io = mirror.admit(tag, write_extent(cdb, iov, mirror.block_size))
+        scsi = self._device()
+
+        def job() -> ScsiResult:
+            try:
+                return scsi.execute(cdb, iov, io)
+            finally:
+                io.finish()
+
+        return job
 
 
-def serve(info: UioInfo, *, workers: int, configfs_root: str = "/sys/kernel/config"
-          ) -> ServedDevice:
+def serve(info: UioInfo, *, workers: int, store: StateStore | None,
+          configfs_root: str = "/sys/kernel/config") -> ServedDevice:
     """Open the UIO device, build its mirror and start its ring loop."""
     cfs = ConfigfsDevice.for_device(info, configfs_root)
     mirror: Mirror | None = None
     reason: str | None = None
-    execute: Executor
+    admit: Admit
     try:
-        mirror = build_mirror(info, cfs)
-        execute = LazyScsi(info, cfs, mirror).execute
+        mirror = build_mirror(info, cfs, store)
+        admit = MirrorCommands(mirror, lambda: read_identity(info, cfs)).admit
     except (TargetMirrorError, OSError) as exc:
         reason = str(exc)
         log.error("cannot serve %s: %s; answering NOT READY until it is fixed", info.dev_name,
                   reason, extra={"device": info.dev_name})
 
-        def execute(cdb: bytes, iov: list[memoryview]) -> ScsiResult:
-            return _NOT_READY
+        def admit(cdb: bytes, iov: list[memoryview], tag: int) -> Job:
+            return lambda: _NOT_READY
 
     try:
         uio = UioDevice.open(info)
@@ -136,7 +156,8 @@ def serve(info: UioInfo, *, workers: int, configfs_root: str = "/sys/kernel/conf
         if mirror is not None:
             mirror.close()
         raise
-    runner = DeviceRunner(info.dev_name, uio, uio.ring, execute, workers=workers)
+    runner = DeviceRunner(info.dev_name, uio, uio.ring, admit, workers=workers,
+                          tag=mirror.epoch if mirror is not None else 0)
     runner.start()
     if mirror is not None:
         log.info("serving %s: %d bytes, block %d, a=%s b=%s", info.dev_name, mirror.size,

@@ -13,31 +13,46 @@ close every device and image before exiting 0.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 from targetmirror import __version__
 from targetmirror.daemon import logs
+from targetmirror.daemon.control import DEFAULT_SOCKET, ControlServer, Handler
 from targetmirror.daemon.device import ServedDevice, serve
-from targetmirror.errors import DeviceError, TargetMirrorError
+from targetmirror.daemon.groups import GroupStore
+from targetmirror.daemon.split import split as split_mirrors
+from targetmirror.errors import DeviceError, MirrorError, TargetMirrorError
+from targetmirror.mirror.state import StateStore
 from targetmirror.tcmu import layout as L
 from targetmirror.tcmu.netlink import NetlinkEvent, TcmuNetlink
 from targetmirror.tcmu.uio import UioInfo, find_devices
 
 log = logging.getLogger("targetmirror.daemon")
 
+DEFAULT_STATE_DIR = "/var/lib/targetmirror"
+
 
 class Daemon:
     """Keeps the set of served devices equal to the set of ``user:mirror`` devices."""
 
     def __init__(self, *, workers: int = 2, rescan_interval: float = 5.0,
+                 state_dir: str = DEFAULT_STATE_DIR, control_socket: str | None = None,
                  sysfs_root: str = "/sys", dev_root: str = "/dev",
                  configfs_root: str = "/sys/kernel/config") -> None:
         self.workers = workers
+        self.store = StateStore(os.path.join(state_dir, "mirrors"))
+        self.groups = GroupStore(os.path.join(state_dir, "groups.json"))
+        self.control_socket = control_socket
+        self._timers: dict[int, tuple[float, list[str], threading.Timer]] = {}
+        self._timer_ids = itertools.count(1)
         self.rescan_interval = rescan_interval
         self.sysfs_root = sysfs_root
         self.dev_root = dev_root
@@ -54,7 +69,7 @@ class Daemon:
             if info.name in self.devices:
                 return
             try:
-                self.devices[info.name] = serve(info, workers=self.workers,
+                self.devices[info.name] = serve(info, workers=self.workers, store=self.store,
                                                 configfs_root=self.configfs_root)
             except TargetMirrorError as exc:
                 log.error("cannot open %s: %s", info.dev_path, exc,
@@ -104,6 +119,107 @@ class Daemon:
                 # The kernel only accepts replies it waits for (nl_reply_supported >= 0).
                 log.debug("netlink reply not taken: %s", exc)
 
+    # -- control API -----------------------------------------------------------------------------
+    def _by_name(self, name: str) -> ServedDevice:
+        with self._lock:
+            for dev in self.devices.values():
+                if dev.info.dev_name == name:
+                    return dev
+        raise MirrorError(f"no mirror named {name!r} is served by this daemon")
+
+    def _names(self, req: dict[str, Any]) -> list[str]:
+        names = list(req.get("names") or [])
+        group = req.get("group")
+        if group:
+            names += self.groups.members(str(group))
+        if not names or not all(isinstance(n, str) for n in names):
+            raise MirrorError("name at least one mirror or a group")
+        return names
+
+    def op_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        names = req.get("names") or []
+        with self._lock:
+            devs = list(self.devices.values())
+        out = []
+        for dev in devs:
+            if names and dev.info.dev_name not in names:
+                continue
+            if dev.mirror is not None:
+                st = dev.mirror.status()
+            else:
+                st = {"name": dev.info.dev_name, "state": "not-ready", "reason": dev.reason}
+            st["commands"] = dev.runner.commands
+            out.append(st)
+        missing = set(names) - {m["name"] for m in out}
+        if missing:
+            raise MirrorError(f"no mirror named {', '.join(sorted(missing))} is served")
+        scheduled = [{"id": i, "at": at, "names": n} for i, (at, n, _) in self._timers.items()]
+        return {"version": __version__, "mirrors": out, "scheduled": scheduled,
+                "groups": self.groups.all()}
+
+    def op_split(self, req: dict[str, Any]) -> dict[str, Any]:
+        names = self._names(req)
+        at = req.get("at")
+        if at is not None:
+            return self._schedule(float(at), names)
+        result = split_mirrors([self._by_name(n) for n in names])
+        if req.get("wait", True):
+            timeout = float(req.get("timeout", 300))
+            deadline = time.monotonic() + timeout
+            for n in names:
+                m = self._by_name(n).mirror
+                assert m is not None
+                if not m.split_complete.wait(max(0.0, deadline - time.monotonic())):
+                    raise MirrorError(f"split of {n} did not complete within {timeout} s "
+                                      "(pre-split writes still in flight)")
+            result = [self._by_name(n).mirror.status() for n in names]  # type: ignore[union-attr]
+        return {"split": result}
+
+    def _schedule(self, at: float, names: list[str]) -> dict[str, Any]:
+        for n in names:
+            dev = self._by_name(n)
+            if dev.mirror is None:
+                raise MirrorError(f"mirror {n} is not being served: {dev.reason}")
+            dev.mirror.check_can_split()
+        delay = at - time.time()
+        if delay < 0:
+            raise MirrorError(f"the split time {time.ctime(at)} is in the past")
+        timer_id = next(self._timer_ids)
+
+        def fire() -> None:
+            self._timers.pop(timer_id, None)
+            try:
+                done = split_mirrors([self._by_name(n) for n in names])
+                log.info("scheduled split %d of %s taken (requested for %.3f, late by %.3f s)",
+                         timer_id, ", ".join(names), at, time.time() - at)
+                del done
+            except TargetMirrorError as exc:
+                log.error("scheduled split %d of %s failed: %s", timer_id, ", ".join(names), exc)
+
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        self._timers[timer_id] = (at, names, timer)
+        timer.start()
+        return {"scheduled": {"id": timer_id, "at": at, "names": names}}
+
+    def op_cancel(self, req: dict[str, Any]) -> dict[str, Any]:
+        entry = self._timers.pop(int(req["id"]), None)
+        if entry is None:
+            raise MirrorError(f"no scheduled split {req['id']}")
+        entry[2].cancel()
+        return {"cancelled": int(req["id"])}
+
+    def op_group_create(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"groups": self.groups.create(str(req["group"]), list(req["names"]))}
+
+    def op_group_delete(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"groups": self.groups.delete(str(req["group"]))}
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"status": self.op_status, "split": self.op_split, "cancel": self.op_cancel,
+                "group-create": self.op_group_create, "group-delete": self.op_group_delete,
+                "ping": lambda req: {"version": __version__}}
+
     # -- main loop -----------------------------------------------------------------------------
     def stop(self) -> None:
         """Ask :meth:`run` to return (signal-safe)."""
@@ -119,6 +235,10 @@ class Daemon:
                         self.rescan_interval)
             nl = None
         self.rescan()
+        control = None
+        if self.control_socket:
+            control = ControlServer(self.control_socket, self.handlers())
+            control.start()
         log.info("targetmirrord %s serving %d device(s)", __version__, len(self.devices))
         try:
             while not self._stop.is_set():
@@ -137,6 +257,10 @@ class Daemon:
                     self._on_event(nl, event)
                 self._periodic()
         finally:
+            if control is not None:
+                control.close()
+            for _, _, timer in self._timers.values():
+                timer.cancel()
             for name in list(self.devices):
                 self.detach(name)
             if nl is not None:
@@ -162,11 +286,16 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--rescan-interval", type=float, default=5.0,
                    help="seconds between UIO rescans (default %(default)s)")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                   help="durable mirror state (default %(default)s)")
+    p.add_argument("--control-socket", default=DEFAULT_SOCKET,
+                   help="control API socket (default %(default)s)")
     args = p.parse_args(argv)
     logs.setup(args.log_level)
     if args.workers < 0:
         p.error("--workers must be 0 or more")
-    daemon = Daemon(workers=args.workers, rescan_interval=args.rescan_interval)
+    daemon = Daemon(workers=args.workers, rescan_interval=args.rescan_interval,
+                    state_dir=args.state_dir, control_socket=args.control_socket)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing in-flight commands", signal.Signals(signum).name)

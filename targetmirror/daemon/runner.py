@@ -51,7 +51,11 @@ class Result(Protocol):
     def read_len(self) -> int | None: ...
 
 
-Executor = Callable[[bytes, list[memoryview]], Result]
+Job = Callable[[], Result]
+"""A command made ready to run: executes it and releases what admission took."""
+
+Admit = Callable[[bytes, list[memoryview], int], Job]
+"""Called on the ring thread, in ring order, with (cdb, iov, tag); cheap and non-blocking."""
 
 
 class UioLike(Protocol):
@@ -65,13 +69,20 @@ class UioLike(Protocol):
 class DeviceRunner:
     """Serve one TCMU device until :meth:`stop` or until the device disappears."""
 
-    def __init__(self, name: str, uio: UioLike, ring: Ring, execute: Executor, *,
-                 workers: int = 2) -> None:
+    def __init__(self, name: str, uio: UioLike, ring: Ring, admit: Admit, *,
+                 workers: int = 2, tag: int = 0) -> None:
         self.name = name
         self.uio = uio
         self.ring = ring
-        self.execute = execute
+        self.admit = admit
         self.workers = workers
+        self.tag = tag
+        """Given to each command at admission; switched at a split boundary."""
+        self.lock = threading.Lock()
+        """Held while fetching/admitting and while writing completions.  A split takes it (for
+        every member of a group at once) to read the ring heads: no command can be fetched or
+        acknowledged meanwhile, which is what makes the heads one instant."""
+        self._boundary: tuple[int, int, Callable[[], None]] | None = None
         self._pool = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-io")
                       if workers > 0 else None)
         self._done: deque[tuple[int, int, bytes | None, int | None]] = deque()
@@ -105,6 +116,18 @@ class DeviceRunner:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def set_boundary(self, head: int, new_tag: int, on_passed: Callable[[], None]) -> None:
+        """With :attr:`lock` held: commands queued before ring position ``head`` keep the
+        current tag, those at or after it get ``new_tag``; ``on_passed`` runs once every
+        command before ``head`` has been admitted."""
+        assert self.lock.locked()
+        self._boundary = (head, new_tag, on_passed)
+        self._kick()
+
+    def head(self) -> int:
+        """The ring's current ``cmd_head`` (call with :attr:`lock` held for a split)."""
+        return self.ring.head()
+
     @property
     def alive(self) -> bool:
         """True while the ring thread runs."""
@@ -128,7 +151,7 @@ class DeviceRunner:
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(self._wake)
                 if not self._stopping.is_set():
-                    self._dispatch(self.ring.fetch())
+                    self._fetch_and_dispatch()
                 self._complete_done()
                 if self._stopping.is_set() and not self._futures:
                     self._complete_done()
@@ -142,20 +165,46 @@ class DeviceRunner:
         finally:
             self._drain_on_exit()
 
-    def _dispatch(self, entries: list[Command | Tmr | BadEntry]) -> None:
-        if not entries:
+    def _fetch_and_dispatch(self) -> None:
+        with self.lock:
+            boundary = self._boundary
+            if boundary is None:
+                jobs = self._admit_all(self.ring.fetch())
+            else:
+                head, new_tag, on_passed = boundary
+                jobs = self._admit_all(self.ring.fetch(until=head))
+                self._boundary = None
+                self.tag = new_tag
+                on_passed()
+                jobs += self._admit_all(self.ring.fetch())
+        if not jobs:
             return
         self.batches += 1
+        pool = self._pool
+        for cmd_id, job in jobs:
+            self.commands += 1
+            if pool is None:
+                self._run(cmd_id, job)
+            else:
+                fut = pool.submit(self._run, cmd_id, job)
+                self._futures[cmd_id] = fut
+                fut.add_done_callback(self._wake_up)
+
+    def _admit_all(self, entries: list[Command | Tmr | BadEntry]) -> list[tuple[int, Job]]:
+        """Admit commands in ring order (under the lock); answer bad entries and TMRs."""
+        jobs: list[tuple[int, Job]] = []
         saw_tmr = False
+        tag = self.tag
         for entry in entries:
             if isinstance(entry, Command):
-                self.commands += 1
-                if self._pool is None:
-                    self._run(entry)
-                else:
-                    fut = self._pool.submit(self._run, entry)
-                    self._futures[entry.cmd_id] = fut
-                    fut.add_done_callback(self._wake_up)
+                try:
+                    jobs.append((entry.cmd_id, self.admit(entry.cdb, entry.iov, tag)))
+                except BaseException:
+                    log.exception("admitting command %d failed", entry.cmd_id,
+                                  extra={"device": self.name})
+                    sense = build_fixed_sense(C.SenseKey.HARDWARE_ERROR,
+                                              *C.INTERNAL_TARGET_FAILURE)
+                    self._done.append((entry.cmd_id, SAM_STAT_CHECK_CONDITION, sense, None))
             elif isinstance(entry, BadEntry):
                 log.warning("refusing malformed ring entry %d: %s", entry.cmd_id, entry.reason,
                             extra={"device": self.name})
@@ -168,6 +217,7 @@ class DeviceRunner:
             # fetch() moved cmd_tail past the TMR entries; only a notify lets the kernel
             # reuse that ring space when no command completion follows.
             self.uio.notify()
+        return jobs
 
     def _handle_tmr(self, tmr: Tmr) -> None:
         """An abort or reset: commands not started yet are answered TASK ABORTED, never run."""
@@ -178,16 +228,16 @@ class DeviceRunner:
             if fut is not None and fut.cancel():
                 self._done.append((cmd_id, SAM_STAT_TASK_ABORTED, None, None))
 
-    def _run(self, cmd: Command) -> None:
+    def _run(self, cmd_id: int, job: Job) -> None:
         try:
-            res = self.execute(cmd.cdb, cmd.iov)
-            self._done.append((cmd.cmd_id, res.status, res.sense, res.read_len))
+            res = job()
+            self._done.append((cmd_id, res.status, res.sense, res.read_len))
         except BaseException:
             # The SCSI layer answers every error itself; reaching here is a bug.  The command
             # must still be answered, or the initiator waits for the kernel's timeout.
-            log.exception("command %d crashed", cmd.cmd_id, extra={"device": self.name})
+            log.exception("command %d crashed", cmd_id, extra={"device": self.name})
             sense = build_fixed_sense(C.SenseKey.HARDWARE_ERROR, *C.INTERNAL_TARGET_FAILURE)
-            self._done.append((cmd.cmd_id, SAM_STAT_CHECK_CONDITION, sense, None))
+            self._done.append((cmd_id, SAM_STAT_CHECK_CONDITION, sense, None))
 
     def _wake_up(self, _fut: Future[None]) -> None:
         self._kick()
@@ -198,13 +248,11 @@ class DeviceRunner:
             return
         ring = self.ring
         futures = self._futures
-        n = 0
-        while done:
-            cmd_id, status, sense, read_len = done.popleft()
-            futures.pop(cmd_id, None)
-            ring.complete(cmd_id, status, sense, read_len)
-            n += 1
-        if n:
+        with self.lock:
+            while done:
+                cmd_id, status, sense, read_len = done.popleft()
+                futures.pop(cmd_id, None)
+                ring.complete(cmd_id, status, sense, read_len)
             self.uio.notify()
 
     def _drain_on_exit(self) -> None:

@@ -30,12 +30,27 @@ class RangeLock:
 
     def acquire(self, start: int, end: int) -> int:
         """Block until no earlier-queued range overlaps ``[start, end)``; return a token."""
+        ticket = self.enqueue(start, end)
+        self.wait(ticket, start, end)
+        return ticket
+
+    def enqueue(self, start: int, end: int) -> int:
+        """Take a place in line for ``[start, end)`` without waiting; return the token.
+
+        The order of ``enqueue`` calls is the order in which overlapping ranges are granted, so
+        calling it on the ring thread in ring order makes overlapping commands run in ring
+        order even though workers pick them up concurrently.  Every token must be released.
+        """
         with self._cond:
             ticket = next(self._tickets)
             self._queue.append((ticket, start, end))
+            return ticket
+
+    def wait(self, ticket: int, start: int, end: int) -> None:
+        """Block until ``ticket`` (enqueued for ``[start, end)``) is granted."""
+        with self._cond:
             while self._blocked(ticket, start, end):
                 self._cond.wait()
-            return ticket
 
     def release(self, token: int) -> None:
         """Release the range granted under ``token``."""

@@ -25,9 +25,16 @@ from typing import Protocol
 class BlockBackend(Protocol):
     """A block device seen as bytes: the one interface between ``scsi/`` and ``mirror/``."""
 
-    block_size: int
-    num_blocks: int
+    @property
+    def block_size(self) -> int:
+        """Logical block size in bytes."""
+
+    @property
+    def num_blocks(self) -> int:
+        """Capacity in logical blocks."""
+
     write_cache: bool
+    """WCE: when False every write must be durable before it completes (MODE SELECT sets it)."""
 
     def read(self, offset: int, iov: Sequence[memoryview]) -> None:
         """Fill ``iov`` with the bytes starting at ``offset``."""

@@ -121,7 +121,9 @@ class ScsiDevice:
     # -----------------------------------------------------------------------------------------
     # Entry point
 
-    def execute(self, cdb: bytes, iov: Sequence[memoryview]) -> ScsiResult:
+    def execute(
+        self, cdb: bytes, iov: Sequence[memoryview], backend: BlockBackend | None = None
+    ) -> ScsiResult:
         """Execute ``cdb``; data-in commands fill ``iov``, data-out commands read from it.
 
         Never raises for a malformed CDB or parameter list, nor for a backend StoreError: those
@@ -131,16 +133,16 @@ class ScsiDevice:
         """
         try:
             _, parsed = parse_cdb(cdb)
-            return self._dispatch(parsed, iov)
+            return self._dispatch(parsed, iov, self.backend if backend is None else backend)
         except SenseError as exc:
             return ScsiResult(Status.CHECK_CONDITION, exc.sense())
 
-    def _dispatch(self, c: ParsedCdb, iov: Sequence[memoryview]) -> ScsiResult:
+    def _dispatch(self, c: ParsedCdb, iov: Sequence[memoryview], be: BlockBackend) -> ScsiResult:
         match c:
             case ReadCdb():
-                return self._read(c, iov)
+                return self._read(c, iov, be)
             case WriteCdb():
-                return self._write(c, iov)
+                return self._write(c, iov, be)
             case TestUnitReadyCdb() | PreventAllowCdb():
                 return GOOD
             case RequestSenseCdb():
@@ -154,23 +156,23 @@ class ScsiDevice:
             case ModeSelectCdb():
                 return self._mode_select(c, iov)
             case StartStopUnitCdb():
-                return self._start_stop(c)
+                return self._start_stop(c, be)
             case ReadCapacity10Cdb():
                 return self._reply(self._capacity_10(), None, iov)
             case ReadCapacity16Cdb():
                 return self._reply(self._capacity_16(), c.alloc_len, iov)
             case WriteVerifyCdb():
-                return self._write_verify(c, iov)
+                return self._write_verify(c, iov, be)
             case VerifyCdb():
-                return self._verify(c, iov)
+                return self._verify(c, iov, be)
             case SyncCacheCdb():
-                return self._sync_cache(c)
+                return self._sync_cache(c, be)
             case WriteSameCdb():
-                return self._write_same(c, iov)
+                return self._write_same(c, iov, be)
             case UnmapCdb():
-                return self._unmap(c, iov)
+                return self._unmap(c, iov, be)
             case CompareAndWriteCdb():
-                return self._compare_and_write(c, iov)
+                return self._compare_and_write(c, iov, be)
             case ReportOpcodesCdb():
                 return self._reply(report_supported_opcodes(c), c.alloc_len, iov)
             case _:
@@ -212,71 +214,75 @@ class ScsiDevice:
     # -----------------------------------------------------------------------------------------
     # Backend calls with StoreError mapping
 
-    def _b_read(self, offset: int, iov: Sequence[memoryview]) -> None:
+    def _b_read(self, be: BlockBackend, offset: int, iov: Sequence[memoryview]) -> None:
         try:
-            self.backend.read(offset, iov)
+            be.read(offset, iov)
         except StoreError as exc:
             raise _store_error(exc, "read", f"read at {offset}") from exc
 
-    def _b_write(self, offset: int, iov: Sequence[memoryview], fua: bool) -> None:
+    def _b_write(self, be: BlockBackend, offset: int, iov: Sequence[memoryview], fua: bool) -> None:
         try:
-            self.backend.write(offset, iov, fua)
+            be.write(offset, iov, fua)
         except StoreError as exc:
             raise _store_error(exc, "write", f"write at {offset}") from exc
 
-    def _b_flush(self) -> None:
+    def _b_flush(self, be: BlockBackend) -> None:
         try:
-            self.backend.flush()
+            be.flush()
         except StoreError as exc:
             raise _store_error(exc, "write", "flush") from exc
 
-    def _b_unmap(self, offset: int, length: int) -> None:
+    def _b_unmap(self, be: BlockBackend, offset: int, length: int) -> None:
         try:
-            self.backend.unmap(offset, length)
+            be.unmap(offset, length)
         except StoreError as exc:
             raise _store_error(exc, "write", f"unmap {length} at {offset}") from exc
 
-    def _b_write_zeroes(self, offset: int, length: int) -> None:
+    def _b_write_zeroes(self, be: BlockBackend, offset: int, length: int) -> None:
         try:
-            self.backend.write_zeroes(offset, length)
+            be.write_zeroes(offset, length)
         except StoreError as exc:
             raise _store_error(exc, "write", f"write_zeroes {length} at {offset}") from exc
 
-    def _b_compare_and_write(self, offset: int, verify: memoryview, data: memoryview) -> int | None:
+    def _b_compare_and_write(
+        self, be: BlockBackend, offset: int, verify: memoryview, data: memoryview
+    ) -> int | None:
         try:
-            return self.backend.compare_and_write(offset, verify, data)
+            return be.compare_and_write(offset, verify, data)
         except StoreError as exc:
             raise _store_error(exc, "write", f"compare_and_write at {offset}") from exc
 
     # -----------------------------------------------------------------------------------------
     # Data commands
 
-    def _read(self, c: ReadCdb, iov: Sequence[memoryview]) -> ScsiResult:
+    def _read(self, c: ReadCdb, iov: Sequence[memoryview], be: BlockBackend) -> ScsiResult:
         nbytes = self._data_range(c.lba, c.blocks, c.len_byte, iov)
         if nbytes:
-            self._b_read(c.lba * self.backend.block_size, slice_iov(iov, nbytes))
+            self._b_read(be, c.lba * self.backend.block_size, slice_iov(iov, nbytes))
         return GOOD if nbytes == iov_len(iov) else ScsiResult(Status.GOOD, read_len=nbytes)
 
-    def _write(self, c: WriteCdb, iov: Sequence[memoryview]) -> ScsiResult:
+    def _write(self, c: WriteCdb, iov: Sequence[memoryview], be: BlockBackend) -> ScsiResult:
         nbytes = self._data_range(c.lba, c.blocks, c.len_byte, iov)
         if nbytes:
             offset = c.lba * self.backend.block_size
-            self._b_write(offset, slice_iov(iov, nbytes), self._fua(c.fua))
+            self._b_write(be, offset, slice_iov(iov, nbytes), self._fua(c.fua))
         return GOOD
 
-    def _write_verify(self, c: WriteVerifyCdb, iov: Sequence[memoryview]) -> ScsiResult:
+    def _write_verify(
+        self, c: WriteVerifyCdb, iov: Sequence[memoryview], be: BlockBackend
+    ) -> ScsiResult:
         """Write durably (the "verify" of a medium we trust is its FUA completion); with BYTCHK=1
         additionally read the blocks back and compare them with the data-out buffer."""
         nbytes = self._data_range(c.lba, c.blocks, c.len_byte, iov)
         if not nbytes:
             return GOOD
         offset = c.lba * self.backend.block_size
-        self._b_write(offset, slice_iov(iov, nbytes), True)
+        self._b_write(be, offset, slice_iov(iov, nbytes), True)
         if c.bytchk:
-            self._compare_medium(offset, nbytes, lambda pos, n: gather(iov, pos, n))
+            self._compare_medium(be, offset, nbytes, lambda pos, n: gather(iov, pos, n))
         return GOOD
 
-    def _verify(self, c: VerifyCdb, iov: Sequence[memoryview]) -> ScsiResult:
+    def _verify(self, c: VerifyCdb, iov: Sequence[memoryview], be: BlockBackend) -> ScsiResult:
         """BYTCHK=0: range check only (the backend reports unreadable media on real reads);
         1: compare the blocks with data-out; 3: compare every block with one data-out block."""
         bs = self.backend.block_size
@@ -286,7 +292,7 @@ class ScsiDevice:
         if c.bytchk == 1:
             nbytes = self._data_range(c.lba, c.blocks, c.len_byte, iov)
             if nbytes:
-                self._compare_medium(c.lba * bs, nbytes, lambda pos, n: gather(iov, pos, n))
+                self._compare_medium(be, c.lba * bs, nbytes, lambda pos, n: gather(iov, pos, n))
             return GOOD
         nbytes = self._data_range(c.lba, c.blocks, c.len_byte, None)
         if not nbytes:
@@ -294,11 +300,12 @@ class ScsiDevice:
         if iov_len(iov) < bs:
             raise invalid_cdb_field(c.len_byte)
         pattern = gather(iov, 0, bs) * max(1, min(c.blocks, CHUNK_BYTES // bs))
-        self._compare_medium(c.lba * bs, nbytes, lambda pos, n: pattern[:n])
+        self._compare_medium(be, c.lba * bs, nbytes, lambda pos, n: pattern[:n])
         return GOOD
 
     def _compare_medium(
         self,
+        be: BlockBackend,
         offset: int,
         length: int,
         expected: Callable[[int, int], bytes],
@@ -313,20 +320,22 @@ class ScsiDevice:
         pos = 0
         while pos < length:
             n = min(chunk, length - pos)
-            self._b_read(offset + pos, [view[:n]])
+            self._b_read(be, offset + pos, [view[:n]])
             diff = first_difference(view[:n], expected(pos, n))
             if diff is not None:
                 raise miscompare(pos + diff)
             pos += n
 
-    def _sync_cache(self, c: SyncCacheCdb) -> ScsiResult:
+    def _sync_cache(self, c: SyncCacheCdb, be: BlockBackend) -> ScsiResult:
         """Range-checked, then a whole-device flush (the backend has no ranged flush).  IMMED is
         accepted: completing after the flush is always allowed."""
         self._check_range(c.lba, c.blocks)
-        self._b_flush()
+        self._b_flush(be)
         return GOOD
 
-    def _write_same(self, c: WriteSameCdb, iov: Sequence[memoryview]) -> ScsiResult:
+    def _write_same(
+        self, c: WriteSameCdb, iov: Sequence[memoryview], be: BlockBackend
+    ) -> ScsiResult:
         """All-zero data becomes unmap (UNMAP=1; allowed because LBPRZ=1 makes unmapped blocks
         read as that same zero block) or write_zeroes; other data is replicated in chunks of at
         most CHUNK_BYTES, never the whole range at once."""
@@ -345,22 +354,22 @@ class ScsiDevice:
         fua = self._fua(False)
         if block.count(0) == len(block):
             if c.unmap:
-                self._b_unmap(offset, length)
+                self._b_unmap(be, offset, length)
             else:
-                self._b_write_zeroes(offset, length)
+                self._b_write_zeroes(be, offset, length)
             if fua:
-                self._b_flush()
+                self._b_flush(be)
             return GOOD
         per_chunk = max(1, CHUNK_BYTES // bs)
         pattern = memoryview(block * min(per_chunk, c.blocks))
         pos = 0
         while pos < length:
             n = min(len(pattern), length - pos)
-            self._b_write(offset + pos, [pattern[:n]], fua)
+            self._b_write(be, offset + pos, [pattern[:n]], fua)
             pos += n
         return GOOD
 
-    def _unmap(self, c: UnmapCdb, iov: Sequence[memoryview]) -> ScsiResult:
+    def _unmap(self, c: UnmapCdb, iov: Sequence[memoryview], be: BlockBackend) -> ScsiResult:
         """Validate every descriptor before discarding anything, so a bad list changes nothing.
 
         A block descriptor data length that is not a multiple of 16, or that runs past the
@@ -391,10 +400,12 @@ class ScsiDevice:
                 ranges.append((lba, blocks))
         bs = self.backend.block_size
         for lba, blocks in ranges:
-            self._b_unmap(lba * bs, blocks * bs)
+            self._b_unmap(be, lba * bs, blocks * bs)
         return GOOD
 
-    def _compare_and_write(self, c: CompareAndWriteCdb, iov: Sequence[memoryview]) -> ScsiResult:
+    def _compare_and_write(
+        self, c: CompareAndWriteCdb, iov: Sequence[memoryview], be: BlockBackend
+    ) -> ScsiResult:
         """Verify-then-write done atomically by the backend.  The verify and write halves are
         handed over as views of the caller's buffer when it is one segment (always, for the
         one-block CAW initiators send); only a fragmented buffer is copied.  FUA, or WCE=0,
@@ -410,11 +421,11 @@ class ScsiDevice:
             raise invalid_cdb_field(13)
         segments = slice_iov(iov, 2 * half)
         whole = segments[0] if len(segments) == 1 else memoryview(gather(iov, 0, 2 * half))
-        result = self._b_compare_and_write(c.lba * bs, whole[:half], whole[half:])
+        result = self._b_compare_and_write(be, c.lba * bs, whole[:half], whole[half:])
         if result is not None:
             raise miscompare(result)
         if self._fua(c.fua):
-            self._b_flush()
+            self._b_flush(be)
         return GOOD
 
     # -----------------------------------------------------------------------------------------
@@ -464,11 +475,11 @@ class ScsiDevice:
                 self.backend.write_cache = new
         return GOOD
 
-    def _start_stop(self, c: StartStopUnitCdb) -> ScsiResult:
+    def _start_stop(self, c: StartStopUnitCdb, be: BlockBackend) -> ScsiResult:
         """Accepted in every form; the unit never actually stops (the daemon owns its life) and
         LOEJ is ignored (nothing to eject).  Stopping without NO_FLUSH flushes, as SBC-3 asks."""
         if not c.start and not c.no_flush and c.power_condition == 0:
-            self._b_flush()
+            self._b_flush(be)
         return GOOD
 
 

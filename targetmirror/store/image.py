@@ -96,6 +96,24 @@ class Image:
             raise
         self._closed = False
         self._close_lock = threading.Lock()
+        self.frozen = False
+
+    def freeze(self) -> None:
+        """Refuse every write from now on (A after a split: it must never change again).
+
+        Enforced here, at the lowest layer, so no bug above can quietly modify a point-in-time
+        copy: a write to a frozen image raises :class:`StoreError`.
+        """
+        self.frozen = True
+
+    def thaw(self) -> None:
+        """Allow writes again (a rejoin brings A back into the mirror)."""
+        self.frozen = False
+
+    def _check_writable(self, what: str) -> None:
+        if self.frozen:
+            raise StoreError(f"{what} refused: image {self.path} is frozen (split copy)",
+                             kind="write", path=self.path)
 
     # -- data ------------------------------------------------------------------------------
     def readv(self, offset: int, iov: Sequence[memoryview]) -> None:
@@ -124,6 +142,8 @@ class Image:
 
     def writev(self, offset: int, iov: Sequence[memoryview]) -> None:
         """Write all of ``iov`` to the image at ``offset``."""
+        if self.frozen:
+            self._check_writable("write")
         want = sum(len(v) for v in iov)
         pending: Sequence[memoryview] = iov
         pos = offset
@@ -161,6 +181,7 @@ class Image:
         """
         if length <= 0:
             return
+        self._check_writable("zeroing")
         try:
             if self.is_block_device:
                 fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("<QQ", offset, length))

@@ -215,8 +215,17 @@ class Ring:
     # ---------------------------------------------------------------------------------------
     # Fetching
 
-    def fetch(self) -> list[Entry]:
-        """Consume every entry up to ``cmd_head`` and return them in ring order.
+    def head(self) -> int:
+        """The kernel's ``cmd_head`` now: the ring position a split instant is defined by."""
+        return int(L.U32.unpack_from(self._live(), L.MB_CMD_HEAD_OFF)[0])
+
+    def fetch(self, until: int | None = None) -> list[Entry]:
+        """Consume every entry up to ``cmd_head`` (or up to ring offset ``until``) in ring order.
+
+        ``until`` is a ``cmd_head`` value read earlier with :meth:`head`: fetching stops exactly
+        there, so the caller can treat the entries queued before that moment differently from
+        those queued after it (the split instant).  It must lie between the read pointer and the
+        current head; anything else raises :class:`RingError`.
 
         PAD entries are skipped.  PAD and TMR entries sitting at ``cmd_tail`` are stepped over
         (``cmd_tail`` advances), because nothing else would ever free their ring space: when the
@@ -234,6 +243,11 @@ class Ring:
         if head >= cmdr_size or head % L.OP_ALIGN:
             raise RingError(f"cmd_head {head} is not a valid ring offset")
         rp = self._rp
+        if until is not None and until != head:
+            if (until - rp) % cmdr_size > (head - rp) % cmdr_size or until % L.OP_ALIGN:
+                raise RingError(f"fetch limit {until} is not between the read pointer {rp} "
+                                f"and cmd_head {head}")
+            head = until
         out: list[Entry] = []
         hdr_unpack = L.HDR.unpack_from
         inflight = self._inflight

@@ -15,9 +15,9 @@ import threading
 
 import pytest
 
+from targetmirror.daemon.device import MirrorCommands
 from targetmirror.daemon.runner import DeviceRunner
 from targetmirror.mirror.mirror import Mirror
-from targetmirror.scsi.handler import ScsiDevice
 from targetmirror.scsi.identity import DeviceIdentity
 from targetmirror.store.image import Image
 from targetmirror.tcmu import layout as L
@@ -84,11 +84,12 @@ def rig(request, tmp_path):
             f.truncate(SIZE)
         paths.append(str(p))
     mirror = Mirror("t", Image(paths[0]), Image(paths[1]), size=SIZE)
-    scsi = ScsiDevice(mirror, DeviceIdentity(serial="test0001", max_transfer_blocks=2048))
+    commands = MirrorCommands(
+        mirror, lambda: DeviceIdentity(serial="test0001", max_transfer_blocks=2048))
     producer = Producer(cmdr_size=64 * 1024 - 128, data_size=1 << 20)
     uio = FakeUio(producer)
     ring = Ring(producer.buf)
-    runner = DeviceRunner("t", uio, ring, scsi.execute, workers=request.param)
+    runner = DeviceRunner("t", uio, ring, commands.admit, workers=request.param)
     runner.start()
     yield uio, runner, paths
     runner.stop()

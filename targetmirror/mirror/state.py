@@ -1,0 +1,134 @@
+"""Durable per-mirror state: one small JSON document per mirror, replaced atomically.
+
+Each save writes a temporary file in the same directory, fsyncs it, renames it over the old one
+and fsyncs the directory, so a crash at any point leaves either the old or the new state on disk,
+never a mix.  The documents are tiny and change only at state transitions (split, rejoin, leg
+failure), so a database would buy nothing here; the write-intent and change bitmaps, which
+change on the I/O path, live in their own files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from targetmirror.errors import ConfigError, MirrorError
+
+SCHEMA = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class State(StrEnum):
+    """Where a mirror is in its cycle."""
+
+    MIRRORED = "mirrored"
+    """Every write goes to A and B; both hold the same data."""
+    SPLITTING = "splitting"
+    """The split instant has passed; pre-split writes still draining to A."""
+    SPLIT = "split"
+    """A is a frozen point-in-time copy; writes go to B only."""
+
+
+@dataclass
+class SplitRecord:
+    """What is known about the latest split."""
+
+    epoch: int
+    requested_wall: float
+    """When the split was asked for (seconds since the epoch)."""
+    instant_wall: float | None = None
+    """When the ring positions were read: the split instant.  None: not recorded (crash)."""
+    completed_wall: float | None = None
+    drain_seconds: float | None = None
+    pre_split_drained: int | None = None
+    """Pre-split writes that were still in flight at the instant and completed after it."""
+    a_status: str = "draining"
+    """"consistent" (drained and fsynced), "crash-consistent" (drain interrupted by a daemon
+    stop; A holds every write acknowledged before the instant and a subset of those in flight),
+    or "draining"."""
+    group: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MirrorState:
+    """The persistent state of one mirror."""
+
+    name: str
+    state: State = State.MIRRORED
+    epoch: int = 0
+    image_a: str = ""
+    image_b: str = ""
+    split: SplitRecord | None = None
+    schema: int = SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], origin: str) -> MirrorState:
+        try:
+            if data.get("schema") != SCHEMA:
+                raise MirrorError(f"{origin}: unsupported state schema {data.get('schema')!r}")
+            split = data.get("split")
+            return cls(
+                name=str(data["name"]),
+                state=State(data["state"]),
+                epoch=int(data["epoch"]),
+                image_a=str(data.get("image_a", "")),
+                image_b=str(data.get("image_b", "")),
+                split=SplitRecord(**split) if split else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MirrorError(f"{origin}: malformed mirror state: {exc}") from exc
+
+
+class StateStore:
+    """The directory holding every mirror's state document."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def _path(self, name: str) -> str:
+        if not _NAME.match(name):
+            raise ConfigError(f"mirror name {name!r}: expected letters, digits, '_', '.', '-'")
+        return os.path.join(self.directory, f"{name}.json")
+
+    def load(self, name: str) -> MirrorState | None:
+        """The saved state of ``name``, or None if it has none."""
+        path = self._path(name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise MirrorError(f"{path}: cannot read mirror state: {exc}") from exc
+        return MirrorState.from_json(data, path)
+
+    def save(self, st: MirrorState) -> None:
+        """Replace the state of ``st.name`` atomically and durably."""
+        path = self._path(st.name)
+        tmp = f"{path}.tmp.{os.getpid()}.{time.monotonic_ns()}"
+        data = json.dumps(st.to_json(), indent=1, sort_keys=True).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
