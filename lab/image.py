@@ -104,6 +104,7 @@ PACKAGES: tuple[str, ...] = (
     "dmsetup",
     "util-linux",
     "procps",
+    "python3-tqdm",
     "busybox-static",  # for the lab's own initramfs (lab/initramfs.py)
 )
 

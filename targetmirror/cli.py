@@ -1,23 +1,33 @@
 """``targetmirror``: the admin's command line.
 
-For now it covers what the data path needs: create a ``user:mirror`` backstore (optionally
-creating the two image files) and export it over iSCSI, delete it again, and check a cfgstring.
-Every failure prints one line naming what was wrong and exits non-zero; nothing is left half
-made (the LIO layer rolls back).
+* ``create`` / ``delete`` / ``check-config``: ``user:mirror`` backstores through rtslib-fb
+  (optionally creating the image files and an iSCSI export).
+* ``split``, ``status``, ``group``, ``cancel``, ``backup``: talk to ``targetmirrord`` over its
+  control socket; the daemon does the work, the CLI only asks and shows.
 
-Exit codes: 0 success, 1 a targetmirror error (bad input, LIO refused), 2 usage error.
+Every failure prints one line ``targetmirror: <code>: <message>`` and exits non-zero; nothing is
+left half made.  ``--json`` prints the daemon's machine-readable answer instead of a table.
+
+Exit codes: 0 success, 1 a targetmirror error (bad input, refused operation, daemon
+unreachable), 2 usage error, 3 the backup command run by ``backup --exec`` failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import subprocess
 import sys
+import time
+from datetime import datetime
+from typing import Any
 
 from targetmirror import __version__
 from targetmirror.config.cfgstring import MirrorSpec, check_images, parse
-from targetmirror.errors import ConfigError, TargetMirrorError
+from targetmirror.daemon.control import DEFAULT_SOCKET
+from targetmirror.errors import ConfigError, MirrorError, TargetMirrorError
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -81,6 +91,159 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _call(args: argparse.Namespace, op: str, **kw: Any) -> dict[str, Any]:
+    from targetmirror.daemon.control import call
+
+    return call(args.socket, op, **kw)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + \
+        f".{int(ts * 1000) % 1000:03d}"
+
+
+def _print_status(mirrors: list[dict[str, Any]]) -> None:
+    rows = [("NAME", "STATE", "EPOCH", "WRITES", "PRE-SPLIT", "SPLIT INSTANT", "DRAIN", "A")]
+    for m in mirrors:
+        sp = m.get("split") or {}
+        drain = sp.get("drain_seconds")
+        rows.append((
+            m["name"], m["state"], str(m.get("epoch", "-")), str(m.get("writes_in_flight", "-")),
+            str(m.get("pre_split_in_flight", "-")), _when(sp.get("instant_wall")),
+            "-" if drain is None else f"{drain * 1000:.3f} ms", sp.get("a_status", "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    res = _call(args, "status", names=args.names)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    _print_status(res["mirrors"])
+    for s in res.get("scheduled", []):
+        print(f"scheduled split {s['id']}: {', '.join(s['names'])} at {_when(s['at'])}")
+    return 0
+
+
+def _parse_at(text: str) -> float:
+    """``--at``: seconds since the epoch, ``+SECONDS`` from now, or an ISO 8601 local time."""
+    if text.startswith("+"):
+        return time.time() + float(text[1:])
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected +SECONDS, epoch seconds or an ISO time, got {text!r}") from exc
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    res = _call(args, "split", names=args.names, group=args.group, at=args.at,
+                wait=not args.no_wait, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    if "scheduled" in res:
+        s = res["scheduled"]
+        print(f"split {s['id']} of {', '.join(s['names'])} scheduled at {_when(s['at'])}")
+        return 0
+    _print_status(res["split"])
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    _call(args, "cancel", id=args.id)
+    print(f"cancelled scheduled split {args.id}")
+    return 0
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        res = _call(args, "group-create", group=args.group, names=args.names)
+    elif args.action == "delete":
+        res = _call(args, "group-delete", group=args.group)
+    else:
+        res = _call(args, "status")
+    if args.json:
+        print(json.dumps(res["groups"], indent=1))
+    else:
+        for g, names in sorted(res["groups"].items()):
+            print(f"{g}: {' '.join(names)}")
+    return 0
+
+
+def _copy_image(src: str, dst: str, size: int) -> int:
+    """Copy ``size`` bytes of ``src`` to ``dst``, leaving all-zero chunks as holes."""
+    from tqdm import tqdm
+
+    chunk = 4 << 20
+    copied = 0
+    fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd_out, size)
+            buf = bytearray(chunk)
+            view = memoryview(buf)
+            with tqdm(total=size, unit="B", unit_scale=True, desc="backup",
+                      disable=not sys.stderr.isatty()) as bar:
+                pos = 0
+                while pos < size:
+                    n = os.preadv(fd_in, [view[: min(chunk, size - pos)]], pos)
+                    if n <= 0:
+                        break
+                    if buf.count(0, 0, n) != n:
+                        os.pwritev(fd_out, [view[:n]], pos)
+                        copied += n
+                    pos += n
+                    bar.update(n)
+            os.fsync(fd_out)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+    return copied
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Split (unless already split), then back up image A: copy it or hand it to a command."""
+    st = _call(args, "status", names=[args.name])["mirrors"][0]
+    if st["state"] == "mirrored":
+        st = _call(args, "split", names=[args.name], wait=True, timeout=args.timeout)["split"][0]
+    elif st["state"] != "split":
+        raise MirrorError(f"mirror {args.name} is {st['state']}; wait for the split to finish")
+    sp = st["split"]
+    if sp["a_status"] not in ("consistent", "crash-consistent"):
+        raise MirrorError(f"image A of {args.name} is not a usable copy: {sp['a_status']}")
+    result = {"name": args.name, "epoch": sp["epoch"], "image_a": st["image_a"],
+              "instant_wall": sp["instant_wall"], "a_status": sp["a_status"]}
+    if args.to:
+        result["copied_bytes"] = _copy_image(st["image_a"], args.to, st["size"])
+        result["to"] = args.to
+    else:
+        env = dict(os.environ, TARGETMIRROR_MIRROR=args.name, TARGETMIRROR_IMAGE=st["image_a"],
+                   TARGETMIRROR_EPOCH=str(sp["epoch"]),
+                   TARGETMIRROR_INSTANT=str(sp["instant_wall"]))
+        rc = subprocess.run(args.exec, env=env, check=False).returncode
+        result["exec_status"] = rc
+        if rc != 0:
+            print(f"targetmirror: backup command exited with {rc}; the mirror stays split",
+                  file=sys.stderr)
+            return 3
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"backed up {args.name} epoch {sp['epoch']} (split at "
+              f"{_when(sp['instant_wall'])}, A {sp['a_status']})"
+              + (f" to {args.to}" if args.to else "") + "; the mirror stays split")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also the source of the man page)."""
     p = argparse.ArgumentParser(prog="targetmirror",
@@ -113,6 +276,46 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("cfgstring")
     k.add_argument("--size", type=parse_size, default=None)
     k.set_defaults(func=cmd_check)
+
+    def daemon_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("--socket", default=DEFAULT_SOCKET,
+                        help="targetmirrord's control socket (default %(default)s)")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    st = daemon_cmd("status", "show mirrors: state, epoch, in-flight writes, last split")
+    st.add_argument("names", nargs="*")
+    st.set_defaults(func=cmd_status)
+
+    sp = daemon_cmd("split", "split mirrors (or a consistency group) at one instant")
+    sp.add_argument("names", nargs="*", help="mirrors to split together")
+    sp.add_argument("--group", help="a consistency group (see 'targetmirror group')")
+    sp.add_argument("--at", type=_parse_at, default=None,
+                    help="split at a time: +SECONDS, epoch seconds or ISO 8601")
+    sp.add_argument("--no-wait", action="store_true",
+                    help="return at the instant instead of when A is complete")
+    sp.add_argument("--timeout", type=float, default=300.0)
+    sp.set_defaults(func=cmd_split)
+
+    ca = daemon_cmd("cancel", "cancel a scheduled split")
+    ca.add_argument("id", type=int)
+    ca.set_defaults(func=cmd_cancel)
+
+    gr = daemon_cmd("group", "consistency groups: create, delete, list")
+    gr.add_argument("action", choices=["create", "delete", "list"])
+    gr.add_argument("group", nargs="?")
+    gr.add_argument("names", nargs="*")
+    gr.set_defaults(func=cmd_group)
+
+    bk = daemon_cmd("backup", "split and back up image A (copy it, or run a command on it)")
+    bk.add_argument("name")
+    dest = bk.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--to", help="copy A to this new file (sparse)")
+    dest.add_argument("--exec", nargs=argparse.REMAINDER,
+                      help="run this command (no shell) with TARGETMIRROR_IMAGE=<A>")
+    bk.add_argument("--timeout", type=float, default=300.0)
+    bk.set_defaults(func=cmd_backup)
     return p
 
 

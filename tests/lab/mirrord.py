@@ -44,18 +44,32 @@ class Mirrord:
     def __init__(self, log_path: Path, *, workers: int = 2) -> None:
         self.log_path = log_path
         self.workers = workers
+        self.state_dir = log_path.parent / "mirrord-state"
+        self.socket = str(log_path.parent / "mirrord-run" / "control.sock")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the daemon
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "targetmirror.daemon.main", "--log-level", "debug",
-             "--workers", str(self.workers), "--rescan-interval", "1"],
+             "--workers", str(self.workers), "--rescan-interval", "1",
+             "--state-dir", str(self.state_dir), "--control-socket", self.socket],
             cwd=REPO, env=python_env(), stdout=self.log, stderr=subprocess.STDOUT)
         guest.wait_for(lambda: "serving" in self.log_text() or self.proc.poll() is not None,
                        timeout=60, what="targetmirrord to start")
         if self.proc.poll() is not None:
             raise guest.GuestError(f"targetmirrord exited at start:\n{self.log_text()}")
+
+    def ctl(self, command: str, *args: str, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        """Run ``targetmirror COMMAND --socket <ours> ARGS`` (daemon commands)."""
+        return cli(command, "--socket", self.socket, *args, check=check)
+
+    def ctl_json(self, command: str, *args: str) -> dict:
+        """Like :meth:`ctl` with ``--json``; returns the parsed answer."""
+        import json
+
+        return json.loads(self.ctl(command, "--json", *args).stdout)
 
     def log_text(self) -> str:
         try:

@@ -40,7 +40,9 @@ def mirrord(lio: object, tmp_path: Path) -> Iterator[Mirrord]:
 
 
 class Lun:
-    """A mirror created and exported by the CLI, logged in; ``dev`` is its /dev/sdX."""
+    """A mirror created and exported by the CLI, logged in; ``dev`` is its /dev/sdX.
+
+    Shared by the other lab test modules (split, lifecycle)."""
 
     def __init__(self, name: str, tmp_path: Path, size: int, daemon: Mirrord) -> None:
         self.name = name
