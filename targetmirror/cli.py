@@ -244,6 +244,30 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_snapshot(args: argparse.Namespace) -> int:
+    """Export a split mirror's image A as a read-only iSCSI LUN (for a backup tool)."""
+    from targetmirror.config.cfgstring import SnapshotSpec
+    from targetmirror.lio import backstore, iscsi
+
+    st = _call(args, "status", names=[args.name])["mirrors"][0]
+    if st["state"] != "split":
+        raise MirrorError(f"mirror {args.name} is {st['state']}: only a split copy can be "
+                          "exported (run 'targetmirror split' first)")
+    snap = args.snapshot_name or f"{args.name}_snap"
+    so = backstore.create_backstore(snap, st["size"], SnapshotSpec(st["image_a"]).to_cfgstring(),
+                                    check=False)
+    try:
+        host, _, port = args.portal.rpartition(":")
+        iscsi.export(so, args.iqn, portal=(host, int(port)), lun=args.lun,
+                     initiators=args.initiator or ())
+    except TargetMirrorError:
+        so.delete()
+        raise
+    print(f"exported split copy of {args.name} (epoch {st['epoch']}) read-only as {snap}, "
+          f"{args.iqn} LUN {args.lun}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also the source of the man page)."""
     p = argparse.ArgumentParser(prog="targetmirror",
@@ -316,6 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run this command (no shell) with TARGETMIRROR_IMAGE=<A>")
     bk.add_argument("--timeout", type=float, default=300.0)
     bk.set_defaults(func=cmd_backup)
+
+    ex = daemon_cmd("export-snapshot", "export a split mirror's A read-only over iSCSI")
+    ex.add_argument("name")
+    ex.add_argument("--snapshot-name", help="backstore name (default NAME_snap)")
+    ex.add_argument("--iqn", required=True)
+    ex.add_argument("--portal", default="127.0.0.1:3260")
+    ex.add_argument("--lun", type=int, default=0)
+    ex.add_argument("--initiator", action="append", help="allowed initiator IQN (repeatable)")
+    ex.set_defaults(func=cmd_export_snapshot)
     return p
 
 

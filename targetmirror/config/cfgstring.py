@@ -8,7 +8,11 @@ format is ``;``-separated ``key=value`` pairs::
     a=/srv/images/db-a.raw;b=/srv/images/db-b.raw
 
 Keys: ``a`` and ``b`` (required): absolute paths of the two images; ``direct`` (optional, 0/1):
-open with O_DIRECT where the backing allows it.  Parsing is pure; :func:`check_images` then
+open with O_DIRECT where the backing allows it.
+
+A read-only *snapshot* LUN exports a split mirror's image A so a backup tool can read it over
+iSCSI (claim 5): ``snapshot=/srv/images/db-a.raw``.  The daemon serves it write-protected, and
+only while the mirror owning that image is split.  Parsing is pure; :func:`check_images` then
 checks the paths on this host (exists, file or block device, not the same image twice, big
 enough) so that ``targetmirror create`` and the D-Bus CheckConfig give the admin the reason
 before LIO ever sees the device.
@@ -26,6 +30,7 @@ MAX_DEV_CONFIG = 255
 SUBTYPE = "mirror"
 FORBIDDEN = {",": "a comma", ":": "a colon", "\n": "a newline", "\0": "a NUL byte"}
 KEYS = {"a", "b", "direct"}
+SNAPSHOT_KEY = "snapshot"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +49,16 @@ class MirrorSpec:
         return text
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotSpec:
+    """A read-only export of one image (a split mirror's A)."""
+
+    image: str
+
+    def to_cfgstring(self) -> str:
+        return f"{SNAPSHOT_KEY}={self.image}"
+
+
 def _check_path(key: str, path: str) -> str:
     if not path.startswith("/"):
         raise ConfigError(f"cfgstring key '{key}': expected an absolute path, got {path!r}")
@@ -55,6 +70,19 @@ def _check_path(key: str, path: str) -> str:
         if ch in path:
             raise ConfigError(f"cfgstring key '{key}': path {path!r} may not contain {ch!r}")
     return path
+
+
+def parse_any(cfgstring: str) -> MirrorSpec | SnapshotSpec:
+    """Parse either form of cfgstring."""
+    body = cfgstring[len(SUBTYPE) + 1:] if cfgstring.startswith(SUBTYPE + "/") else cfgstring
+    if body.startswith(SNAPSHOT_KEY + "="):
+        for ch, name in FORBIDDEN.items():
+            if ch in body:
+                raise ConfigError(f"cfgstring may not contain {name}: {body!r}")
+        if ";" in body:
+            raise ConfigError(f"a snapshot cfgstring takes only {SNAPSHOT_KEY}=PATH: {body!r}")
+        return SnapshotSpec(_check_path(SNAPSHOT_KEY, body[len(SNAPSHOT_KEY) + 1:]))
+    return parse(cfgstring)
 
 
 def parse(cfgstring: str) -> MirrorSpec:

@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from targetmirror import __version__
-from targetmirror.config.cfgstring import parse
+from targetmirror.config.cfgstring import SnapshotSpec, parse, parse_any
 from targetmirror.daemon.runner import Admit, DeviceRunner, Job
-from targetmirror.errors import TargetMirrorError
+from targetmirror.errors import MirrorError, TargetMirrorError
 from targetmirror.mirror.mirror import Mirror
+from targetmirror.mirror.snapshot import SnapshotVolume, owning_split_mirror
 from targetmirror.mirror.state import StateStore
 from targetmirror.scsi import constants as C
 from targetmirror.scsi.extent import write_extent
@@ -44,6 +45,7 @@ class ServedDevice:
     runner: DeviceRunner
     mirror: Mirror | None
     reason: str | None = None
+    snapshot: SnapshotVolume | None = None
 
     def close(self) -> None:
         """Stop the ring loop (finishing in-flight commands), then close ring and images."""
@@ -52,11 +54,27 @@ class ServedDevice:
         self.uio.close()
         if self.mirror is not None:
             self.mirror.close()
+        if self.snapshot is not None:
+            self.snapshot.close()
 
 
 def _revision() -> str:
     digits = "".join(ch for ch in __version__ if ch.isdigit())
     return (digits or "0")[:4].rjust(4, "0")
+
+
+def build_snapshot(info: UioInfo, cfs: ConfigfsDevice, spec: SnapshotSpec,
+                   store: StateStore | None) -> SnapshotVolume:
+    """Open a split mirror's A read-only for a snapshot LUN."""
+    if store is None:
+        raise MirrorError("snapshot LUNs need the daemon's state store")
+    owner = owning_split_mirror(store, spec.image)
+    image = Image(spec.image, readonly=True)
+    try:
+        return SnapshotVolume(image, cfs.size(), cfs.hw_block_size(), owner)
+    except BaseException:
+        image.close()
+        raise
 
 
 def build_mirror(info: UioInfo, cfs: ConfigfsDevice, store: StateStore | None) -> Mirror:
@@ -137,11 +155,17 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     """Open the UIO device, build its mirror and start its ring loop."""
     cfs = ConfigfsDevice.for_device(info, configfs_root)
     mirror: Mirror | None = None
+    snapshot: SnapshotVolume | None = None
     reason: str | None = None
     admit: Admit
     try:
-        mirror = build_mirror(info, cfs, store)
-        admit = MirrorCommands(mirror, lambda: read_identity(info, cfs)).admit
+        spec = parse_any(info.cfgstring)
+        if isinstance(spec, SnapshotSpec):
+            snapshot = build_snapshot(info, cfs, spec, store)
+            admit = snapshot_admit(snapshot, lambda: read_identity(info, cfs))
+        else:
+            mirror = build_mirror(info, cfs, store)
+            admit = MirrorCommands(mirror, lambda: read_identity(info, cfs)).admit
     except (TargetMirrorError, OSError) as exc:
         reason = str(exc)
         log.error("cannot serve %s: %s; answering NOT READY until it is fixed", info.dev_name,
@@ -155,6 +179,8 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     except BaseException:
         if mirror is not None:
             mirror.close()
+        if snapshot is not None:
+            snapshot.close()
         raise
     runner = DeviceRunner(info.dev_name, uio, uio.ring, admit, workers=workers,
                           tag=mirror.epoch if mirror is not None else 0)
@@ -163,4 +189,23 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
         log.info("serving %s: %d bytes, block %d, a=%s b=%s", info.dev_name, mirror.size,
                  mirror.block_size, mirror.a.path, mirror.b.path,
                  extra={"device": info.dev_name})
-    return ServedDevice(info, uio, runner, mirror, reason)
+    if snapshot is not None:
+        log.info("serving %s: read-only snapshot of %s (%s)", info.dev_name, snapshot.mirror,
+                 snapshot.image.path, extra={"device": info.dev_name})
+    return ServedDevice(info, uio, runner, mirror, reason, snapshot)
+
+
+def snapshot_admit(volume: SnapshotVolume, identity: Callable[[], DeviceIdentity]) -> Admit:
+    """Admission for a snapshot LUN: a write-protected SCSI unit, no ordering needed."""
+    holder: list[ScsiDevice] = []
+    lock = threading.Lock()
+
+    def admit(cdb: bytes, iov: list[memoryview], tag: int) -> Job:
+        if not holder:
+            with lock:
+                if not holder:
+                    holder.append(ScsiDevice(volume, identity(), write_protected=True))
+        scsi = holder[0]
+        return lambda: scsi.execute(cdb, iov)
+
+    return admit

@@ -146,6 +146,9 @@ class Daemon:
                 continue
             if dev.mirror is not None:
                 st = dev.mirror.status()
+            elif dev.snapshot is not None:
+                st = dev.snapshot.status()
+                st["name"] = dev.info.dev_name
             else:
                 st = {"name": dev.info.dev_name, "state": "not-ready", "reason": dev.reason}
             st["commands"] = dev.runner.commands

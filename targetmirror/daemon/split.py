@@ -34,6 +34,8 @@ def split(devices: list[ServedDevice]) -> list[dict[str, Any]]:
         raise MirrorError(f"a mirror is named twice in {names}")
     mirrors: list[Mirror] = []
     for d in devices:
+        if d.snapshot is not None:
+            raise MirrorError(f"{d.info.dev_name} is a read-only snapshot LUN, not a mirror")
         if d.mirror is None:
             raise MirrorError(f"mirror {d.info.dev_name} is not being served: {d.reason}")
         if not d.runner.alive:

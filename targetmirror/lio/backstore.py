@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from targetmirror.config.cfgstring import SUBTYPE, check_images, parse
+from targetmirror.config.cfgstring import SUBTYPE, MirrorSpec, check_images, parse_any
 from targetmirror.errors import LioError
 
 DEFAULT_HW_MAX_SECTORS = 2048
@@ -46,8 +46,8 @@ def create_backstore(name: str, size: int, cfgstring: str, *,
     one is refused with a reason before LIO sees it.
     """
     rtslib = _rtslib()
-    spec = parse(cfgstring)
-    if check:
+    spec = parse_any(cfgstring)
+    if check and isinstance(spec, MirrorSpec):
         check_images(spec, size)
     if find_backstore(name) is not None:
         raise LioError(f"a user:mirror backstore named {name!r} already exists")

@@ -111,6 +111,19 @@ class StateStore:
             raise MirrorError(f"{path}: cannot read mirror state: {exc}") from exc
         return MirrorState.from_json(data, path)
 
+    def all(self) -> list[MirrorState]:
+        """Every saved mirror state (unreadable ones are skipped: they are reported on load)."""
+        out = []
+        for entry in sorted(os.listdir(self.directory)):
+            if entry.endswith(".json"):
+                try:
+                    st = self.load(entry[: -len(".json")])
+                except (MirrorError, ConfigError):
+                    continue
+                if st is not None:
+                    out.append(st)
+        return out
+
     def save(self, st: MirrorState) -> None:
         """Replace the state of ``st.name`` atomically and durably."""
         path = self._path(st.name)

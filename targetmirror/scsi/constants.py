@@ -104,6 +104,7 @@ INVALID_FIELD_IN_CDB: Final = AdditionalSense(0x24, 0x00)
 INVALID_FIELD_IN_PARAMETER_LIST: Final = AdditionalSense(0x26, 0x00)
 SAVING_PARAMETERS_NOT_SUPPORTED: Final = AdditionalSense(0x39, 0x00)
 INTERNAL_TARGET_FAILURE: Final = AdditionalSense(0x44, 0x00)
+WRITE_PROTECTED: Final = AdditionalSense(0x27, 0x00)
 
 # Fixed-format sense data (SPC-4 4.5.3).
 SENSE_RESPONSE_CURRENT_FIXED: Final = 0x70
@@ -134,4 +135,5 @@ PC_CHANGEABLE: Final = 1
 PC_DEFAULT: Final = 2
 PC_SAVED: Final = 3
 DEVICE_SPECIFIC_DPOFUA: Final = 0x10
+DEVICE_SPECIFIC_WP: Final = 0x80
 CACHING_WCE: Final = 0x04

@@ -56,7 +56,12 @@ from targetmirror.scsi.cdb import (
     WriteVerifyCdb,
     parse_cdb,
 )
-from targetmirror.scsi.constants import INTERNAL_TARGET_FAILURE, SenseKey, Status
+from targetmirror.scsi.constants import (
+    INTERNAL_TARGET_FAILURE,
+    WRITE_PROTECTED,
+    SenseKey,
+    Status,
+)
 from targetmirror.scsi.identity import DeviceIdentity
 from targetmirror.scsi.inquiry import inquiry
 from targetmirror.scsi.iov import copy_out, first_difference, gather, iov_len, slice_iov
@@ -108,12 +113,21 @@ def _store_error(exc: StoreError, default_kind: str, what: str) -> SenseError:
     return medium_error(kind)
 
 
+_MODIFYING = (WriteCdb, WriteVerifyCdb, WriteSameCdb, UnmapCdb, CompareAndWriteCdb)
+"""Commands that change the medium (refused on a write-protected unit)."""
+
+
 class ScsiDevice:
     """One logical unit: SCSI semantics over a :class:`BlockBackend`."""
 
-    def __init__(self, backend: BlockBackend, identity: DeviceIdentity) -> None:
+    def __init__(
+        self, backend: BlockBackend, identity: DeviceIdentity, *, write_protected: bool = False
+    ) -> None:
         self.backend = backend
         self.identity = identity
+        self.write_protected = write_protected
+        """A read-only unit (an exported split copy): every command that would change the
+        medium gets DATA PROTECT / WRITE PROTECTED before the backend is touched."""
         self._mode_lock = threading.Lock()
         # The default value of WCE (MODE SENSE with PC=default) is what the device started with.
         self._default_write_cache = bool(backend.write_cache)
@@ -138,6 +152,8 @@ class ScsiDevice:
             return ScsiResult(Status.CHECK_CONDITION, exc.sense())
 
     def _dispatch(self, c: ParsedCdb, iov: Sequence[memoryview], be: BlockBackend) -> ScsiResult:
+        if self.write_protected and isinstance(c, _MODIFYING):
+            raise SenseError(SenseKey.DATA_PROTECT, WRITE_PROTECTED)
         match c:
             case ReadCdb():
                 return self._read(c, iov, be)
@@ -453,6 +469,7 @@ class ScsiDevice:
             num_blocks=self.backend.num_blocks,
             write_cache=write_cache,
             default_write_cache=self._default_write_cache,
+            write_protect=self.write_protected,
         )
         return self._reply(data, c.alloc_len, iov)
 

@@ -15,6 +15,7 @@ from targetmirror.scsi.cdb import ModeSelectCdb, ModeSenseCdb
 from targetmirror.scsi.constants import (
     CACHING_WCE,
     DEVICE_SPECIFIC_DPOFUA,
+    DEVICE_SPECIFIC_WP,
     MODE_PAGE_ALL,
     MODE_PAGE_CACHING,
     MODE_PAGE_CONTROL,
@@ -85,10 +86,12 @@ def mode_sense(
     num_blocks: int,
     write_cache: bool,
     default_write_cache: bool,
+    write_protect: bool = False,
 ) -> bytes:
     """The untruncated MODE SENSE(6)/(10) reply: header, block descriptor unless DBD, pages.
 
-    The device-specific parameter has DPOFUA set (we honour FUA on writes) and WP clear.  The
+    The device-specific parameter has DPOFUA set (we honour FUA on writes) and WP set only for
+    a write-protected unit (an exported split copy).  The
     block descriptor is the same for every page control value: it describes the medium and none
     of it is changeable (MODE SELECT accepts it only unchanged).
     """
@@ -96,6 +99,7 @@ def mode_sense(
         mode_page(p, cdb.pc, write_cache=write_cache, default_write_cache=default_write_cache)
         for p in _selected_pages(cdb)
     )
+    dsp = DEVICE_SPECIFIC_DPOFUA | (DEVICE_SPECIFIC_WP if write_protect else 0)
     long_lba = cdb.llbaa
     bd = b"" if cdb.dbd else _block_descriptor(long_lba, block_size, num_blocks)
     if cdb.ten:
@@ -103,13 +107,13 @@ def mode_sense(
         total = header_len + len(bd) + len(pages)
         header = (
             (total - 2).to_bytes(2, "big")
-            + bytes([0, DEVICE_SPECIFIC_DPOFUA, _LONGLBA if long_lba and bd else 0, 0])
+            + bytes([0, dsp, _LONGLBA if long_lba and bd else 0, 0])
             + len(bd).to_bytes(2, "big")
         )
     else:
         header_len = 4
         total = header_len + len(bd) + len(pages)
-        header = bytes([total - 1, 0, DEVICE_SPECIFIC_DPOFUA, len(bd)])
+        header = bytes([total - 1, 0, dsp, len(bd)])
     return header + bd + pages
 
 

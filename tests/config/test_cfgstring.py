@@ -48,3 +48,16 @@ def test_check_images(tmp_path):
     (tmp_path / "link").symlink_to(a)
     with pytest.raises(ConfigError, match="same file"):
         check_images(MirrorSpec(str(a), str(tmp_path / "link")))
+
+
+def test_snapshot_cfgstring():
+    from targetmirror.config.cfgstring import SnapshotSpec, parse_any
+
+    spec = parse_any("mirror/snapshot=/srv/db-a.img")
+    assert spec == SnapshotSpec("/srv/db-a.img")
+    assert parse_any(spec.to_cfgstring()) == spec
+    assert isinstance(parse_any("a=/x/a;b=/x/b"), MirrorSpec)
+    for bad, reason in (("snapshot=rel/a", "absolute"), ("snapshot=/x/a;b=/y", "only"),
+                        ("snapshot=/x/../a", "normalised")):
+        with pytest.raises(ConfigError, match=reason):
+            parse_any(bad)

@@ -47,7 +47,7 @@ def test_bad_requests_get_stable_error_codes(line, code):
 
 def test_socket_round_trip_and_permissions(tmp_path):
     path = str(tmp_path / "run" / "control.sock")
-    table, calls = handlers()
+    table, _calls = handlers()
     server = ControlServer(path, table, allowed_uids=(os.getuid(),))
     server.start()
     try:
@@ -81,7 +81,7 @@ def test_socket_round_trip_and_permissions(tmp_path):
 
 def test_other_uids_are_refused(tmp_path):
     path = str(tmp_path / "control.sock")
-    table, calls = handlers()
+    table, _calls = handlers()
     server = ControlServer(path, table, allowed_uids=(os.getuid() + 12345,))
     server.start()
     try:

@@ -47,15 +47,21 @@ class Mirrord:
         self.state_dir = log_path.parent / "mirrord-state"
         self.socket = str(log_path.parent / "mirrord-run" / "control.sock")
         self.proc: subprocess.Popen[bytes] | None = None
+        self._mark = 0
 
     def start(self) -> None:
+        mark = len(self.log_text())
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the daemon
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "targetmirror.daemon.main", "--log-level", "debug",
              "--workers", str(self.workers), "--rescan-interval", "1",
              "--state-dir", str(self.state_dir), "--control-socket", self.socket],
             cwd=REPO, env=python_env(), stdout=self.log, stderr=subprocess.STDOUT)
-        guest.wait_for(lambda: "serving" in self.log_text() or self.proc.poll() is not None,
+        # only this run's lines count (a restart appends to the same log)
+        self._mark = mark
+        guest.wait_for(lambda: ("serving" in self.log_text()[mark:]
+                                and os.path.exists(self.socket))
+                       or self.proc.poll() is not None,
                        timeout=60, what="targetmirrord to start")
         if self.proc.poll() is not None:
             raise guest.GuestError(f"targetmirrord exited at start:\n{self.log_text()}")
@@ -79,7 +85,8 @@ class Mirrord:
 
     def wait_serving(self, name: str, timeout: float = 60) -> None:
         """Wait until the daemon logs that it serves backstore ``name``."""
-        guest.wait_for(lambda: f"serving {name}:" in self.log_text(), timeout=timeout,
+        guest.wait_for(lambda: f"serving {name}:" in self.log_text()[self._mark:],
+                       timeout=timeout,
                        what=f"targetmirrord to serve {name}")
 
     def alive(self) -> bool:

@@ -73,6 +73,22 @@ def test_split_backup_and_restart(mirrord: Mirrord, tmp_path: Path) -> None:
                            f'cmp "$TARGETMIRROR_IMAGE" {dest} && test "$TARGETMIRROR_EPOCH" = 1')
     assert ran["exec_status"] == 0
 
+    # the split copy exported read-only over iSCSI (claim 5): reads give A, writes are refused
+    snap_iqn = f"{guest.IQN_PREFIX}:s-basic-snap"
+    mirrord.ctl("export-snapshot", "s_basic", "--iqn", snap_iqn, "--initiator",
+                guest.initiator_name())
+    mirrord.wait_serving("s_basic_snap")
+    assert mirrord.ctl_json("status", "s_basic_snap")["mirrors"][0]["state"] == "snapshot"
+    guest.iscsi_login(snap_iqn)
+    snap_dev = guest.find_scsi_disk(snap_iqn)
+    assert guest.dd_read(snap_dev, 0, MiB) == before
+    with pytest.raises(guest.GuestError):
+        guest.dd_write(snap_dev, 0, os.urandom(4096))
+    guest.iscsi_logout(snap_iqn)
+    from tests.lab.mirrord import cli
+    cli("delete", "s_basic_snap", "--iqn", snap_iqn)
+    assert _read(lun.a, 0, MiB) == before
+
     # restart: the split survives, A stays frozen, writes still go to B only
     lun.logout()
     assert mirrord.stop() == 0
