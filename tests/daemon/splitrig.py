@@ -222,6 +222,9 @@ class RigDevice:
         return self.served.runner
 
     def close(self, timeout: float = 10.0) -> None:
+        if self.extra.get("closed"):
+            return
+        self.extra["closed"] = True
         self.runner.stop()
         self.runner.join(timeout)
         self.mirror.close()

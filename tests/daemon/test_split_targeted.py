@@ -9,6 +9,7 @@ runner already dispatched it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -17,6 +18,7 @@ import time
 import pytest
 
 from targetmirror.daemon.device import MirrorCommands
+from targetmirror.daemon.runner import SAM_STAT_TASK_ABORTED
 from targetmirror.daemon.split import split
 from targetmirror.errors import MirrorError, StoreError
 from targetmirror.mirror.mirror import Mirror
@@ -88,7 +90,8 @@ def devices(tmp_path, store):
     made: list[RigDevice] = []
 
     def make(name: str = "t", workers: int = 4, **kw) -> RigDevice:
-        dev = make_device(str(tmp_path), name, NBLOCKS, workers=workers, store=store, **kw)
+        kw.setdefault("store", store)
+        dev = make_device(str(tmp_path), name, NBLOCKS, workers=workers, **kw)
         made.append(dev)
         return dev
 
@@ -325,7 +328,7 @@ def test_aborted_write_gives_back_its_range_lock_ticket(devices):
         assert dev.producer.queue_tmr(L.TMR_ABORT_TASK, [w.cmd_id])
     os.eventfd_write(dev.uio.efd, 1)
     assert dev.uio.wait_reaped([w.cmd_id], 10)
-    assert _status(dev, w) == L.SAM_STAT_TASK_ABORTED  # the abort did cancel it
+    assert _status(dev, w) == SAM_STAT_TASK_ABORTED  # the abort did cancel it
     for r in releases:
         r.set()
     assert _wait_until(lambda: len(dev.uio.reaped) == 3)
@@ -377,3 +380,51 @@ def test_failed_admission_gives_back_its_range_lock_ticket(devices):
     w2 = _write(dev, 2, 2, 4)  # overlaps the failed one
     assert dev.uio.wait_reaped([w2.cmd_id], 5), "a write behind the failed one never ran"
     assert _status(dev, w2) == GOOD
+
+
+def test_concurrent_splits_of_one_mirror_let_only_one_through(devices, monkeypatch):
+    """Two split requests at once (a scheduled split firing while an admin splits by hand;
+    the control socket serves each connection on its own thread) must not both succeed.
+
+    ``Mirror.prepare_split`` checks the state, then sets it, with nothing held in between;
+    ``split()`` takes no lock either.  The shim below makes both requests reach the check before
+    either sets the state (it holds them at the ``time.time()`` between the two), which is the
+    interleaving a thread switch can produce."""
+    import targetmirror.mirror.mirror as mirror_mod
+
+    dev = devices(workers=2)
+    barrier = threading.Barrier(2)
+    seen = threading.local()
+
+    class Clock:
+        def __getattr__(self, name: str):
+            return getattr(time, name)
+
+        @staticmethod
+        def time() -> float:
+            if threading.current_thread().name.startswith("splitter") and not getattr(
+                    seen, "once", False):
+                seen.once = True
+                # a serialised split() never gets both threads here: give up after 1 s
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    barrier.wait(timeout=1.0)
+            return time.time()
+
+    monkeypatch.setattr(mirror_mod, "time", Clock())
+    outcomes: list[object] = []
+
+    def splitter() -> None:
+        try:
+            outcomes.append(split([dev.served]))
+        except MirrorError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=splitter, name=f"splitter-{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert dev.mirror.split_complete.wait(10)
+    errors = [o for o in outcomes if isinstance(o, MirrorError)]
+    assert len(outcomes) == 2 and len(errors) == 1, (
+        f"both concurrent splits succeeded: {outcomes}; mirror epoch {dev.mirror.epoch}")
