@@ -17,6 +17,7 @@ tests and ``benchmarks/split_checker.py``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import random
@@ -64,6 +65,7 @@ def describe(data: bytes) -> str:
     return f"w{writer}.s{seq}[{index}]@{lba}"
 
 
+@functools.lru_cache(maxsize=8)
 def initial_image(nblocks: int) -> bytes:
     return b"".join(init_block(lba) for lba in range(nblocks))
 
