@@ -16,16 +16,17 @@ from dataclasses import dataclass
 
 from targetmirror import __version__
 from targetmirror.config.cfgstring import SnapshotSpec, parse, parse_any
-from targetmirror.daemon.runner import Admit, DeviceRunner, Job
+from targetmirror.daemon.runner import Admit, DeviceRunner, Job, PlainJob
 from targetmirror.errors import MirrorError, TargetMirrorError
-from targetmirror.mirror.mirror import Mirror
+from targetmirror.mirror.mirror import Mirror, MirrorIO
 from targetmirror.mirror.snapshot import SnapshotVolume, owning_split_mirror
 from targetmirror.mirror.state import StateStore
 from targetmirror.scsi import constants as C
-from targetmirror.scsi.extent import write_extent
+from targetmirror.scsi.cdb import ParsedCdb
+from targetmirror.scsi.extent import classify
 from targetmirror.scsi.handler import ScsiDevice, ScsiResult
 from targetmirror.scsi.identity import DeviceIdentity
-from targetmirror.scsi.sense import build_fixed_sense
+from targetmirror.scsi.sense import SenseError, build_fixed_sense
 from targetmirror.store.image import Image
 from targetmirror.tcmu.uio import ConfigfsDevice, UioDevice, UioInfo
 
@@ -138,16 +139,31 @@ class MirrorCommands:
 
     def admit(self, cdb: bytes, iov: list[memoryview], tag: int) -> Job:
         mirror = self._mirror
-        io = mirror.admit(tag, write_extent(cdb, iov, mirror.block_size))
-        scsi = self._device()
+        parsed, extent = classify(cdb, iov, mirror.block_size)
+        return _MirrorJob(self._device(), cdb, iov, mirror.admit(tag, extent), parsed)
 
-        def job() -> ScsiResult:
-            try:
-                return scsi.execute(cdb, iov, io)
-            finally:
-                io.finish()
 
-        return job
+class _MirrorJob:
+    """One admitted command: run it through SCSI on its mirror view, then release the view."""
+
+    __slots__ = ("cdb", "io", "iov", "parsed", "scsi")
+
+    def __init__(self, scsi: ScsiDevice, cdb: bytes, iov: list[memoryview], io: MirrorIO,
+                 parsed: ParsedCdb | SenseError) -> None:
+        self.scsi = scsi
+        self.cdb = cdb
+        self.iov = iov
+        self.io = io
+        self.parsed = parsed
+
+    def __call__(self) -> ScsiResult:
+        try:
+            return self.scsi.execute(self.cdb, self.iov, self.io, self.parsed)
+        finally:
+            self.io.finish()
+
+    def cancel(self) -> None:
+        self.io.finish()
 
 
 def serve(info: UioInfo, *, workers: int, store: StateStore | None,
@@ -172,7 +188,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
                   reason, extra={"device": info.dev_name})
 
         def admit(cdb: bytes, iov: list[memoryview], tag: int) -> Job:
-            return lambda: _NOT_READY
+            return PlainJob(lambda: _NOT_READY)
 
     try:
         uio = UioDevice.open(info)
@@ -206,6 +222,6 @@ def snapshot_admit(volume: SnapshotVolume, identity: Callable[[], DeviceIdentity
                 if not holder:
                     holder.append(ScsiDevice(volume, identity(), write_protected=True))
         scsi = holder[0]
-        return lambda: scsi.execute(cdb, iov)
+        return PlainJob(lambda: scsi.execute(cdb, iov))
 
     return admit

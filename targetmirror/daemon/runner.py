@@ -51,8 +51,31 @@ class Result(Protocol):
     def read_len(self) -> int | None: ...
 
 
-Job = Callable[[], Result]
-"""A command made ready to run: executes it and releases what admission took."""
+class Job(Protocol):
+    """A command made ready to run by admission.
+
+    Exactly one of the two is called: ``job()`` runs the command (and gives back what admission
+    took when done), ``job.cancel()`` gives it back without running (a TMR abort, or shutdown
+    before a worker picked the job up).
+    """
+
+    def __call__(self) -> Result: ...
+    def cancel(self) -> None: ...
+
+
+class PlainJob:
+    """A job that took nothing at admission: cancelling it is a no-op."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[[], Result]) -> None:
+        self._fn = fn
+
+    def __call__(self) -> Result:
+        return self._fn()
+
+    def cancel(self) -> None:
+        pass
 
 Admit = Callable[[bytes, list[memoryview], int], Job]
 """Called on the ring thread, in ring order, with (cdb, iov, tag); cheap and non-blocking."""
@@ -87,6 +110,7 @@ class DeviceRunner:
                       if workers > 0 else None)
         self._done: deque[tuple[int, int, bytes | None, int | None]] = deque()
         self._futures: dict[int, Future[None]] = {}
+        self._jobs: dict[int, Job] = {}
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -188,6 +212,7 @@ class DeviceRunner:
             else:
                 fut = pool.submit(self._run, cmd_id, job)
                 self._futures[cmd_id] = fut
+                self._jobs[cmd_id] = job
                 fut.add_done_callback(self._wake_up)
 
     def _admit_all(self, entries: list[Command | Tmr | BadEntry]) -> list[tuple[int, Job]]:
@@ -226,7 +251,17 @@ class DeviceRunner:
         for cmd_id in tmr.cmd_ids:
             fut = self._futures.get(cmd_id)
             if fut is not None and fut.cancel():
-                self._done.append((cmd_id, SAM_STAT_TASK_ABORTED, None, None))
+                self._cancelled(cmd_id)
+
+    def _cancelled(self, cmd_id: int) -> None:
+        """A job that will never run: give back what admission took, answer TASK ABORTED."""
+        job = self._jobs.pop(cmd_id, None)
+        if job is not None:
+            try:
+                job.cancel()
+            except BaseException:
+                log.exception("cancelling command %d failed", cmd_id, extra={"device": self.name})
+        self._done.append((cmd_id, SAM_STAT_TASK_ABORTED, None, None))
 
     def _run(self, cmd_id: int, job: Job) -> None:
         try:
@@ -252,6 +287,7 @@ class DeviceRunner:
             while done:
                 cmd_id, status, sense, read_len = done.popleft()
                 futures.pop(cmd_id, None)
+                self._jobs.pop(cmd_id, None)
                 ring.complete(cmd_id, status, sense, read_len)
             self.uio.notify()
 
@@ -261,7 +297,7 @@ class DeviceRunner:
             self._pool.shutdown(wait=True, cancel_futures=True)
         for cmd_id, fut in list(self._futures.items()):
             if fut.cancelled():
-                self._done.append((cmd_id, SAM_STAT_TASK_ABORTED, None, None))
+                self._cancelled(cmd_id)
         try:
             self._complete_done()
         except (TargetMirrorError, OSError) as exc:

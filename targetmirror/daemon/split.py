@@ -15,6 +15,7 @@ Before the instant every member durably records that it is splitting (see
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -23,9 +24,18 @@ from targetmirror.daemon.device import ServedDevice
 from targetmirror.errors import MirrorError
 from targetmirror.mirror.mirror import Mirror
 
+_SPLITS = threading.Lock()
+"""Splits are rare and short: one at a time, so two requests for the same mirror (or
+overlapping groups) cannot both pass the "is it mirrored?" check."""
+
 
 def split(devices: list[ServedDevice]) -> list[dict[str, Any]]:
     """Split every device's mirror at one instant; return what was recorded per mirror."""
+    with _SPLITS:
+        return _split(devices)
+
+
+def _split(devices: list[ServedDevice]) -> list[dict[str, Any]]:
     if not devices:
         raise MirrorError("nothing to split")
     devices = sorted(devices, key=lambda d: d.info.dev_name)

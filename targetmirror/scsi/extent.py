@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from targetmirror.scsi.cdb import (
     CompareAndWriteCdb,
+    ParsedCdb,
     UnmapCdb,
     WriteCdb,
     WriteSameCdb,
@@ -34,10 +35,27 @@ def write_extent(
     cdb: bytes, iov: Sequence[memoryview], block_size: int
 ) -> tuple[int, int] | None:
     """Byte range ``[start, end)`` the command may write, or None if it writes nothing."""
+    return classify(cdb, iov, block_size)[1]
+
+
+def classify(
+    cdb: bytes, iov: Sequence[memoryview], block_size: int
+) -> tuple[ParsedCdb | SenseError, tuple[int, int] | None]:
+    """Parse once for both uses: the parsed CDB (or the error it gets) and its write extent.
+
+    The parsed form is handed to ``ScsiDevice.execute(parsed=...)`` so the hot path parses each
+    CDB once, not twice.
+    """
     try:
         _, c = parse_cdb(cdb)
-    except SenseError:
-        return None
+    except SenseError as exc:
+        return exc, None
+    return c, _extent(c, iov, block_size)
+
+
+def _extent(
+    c: ParsedCdb, iov: Sequence[memoryview], block_size: int
+) -> tuple[int, int] | None:
     match c:
         case WriteCdb() | WriteVerifyCdb() | WriteSameCdb() | CompareAndWriteCdb():
             if c.blocks <= 0:

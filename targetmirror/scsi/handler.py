@@ -136,7 +136,11 @@ class ScsiDevice:
     # Entry point
 
     def execute(
-        self, cdb: bytes, iov: Sequence[memoryview], backend: BlockBackend | None = None
+        self,
+        cdb: bytes,
+        iov: Sequence[memoryview],
+        backend: BlockBackend | None = None,
+        parsed: ParsedCdb | SenseError | None = None,
     ) -> ScsiResult:
         """Execute ``cdb``; data-in commands fill ``iov``, data-out commands read from it.
 
@@ -146,7 +150,10 @@ class ScsiDevice:
         HARDWARE ERROR / INTERNAL TARGET FAILURE (see :func:`internal_error_result`) and log it.
         """
         try:
-            _, parsed = parse_cdb(cdb)
+            if parsed is None:
+                _, parsed = parse_cdb(cdb)
+            elif isinstance(parsed, SenseError):
+                raise parsed
             return self._dispatch(parsed, iov, self.backend if backend is None else backend)
         except SenseError as exc:
             return ScsiResult(Status.CHECK_CONDITION, exc.sense())
