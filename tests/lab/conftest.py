@@ -6,6 +6,8 @@ instead. Used outside the guest they fail with a clear message.
 * ``lab_kernel`` (session): modules loaded, configfs mounted, console quiet.
 * ``lio`` (function): a clean LIO and initiator before and after the test.
 * ``tcmu_runner`` (function): a running tcmu-runner (``guest.TcmuRunner``), stopped after.
+* ``mirrord`` (function): targetmirrord running (``tests.lab.mirrord.Mirrord``) on a clean LIO;
+  at teardown it must exit 0 on SIGTERM with no traceback in its log.
 
 Scratch files belong on guest tmpfs: pytest's ``tmp_path`` already is (/tmp is tmpfs there).
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import guest
+from tests.lab.mirrord import Mirrord
 
 
 @dataclass(frozen=True)
@@ -63,3 +66,19 @@ def tcmu_runner(lab_kernel: LabKernel, tmp_path_factory: pytest.TempPathFactory
         Path(runner.log_dir, "exit-status").write_text(f"{status}\n")
         if log:
             print(f"--- tcmu-runner log (exit status {status}) ---\n{log[-4000:]}")
+
+
+@pytest.fixture
+def mirrord(lio: LabKernel, tmp_path: Path) -> Iterator[Mirrord]:
+    """targetmirrord serving this test's mirrors; its log is printed at teardown."""
+    daemon = Mirrord(tmp_path / "targetmirrord.log")
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        guest.iscsi_logout_all()
+        status = daemon.stop()
+        log = daemon.log_text()
+        print(f"--- targetmirrord log (exit status {status}) ---\n{log[-6000:]}")
+        assert status == 0, "targetmirrord did not shut down cleanly on SIGTERM"
+        assert "Traceback" not in log, "targetmirrord logged a traceback"

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,20 +22,6 @@ from tests.lab.mirrord import Mirrord, cli
 pytestmark = pytest.mark.lab
 
 MiB = guest.MiB
-
-
-@pytest.fixture
-def mirrord(lio: object, tmp_path: Path) -> Iterator[Mirrord]:
-    daemon = Mirrord(tmp_path / "targetmirrord.log")
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        guest.iscsi_logout_all()
-        status = daemon.stop()
-        print(f"--- targetmirrord log (exit status {status}) ---\n{daemon.log_text()[-6000:]}")
-        assert status == 0, "targetmirrord did not shut down cleanly"
-        assert "Traceback" not in daemon.log_text()
 
 
 class Lun:

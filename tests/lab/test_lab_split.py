@@ -8,7 +8,6 @@ tests/daemon/test_split_checker.py; this test covers the admin's path end to end
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,20 +19,6 @@ from tests.lab.test_lab_mirror import Lun
 pytestmark = pytest.mark.lab
 
 MiB = guest.MiB
-
-
-@pytest.fixture
-def mirrord(lio: object, tmp_path: Path) -> Iterator[Mirrord]:
-    daemon = Mirrord(tmp_path / "targetmirrord.log")
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        guest.iscsi_logout_all()
-        status = daemon.stop()
-        print(f"--- targetmirrord log (exit status {status}) ---\n{daemon.log_text()[-6000:]}")
-        assert status == 0
-        assert "Traceback" not in daemon.log_text()
 
 
 def _read(path: Path, offset: int, n: int) -> bytes:
