@@ -328,7 +328,8 @@ def test_aborted_write_gives_back_its_range_lock_ticket(devices):
         assert dev.producer.queue_tmr(L.TMR_ABORT_TASK, [w.cmd_id])
     os.eventfd_write(dev.uio.efd, 1)
     assert dev.uio.wait_reaped([w.cmd_id], 10)
-    assert _status(dev, w) == SAM_STAT_TASK_ABORTED  # the abort did cancel it
+    # TASK ABORTED today (its future was cancelled); a fix may also choose to run it
+    assert _status(dev, w) in (SAM_STAT_TASK_ABORTED, GOOD)
     for r in releases:
         r.set()
     assert _wait_until(lambda: len(dev.uio.reaped) == 3)
