@@ -244,6 +244,75 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _follow_rejoin(args: argparse.Namespace, names: list[str]) -> None:
+    """A progress bar (bytes copied, ETA) until every named mirror is mirrored again."""
+    from tqdm import tqdm
+
+    bar = None
+    try:
+        while True:
+            mirrors = _call(args, "status", names=names)["mirrors"]
+            pending = [m for m in mirrors if m["state"] == "rejoining"]
+            failed = [m for m in pending if (m.get("resync") or {}).get("error")]
+            if failed:
+                raise MirrorError(f"rejoin of {failed[0]['name']} failed: "
+                                  f"{failed[0]['resync']['error']}")
+            total = sum(((m.get("resync") or {}).get("regions_total") or 0)
+                        * m["bitmap"]["region_size"] for m in pending)
+            done = sum((m.get("resync") or {}).get("bytes_copied", 0) for m in pending)
+            if bar is None and total:
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc="rejoin")
+            if bar is not None:
+                bar.update(max(0, done - bar.n))
+            if not pending:
+                return
+            time.sleep(0.5)  # polling the daemon for progress display
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def cmd_rejoin(args: argparse.Namespace) -> int:
+    """Copy what changed since the split back to A, online; mirrored again afterwards."""
+    rate = None if args.rate is None else args.rate * 1e6
+    attached = not args.json and sys.stderr.isatty() and not args.no_wait
+    res = _call(args, "rejoin", names=args.names, group=args.group, full=args.full, rate=rate,
+                wait=not args.no_wait and not attached, timeout=args.timeout)
+    if attached:
+        _follow_rejoin(args, args.names or [m["name"] for m in res["rejoin"]])
+        res = {"rejoin": _call(args, "status", names=[m["name"] for m in res["rejoin"]])
+               ["mirrors"]}
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    for m in res["rejoin"]:
+        lr = m.get("last_rejoin") or {}
+        if m["state"] == "mirrored":
+            print(f"{m['name']}: mirrored again (epoch {m['epoch']}), {lr.get('bytes_copied', 0)}"
+                  f" bytes copied in {lr.get('seconds', 0):.3f} s")
+        else:
+            print(f"{m['name']}: {m['state']} (rejoin running in the background)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Compare A and B online; exit 1 when they differ where they should not."""
+    rate = None if args.rate is None else args.rate * 1e6
+    res = _call(args, "verify", name=args.name, repair=args.repair, offset=args.offset,
+                length=args.length, rate=rate, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(f"{res['name']} ({res['state']}): {res['regions_checked']} regions compared "
+              f"({res['bytes_compared']} bytes, {res['seconds']:.2f} s), "
+              f"{res['regions_skipped_changed']} skipped as changed since the split, "
+              f"{res['mismatches']} mismatching"
+              + (f" (first at LBA {', '.join(map(str, res['first_mismatch_lbas']))})"
+                 if res["mismatches"] else "")
+              + (f", {res['repaired']} repaired" if res["repaired"] else ""))
+    return 1 if res["mismatches"] and not res["repaired"] else 0
+
+
 def cmd_export_snapshot(args: argparse.Namespace) -> int:
     """Export a split mirror's image A as a read-only iSCSI LUN (for a backup tool)."""
     from targetmirror.config.cfgstring import SnapshotSpec
@@ -340,6 +409,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run this command (no shell) with TARGETMIRROR_IMAGE=<A>")
     bk.add_argument("--timeout", type=float, default=300.0)
     bk.set_defaults(func=cmd_backup)
+
+    rj = daemon_cmd("rejoin", "copy what changed since the split back to A (online)")
+    rj.add_argument("names", nargs="*")
+    rj.add_argument("--group", help="rejoin every mirror of a consistency group")
+    rj.add_argument("--full", action="store_true",
+                    help="copy every region (A was replaced or the bitmap is not trusted)")
+    rj.add_argument("--rate", type=float, default=None, help="limit in MB/s")
+    rj.add_argument("--no-wait", action="store_true", help="return once the copy has started")
+    rj.add_argument("--timeout", type=float, default=3600.0)
+    rj.set_defaults(func=cmd_rejoin)
+
+    vf = daemon_cmd("verify", "compare A and B online (exit 1 on an unexpected mismatch)")
+    vf.add_argument("name")
+    vf.add_argument("--repair", action="store_true",
+                    help="copy B over A where they differ (mirrored mirrors only)")
+    vf.add_argument("--offset", type=parse_size, default=0)
+    vf.add_argument("--length", type=parse_size, default=None)
+    vf.add_argument("--rate", type=float, default=None, help="limit in MB/s")
+    vf.add_argument("--timeout", type=float, default=3600.0)
+    vf.set_defaults(func=cmd_verify)
 
     ex = daemon_cmd("export-snapshot", "export a split mirror's A read-only over iSCSI")
     ex.add_argument("name")

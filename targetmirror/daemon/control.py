@@ -147,14 +147,17 @@ class ControlServer:
             conn.sendall(json.dumps(obj).encode() + b"\n")
 
 
-def call(path: str, op: str, timeout: float = 600.0, **args: Any) -> dict[str, Any]:
-    """Client side: send one request and return its ``result``, raising on an error reply."""
+def call(path: str, op: str, sock_timeout: float = 7200.0, **args: Any) -> dict[str, Any]:
+    """Client side: send one request and return its ``result``, raising on an error reply.
+
+    ``sock_timeout`` only bounds the wait for the reply; operations take their own ``timeout``
+    argument (how long the daemon waits for a split or rejoin to finish)."""
     from targetmirror.errors import DeviceError
 
     req = {"v": VERSION, "op": op, **args}
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-            s.settimeout(timeout)
+            s.settimeout(sock_timeout)
             s.connect(path)
             s.sendall(json.dumps(req).encode() + b"\n")
             buf = b""

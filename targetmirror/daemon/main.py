@@ -30,6 +30,7 @@ from targetmirror.daemon.device import ServedDevice, serve
 from targetmirror.daemon.groups import GroupStore
 from targetmirror.daemon.split import split as split_mirrors
 from targetmirror.errors import DeviceError, MirrorError, TargetMirrorError
+from targetmirror.mirror.mirror import Mirror
 from targetmirror.mirror.state import StateStore
 from targetmirror.tcmu import layout as L
 from targetmirror.tcmu.netlink import NetlinkEvent, TcmuNetlink
@@ -69,8 +70,11 @@ class Daemon:
             if info.name in self.devices:
                 return
             try:
-                self.devices[info.name] = serve(info, workers=self.workers, store=self.store,
-                                                configfs_root=self.configfs_root)
+                dev = serve(info, workers=self.workers, store=self.store,
+                            configfs_root=self.configfs_root)
+                self.devices[info.name] = dev
+                if dev.mirror is not None:
+                    dev.mirror.resume()
             except TargetMirrorError as exc:
                 log.error("cannot open %s: %s", info.dev_path, exc,
                           extra={"device": info.dev_name})
@@ -205,6 +209,37 @@ class Daemon:
         timer.start()
         return {"scheduled": {"id": timer_id, "at": at, "names": names}}
 
+    def _mirror(self, name: str) -> Mirror:
+        dev = self._by_name(name)
+        if dev.mirror is None:
+            raise MirrorError(f"{name} is not a served mirror"
+                              + (f": {dev.reason}" if dev.reason else ""))
+        return dev.mirror
+
+    def op_rejoin(self, req: dict[str, Any]) -> dict[str, Any]:
+        names = self._names(req)
+        mirrors = [self._mirror(n) for n in names]
+        rate = req.get("rate")
+        for m in mirrors:
+            m.rejoin(full=bool(req.get("full", False)),
+                     rate=None if rate is None else float(rate))
+        if req.get("wait", False):
+            timeout = float(req.get("timeout", 3600))
+            deadline = time.monotonic() + timeout
+            for m in mirrors:
+                if not m.rejoin_complete.wait(max(0.0, deadline - time.monotonic())):
+                    raise MirrorError(f"rejoin of {m.name} did not finish within {timeout} s "
+                                      "(it goes on in the background)")
+        return {"rejoin": [m.status() for m in mirrors]}
+
+    def op_verify(self, req: dict[str, Any]) -> dict[str, Any]:
+        m = self._mirror(str(req["name"]))
+        rate = req.get("rate")
+        length = req.get("length")
+        return m.verify(repair=bool(req.get("repair", False)), offset=int(req.get("offset", 0)),
+                        length=None if length is None else int(length),
+                        rate=None if rate is None else float(rate))
+
     def op_cancel(self, req: dict[str, Any]) -> dict[str, Any]:
         entry = self._timers.pop(int(req["id"]), None)
         if entry is None:
@@ -220,6 +255,7 @@ class Daemon:
 
     def handlers(self) -> dict[str, Handler]:
         return {"status": self.op_status, "split": self.op_split, "cancel": self.op_cancel,
+                "rejoin": self.op_rejoin, "verify": self.op_verify,
                 "group-create": self.op_group_create, "group-delete": self.op_group_delete,
                 "ping": lambda req: {"version": __version__}}
 

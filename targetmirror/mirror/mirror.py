@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from targetmirror.errors import MirrorError, StoreError
+from targetmirror.mirror.bitmap import DEFAULT_REGION, Bitmap
 from targetmirror.mirror.rangelock import RangeLock
 from targetmirror.mirror.state import MirrorState, SplitRecord, State, StateStore
 from targetmirror.store.image import Image
@@ -94,9 +95,17 @@ class MirrorIO:
     def read(self, offset: int, iov: Sequence[memoryview]) -> None:
         self._m.b.readv(offset, iov)
 
+    def _mark(self, offset: int, length: int) -> None:
+        """A B-only change: its regions are durably marked *before* B is written, so a crash
+        can never leave B changed in a region the bitmap calls clean."""
+        bm = self._m.bitmap
+        if bm is not None and not self.both:
+            bm.sync(bm.mark(offset, length))
+
     def write(self, offset: int, iov: Sequence[memoryview], fua: bool) -> None:
         length = sum(len(v) for v in iov)
         with self._range(offset, offset + length):
+            self._mark(offset, length)
             self._m._write_legs(self.both, offset, iov, fua or not self._m.write_cache, length)
 
     def flush(self) -> None:
@@ -108,10 +117,12 @@ class MirrorIO:
 
     def unmap(self, offset: int, length: int) -> None:
         with self._range(offset, offset + length):
+            self._mark(offset, length)
             self._m._legs_call(self.both, lambda img: img.discard(offset, length))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         with self._range(offset, offset + length):
+            self._mark(offset, length)
             self._m._legs_call(self.both, lambda img: img.write_zeroes(offset, length))
 
     def compare_and_write(self, offset: int, verify: memoryview, data: memoryview) -> int | None:
@@ -123,6 +134,7 @@ class MirrorIO:
                 for i in range(length):
                     if current[i] != verify[i]:
                         return i
+            self._mark(offset, len(data))
             self._m._write_legs(self.both, offset, [data], not self._m.write_cache, len(data))
             return None
 
@@ -133,7 +145,7 @@ class MirrorIO:
             self._ticket = None
         if self._extent is not None:
             self._extent = None
-            self._m._finished(self.tag)
+            self._m._finished(self.tag, self.both)
 
 
 class Mirror:
@@ -141,7 +153,7 @@ class Mirror:
 
     def __init__(self, name: str, a: Image, b: Image, *, size: int, block_size: int = 512,
                  write_cache: bool = True, parallel_threshold: int = PARALLEL_THRESHOLD,
-                 store: StateStore | None = None) -> None:
+                 store: StateStore | None = None, region_size: int = DEFAULT_REGION) -> None:
         if size <= 0 or size % block_size:
             raise MirrorError(f"mirror {name}: size {size} is not a positive multiple of the "
                               f"block size {block_size}")
@@ -162,13 +174,26 @@ class Mirror:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{name}-leg")
         self._closed = False
         self._mu = threading.Lock()
+        self._cv = threading.Condition(self._mu)
         self._inflight: dict[int, int] = {}
+        self._b_only = 0
+        self.resync: dict[str, Any] | None = None
+        """Progress of a running rejoin (for status)."""
+        self._resync_thread: threading.Thread | None = None
+        self._resync_stop = threading.Event()
         self._boundary_passed = False
         self._completing = False
         self._instant_mono = 0.0
         self._pre_at_boundary = 0
         self.split_complete = threading.Event()
+        self.rejoin_complete = threading.Event()
+        self.bitmap: Bitmap | None = None
+        if store is not None:
+            saved = store.load(name)
+            rs = saved.region_size if saved is not None else region_size
+            self.bitmap = Bitmap(store.bitmap_path(name), size, rs)
         self.st = self._load_state()
+        self.st.region_size = self.bitmap.region_size if self.bitmap else region_size
 
     # -- state ---------------------------------------------------------------------------------
     def _load_state(self) -> MirrorState:
@@ -203,6 +228,13 @@ class Mirror:
             self.split_complete.set()
         return st
 
+    def resume(self) -> None:
+        """After start-up: finish a rejoin the daemon was doing when it stopped."""
+        if self.st.state == State.REJOINING:
+            log.warning("%s: resuming the rejoin that was running when the daemon stopped "
+                        "(%d regions left)", self.name, self.bitmap.count if self.bitmap else 0)
+            self._start_rejoin(resumed=True, rate=None)
+
     @property
     def state(self) -> State:
         return self.st.state
@@ -221,21 +253,28 @@ class Mirror:
     def admit(self, tag: int, extent: tuple[int, int] | None) -> MirrorIO:
         """Admit one command on the ring thread, in ring order; see the module docstring."""
         split_epoch = self._split_epoch()
-        both = split_epoch is None or tag < split_epoch
+        both = (split_epoch is None or tag < split_epoch
+                or self.st.state == State.REJOINING)
         ticket = None
         if extent is not None:
             ticket = self.locks.enqueue(extent[0], extent[1])
             with self._mu:
                 self._inflight[tag] = self._inflight.get(tag, 0) + 1
+                if not both:
+                    self._b_only += 1
         return MirrorIO(self, tag, both, extent, ticket)
 
-    def _finished(self, tag: int) -> None:
+    def _finished(self, tag: int, both: bool = True) -> None:
         with self._mu:
             n = self._inflight[tag] - 1
             if n:
                 self._inflight[tag] = n
             else:
                 del self._inflight[tag]
+            if not both:
+                self._b_only -= 1
+                if not self._b_only:
+                    self._cv.notify_all()
             self._maybe_complete_locked()
 
     def _pre_split_inflight_locked(self) -> int:
@@ -329,6 +368,175 @@ class Mirror:
                  extra={"device": self.name, "epoch": rec.epoch})
         self.split_complete.set()
 
+    # -- rejoin --------------------------------------------------------------------------------
+    def rejoin(self, *, full: bool = False, rate: float | None = None) -> None:
+        """Start copying the regions B changed since the split back to A, online.
+
+        From the moment this returns every new write goes to both legs; the copier copies each
+        marked region under its range lock (so it never races a write to the same blocks),
+        fdatasyncs A per batch and only then clears the batch's bits.  ``full`` marks every
+        region first (A was replaced, or the bitmap is not trusted).  ``rate`` limits the copy
+        to that many bytes per second so foreground I/O keeps its share.
+        """
+        if self.bitmap is None:
+            raise MirrorError(f"mirror {self.name} has no bitmap (no state directory)")
+        with self._mu:
+            if self.st.state != State.SPLIT:
+                raise MirrorError(f"mirror {self.name} is {self.st.state}; only a split mirror "
+                                  "can be rejoined")
+            self.a.thaw()
+            self.st.state = State.REJOINING
+            self.rejoin_complete.clear()
+            if self.store:
+                self.store.save(self.st)
+        if full:
+            self.bitmap.sync(self.bitmap.mark_all())
+        self._start_rejoin(resumed=False, rate=rate)
+
+    def _start_rejoin(self, *, resumed: bool, rate: float | None) -> None:
+        self.a.thaw()
+        self._resync_stop.clear()
+        self._resync_thread = threading.Thread(target=self._rejoin_run, args=(rate, resumed),
+                                               name=f"{self.name}-rejoin", daemon=True)
+        self._resync_thread.start()
+
+    def _rejoin_run(self, rate: float | None, resumed: bool) -> None:
+        bm = self.bitmap
+        assert bm is not None
+        t0 = time.monotonic()
+        total = bm.count
+        progress: dict[str, Any] = {"kind": "rejoin", "regions_total": total, "regions_done": 0,
+                                    "bytes_copied": 0, "rate_limit": rate, "resumed": resumed,
+                                    "started_wall": time.time(), "eta_seconds": None}
+        self.resync = progress
+        try:
+            # Writes admitted before the rejoin may still go to B only: let them land (they
+            # mark their regions) before copying, so none is missed.
+            with self._cv:
+                self._cv.wait_for(lambda: self._b_only == 0)
+            buf = bytearray(bm.region_size)
+            view = memoryview(buf)
+            copied = 0
+            while bm.count and not self._resync_stop.is_set():
+                batch: list[int] = []
+                for region in bm.dirty_regions():
+                    if self._resync_stop.is_set():
+                        break
+                    off = region << bm.shift
+                    n = min(bm.region_size, self.size - off)
+                    with self.locks.locked(off, off + n):
+                        self.b.readv(off, [view[:n]])
+                        self.a.writev(off, [view[:n]])
+                    batch.append(region)
+                    copied += n
+                    progress["bytes_copied"] = copied
+                    if rate:
+                        ahead = copied / rate - (time.monotonic() - t0)
+                        if ahead > 0:
+                            self._resync_stop.wait(ahead)  # throttle, not synchronisation
+                    if len(batch) >= 64:
+                        self._commit_batch(batch, progress, t0, total)
+                        batch = []
+                if batch:
+                    self._commit_batch(batch, progress, t0, total)
+            if self._resync_stop.is_set():
+                log.info("%s: rejoin stopped with %d regions left; it resumes at the next start",
+                         self.name, bm.count)
+                return
+            self.a.flush()
+            with self._mu:
+                self.st.state = State.MIRRORED
+                self.st.epoch += 1
+                self.st.last_rejoin = {
+                    "completed_wall": time.time(), "seconds": time.monotonic() - t0,
+                    "bytes_copied": copied, "regions": total, "resumed": resumed}
+                if self.store:
+                    self.store.save(self.st)
+            log.info("%s: rejoin complete: %d regions, %d bytes copied in %.3f s; mirrored "
+                     "again (epoch %d)", self.name, total, copied, time.monotonic() - t0,
+                     self.st.epoch, extra={"device": self.name, "epoch": self.st.epoch})
+            self.rejoin_complete.set()
+        except (StoreError, OSError) as exc:
+            progress["error"] = str(exc)
+            log.error("%s: rejoin failed: %s; the mirror stays %s and can be retried",
+                      self.name, exc, self.st.state)
+        finally:
+            self.resync = None if self.rejoin_complete.is_set() else progress
+
+    def _commit_batch(self, batch: list[int], progress: dict[str, Any], t0: float,
+                      total: int) -> None:
+        """A is durable for the batch; only now may its bits go."""
+        assert self.bitmap is not None
+        self.a.flush()
+        self.bitmap.sync(self.bitmap.clear(batch))
+        done = total - self.bitmap.count
+        progress["regions_done"] = done
+        elapsed = time.monotonic() - t0
+        if done and elapsed > 0:
+            progress["eta_seconds"] = (total - done) * elapsed / done
+
+    def stop_resync(self) -> None:
+        """Stop a running rejoin (daemon shutdown); it resumes at the next start."""
+        self._resync_stop.set()
+        if self._resync_thread is not None:
+            self._resync_thread.join()
+
+    # -- verify ----------------------------------------------------------------------------------
+    def verify(self, *, repair: bool = False, offset: int = 0, length: int | None = None,
+               rate: float | None = None, max_report: int = 16) -> dict[str, Any]:
+        """Compare A and B region by region, online, under each region's range lock.
+
+        While mirrored every region must match.  While split, regions the bitmap marks are
+        expected to differ and are skipped (counted); an unmarked region that differs means a
+        change was not tracked — reported as a mismatch like any other.  ``repair`` copies B
+        over A for mismatching regions (only while mirrored: a split copy is never modified).
+        """
+        state = self.st.state
+        if repair and state != State.MIRRORED:
+            raise MirrorError(f"mirror {self.name} is {state}: repair needs a mirrored mirror "
+                              "(a split copy is never modified)")
+        if state in (State.SPLITTING, State.REJOINING):
+            raise MirrorError(f"mirror {self.name} is {state}; verify when it is mirrored or "
+                              "split")
+        rs = self.bitmap.region_size if self.bitmap else DEFAULT_REGION
+        end = self.size if length is None else min(self.size, offset + length)
+        a_buf, b_buf = bytearray(rs), bytearray(rs)
+        av, bv = memoryview(a_buf), memoryview(b_buf)
+        t0 = time.monotonic()
+        checked = skipped = mismatches = repaired = compared = 0
+        first: list[int] = []
+        pos = offset - offset % rs
+        while pos < end:
+            n = min(rs, self.size - pos)
+            region = pos // rs
+            if state == State.SPLIT and self.bitmap is not None and self.bitmap.test(region):
+                skipped += 1
+            else:
+                with self.locks.locked(pos, pos + n):
+                    self.a.readv(pos, [av[:n]])
+                    self.b.readv(pos, [bv[:n]])
+                    if av[:n] != bv[:n]:
+                        mismatches += 1
+                        if len(first) < max_report:
+                            i = next(i for i in range(n) if a_buf[i] != b_buf[i])
+                            first.append((pos + i) // self.block_size)
+                        if repair:
+                            self.a.writev(pos, [bv[:n]])
+                            repaired += 1
+                checked += 1
+                compared += n
+                if rate:
+                    ahead = compared / rate - (time.monotonic() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)  # throttle, not synchronisation
+            pos += n
+        if repaired:
+            self.a.flush()
+        return {"name": self.name, "state": str(state), "regions_checked": checked,
+                "regions_skipped_changed": skipped, "mismatches": mismatches,
+                "first_mismatch_lbas": first, "repaired": repaired, "bytes_compared": compared,
+                "seconds": time.monotonic() - t0}
+
     def status(self) -> dict[str, Any]:
         """A JSON-able snapshot for the control API."""
         with self._mu:
@@ -342,6 +550,11 @@ class Mirror:
                 "writes_in_flight": sum(self._inflight.values()),
                 "pre_split_in_flight": self._pre_split_inflight_locked(),
                 "split": None if self.st.split is None else self.st.to_json()["split"],
+                "bitmap": None if self.bitmap is None else {
+                    "region_size": self.bitmap.region_size, "regions": self.bitmap.regions,
+                    "marked": self.bitmap.count, "syncs": self.bitmap.syncs},
+                "resync": self.resync,
+                "last_rejoin": self.st.last_rejoin,
             }
 
     # -- leg helpers -------------------------------------------------------------------------
@@ -412,6 +625,9 @@ class Mirror:
         if self._closed:
             return
         self._closed = True
+        self.stop_resync()
         self._pool.shutdown(wait=True)
+        if self.bitmap is not None:
+            self.bitmap.close()
         self.a.close()
         self.b.close()

@@ -31,7 +31,9 @@ class State(StrEnum):
     SPLITTING = "splitting"
     """The split instant has passed; pre-split writes still draining to A."""
     SPLIT = "split"
-    """A is a frozen point-in-time copy; writes go to B only."""
+    """A is a frozen point-in-time copy; writes go to B only (their regions are marked)."""
+    REJOINING = "rejoining"
+    """Marked regions are being copied B -> A; every write goes to both legs."""
 
 
 @dataclass
@@ -64,6 +66,8 @@ class MirrorState:
     image_a: str = ""
     image_b: str = ""
     split: SplitRecord | None = None
+    region_size: int = 64 * 1024
+    last_rejoin: dict[str, Any] | None = None
     schema: int = SCHEMA
 
     def to_json(self) -> dict[str, Any]:
@@ -82,6 +86,8 @@ class MirrorState:
                 image_a=str(data.get("image_a", "")),
                 image_b=str(data.get("image_b", "")),
                 split=SplitRecord(**split) if split else None,
+                region_size=int(data.get("region_size", 64 * 1024)),
+                last_rejoin=data.get("last_rejoin"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MirrorError(f"{origin}: malformed mirror state: {exc}") from exc
@@ -110,6 +116,10 @@ class StateStore:
         except (OSError, json.JSONDecodeError) as exc:
             raise MirrorError(f"{path}: cannot read mirror state: {exc}") from exc
         return MirrorState.from_json(data, path)
+
+    def bitmap_path(self, name: str) -> str:
+        """Where the region bitmap of ``name`` lives (beside its state)."""
+        return self._path(name)[: -len(".json")] + ".bitmap"
 
     def all(self) -> list[MirrorState]:
         """Every saved mirror state (unreadable ones are skipped: they are reported on load)."""

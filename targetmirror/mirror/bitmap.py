@@ -1,0 +1,188 @@
+"""A persistent region bitmap: which regions of a mirror may differ between A and B.
+
+One bit per region (64 KiB by default: a 4 TiB image needs 8 MiB of bitmap).  The bitmap lives
+in memory and in a file beside the mirror's state.  The rule that makes it trustworthy after a
+crash: **a bit is durable before the write that needs it is issued to a leg** (md's write-intent
+rule).  Setting a bit that is already set costs nothing, so only the first write to a region
+after a split pays for a bitmap sync, and concurrent writers share one sync (group commit): a
+caller waits for a sync that started after its bits were set, never for more.
+
+Bits are cleared only by the resync that made the region equal on both legs, and only after A is
+durable, so a crash during a rejoin forgets nothing either.
+
+The file is a small header (magic, version, region size, region count) followed by the bits;
+it is rewritten in place per dirty 4 KiB page and fdatasync'ed.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Iterator
+
+from targetmirror.errors import MirrorError
+
+MAGIC = b"TMBITMP1"
+HEADER = struct.Struct("<8sIIQ")  # magic, version, region_size, regions
+HEADER_SIZE = 4096
+VERSION = 1
+PAGE = 4096
+DEFAULT_REGION = 64 * 1024
+
+
+class Bitmap:
+    """Region bits in memory, persisted to ``path`` with group-committed syncs."""
+
+    def __init__(self, path: str, size: int, region_size: int = DEFAULT_REGION) -> None:
+        if region_size <= 0 or region_size & (region_size - 1) or region_size < 4096:
+            raise MirrorError(f"region size {region_size}: expected a power of two >= 4096")
+        self.path = path
+        self.size = size
+        self.region_size = region_size
+        self.shift = region_size.bit_length() - 1
+        self.regions = (size + region_size - 1) >> self.shift
+        self.bits = bytearray((self.regions + 7) // 8)
+        self._count = 0
+        self._mu = threading.Lock()
+        self._cond = threading.Condition(self._mu)
+        self._dirty_pages: set[int] = set()
+        self._gen = 0          # bumped each time bits change
+        self._synced_gen = 0   # the generation the file is known to hold
+        self._syncing = False
+        self.syncs = 0         # how many fdatasyncs (for status and benchmarks)
+        exists = os.path.exists(path)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if exists and os.fstat(self.fd).st_size >= HEADER_SIZE:
+                self._load()
+            else:
+                self._init_file()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    # -- file ------------------------------------------------------------------------------------
+    def _init_file(self) -> None:
+        header = HEADER.pack(MAGIC, VERSION, self.region_size, self.regions)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, header.ljust(HEADER_SIZE, b"\0"), 0)
+        os.ftruncate(self.fd, HEADER_SIZE + len(self.bits))
+        os.fsync(self.fd)
+
+    def _load(self) -> None:
+        magic, version, region, regions = HEADER.unpack(os.pread(self.fd, HEADER.size, 0))
+        if magic != MAGIC or version != VERSION:
+            raise MirrorError(f"{self.path}: not a targetmirror bitmap (or an unknown version)")
+        if region != self.region_size or regions != self.regions:
+            raise MirrorError(f"{self.path}: bitmap is for {regions} regions of {region} bytes, "
+                              f"the mirror has {self.regions} of {self.region_size}; refusing "
+                              "to guess (use a full rejoin)")
+        data = os.pread(self.fd, len(self.bits), HEADER_SIZE)
+        self.bits[: len(data)] = data
+        self._count = sum(bin(b).count("1") for b in self.bits)
+
+    # -- bits ------------------------------------------------------------------------------------
+    def span(self, offset: int, length: int) -> range:
+        """The regions that bytes ``[offset, offset+length)`` touch."""
+        if length <= 0:
+            return range(0)
+        return range(offset >> self.shift, ((offset + length - 1) >> self.shift) + 1)
+
+    def test(self, region: int) -> bool:
+        return bool(self.bits[region >> 3] & (1 << (region & 7)))
+
+    @property
+    def count(self) -> int:
+        """Regions marked."""
+        return self._count
+
+    def mark(self, offset: int, length: int) -> int:
+        """Set the bits for a byte range in memory; return a generation to :meth:`sync` to, or
+        0 when every bit was already set (nothing to persist)."""
+        newly = False
+        with self._mu:
+            bits = self.bits
+            for r in self.span(offset, length):
+                byte, bit = r >> 3, 1 << (r & 7)
+                if not bits[byte] & bit:
+                    bits[byte] |= bit
+                    self._count += 1
+                    self._dirty_pages.add(byte // PAGE)
+                    newly = True
+            if not newly:
+                return 0
+            self._gen += 1
+            return self._gen
+
+    def mark_all(self) -> int:
+        """Every region (a full resync)."""
+        return self.mark(0, self.size)
+
+    def clear(self, regions: list[int]) -> int:
+        """Clear bits (after the regions were made equal and A is durable)."""
+        with self._mu:
+            bits = self.bits
+            changed = False
+            for r in regions:
+                byte, bit = r >> 3, 1 << (r & 7)
+                if bits[byte] & bit:
+                    bits[byte] &= ~bit
+                    self._count -= 1
+                    self._dirty_pages.add(byte // PAGE)
+                    changed = True
+            if not changed:
+                return 0
+            self._gen += 1
+            return self._gen
+
+    def sync(self, gen: int) -> None:
+        """Return once the file holds generation ``gen`` (or later): group commit."""
+        if gen == 0:
+            return
+        with self._cond:
+            while self._synced_gen < gen:
+                if self._syncing:
+                    self._cond.wait()
+                    continue
+                self._syncing = True
+                target = self._gen
+                pages = sorted(self._dirty_pages)
+                self._dirty_pages.clear()
+                snapshot = [(p, bytes(self.bits[p * PAGE:(p + 1) * PAGE])) for p in pages]
+                self._mu.release()
+                try:
+                    for p, data in snapshot:
+                        os.pwrite(self.fd, data, HEADER_SIZE + p * PAGE)
+                    os.fdatasync(self.fd)
+                finally:
+                    self._mu.acquire()
+                    self._syncing = False
+                self.syncs += 1
+                self._synced_gen = max(self._synced_gen, target)
+                self._cond.notify_all()
+
+    def dirty_regions(self, start: int = 0) -> Iterator[int]:
+        """Marked regions in ascending order (a live view: bits may change while iterating)."""
+        bits = self.bits
+        n = len(bits)
+        byte = start >> 3
+        while byte < n:
+            # skip empty bytes fast
+            nxt = next((i for i in range(byte, n) if bits[i]), n) if not bits[byte] else byte
+            if nxt >= n:
+                return
+            v = bits[nxt]
+            for b in range(8):
+                r = nxt * 8 + b
+                if v & (1 << b) and r >= start and r < self.regions:
+                    yield r
+            byte = nxt + 1
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def remove(self) -> None:
+        """Delete the file (the mirror is gone or whole and the bitmap is no longer wanted)."""
+        self.close()
+        os.unlink(self.path)
