@@ -295,6 +295,23 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Initial sync (claim 2): fill B from A online, for a mirror made from an existing A."""
+    rate = None if args.rate is None else args.rate * 1e6
+    res = _call(args, "sync", name=args.name, rate=rate, wait=not args.no_wait,
+                timeout=args.timeout)["sync"]
+    if args.json:
+        print(json.dumps(res, indent=1))
+    elif res["state"] == "mirrored":
+        ls = res.get("last_sync") or {}
+        print(f"{res['name']}: initial sync complete, {ls.get('bytes_copied', 0)} bytes in "
+              f"{ls.get('seconds', 0):.2f} s")
+    else:
+        print(f"{res['name']}: initial sync running in the background "
+              "(see 'targetmirror status')")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Compare A and B online; exit 1 when they differ where they should not."""
     rate = None if args.rate is None else args.rate * 1e6
@@ -419,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     rj.add_argument("--no-wait", action="store_true", help="return once the copy has started")
     rj.add_argument("--timeout", type=float, default=3600.0)
     rj.set_defaults(func=cmd_rejoin)
+
+    sy = daemon_cmd("sync", "initial sync: copy A to B online (A has data, B is new)")
+    sy.add_argument("name")
+    sy.add_argument("--rate", type=float, default=None, help="limit in MB/s")
+    sy.add_argument("--no-wait", action="store_true", help="return once the copy has started")
+    sy.add_argument("--timeout", type=float, default=3600.0)
+    sy.set_defaults(func=cmd_sync)
 
     vf = daemon_cmd("verify", "compare A and B online (exit 1 on an unexpected mismatch)")
     vf.add_argument("name")

@@ -232,6 +232,17 @@ class Daemon:
                                       "(it goes on in the background)")
         return {"rejoin": [m.status() for m in mirrors]}
 
+    def op_sync(self, req: dict[str, Any]) -> dict[str, Any]:
+        m = self._mirror(str(req["name"]))
+        rate = req.get("rate")
+        m.initial_sync(rate=None if rate is None else float(rate))
+        if req.get("wait", False):
+            timeout = float(req.get("timeout", 3600))
+            if not m.sync_complete.wait(timeout):
+                raise MirrorError(f"initial sync of {m.name} did not finish within {timeout} s "
+                                  "(it goes on in the background)")
+        return {"sync": m.status()}
+
     def op_verify(self, req: dict[str, Any]) -> dict[str, Any]:
         m = self._mirror(str(req["name"]))
         rate = req.get("rate")
@@ -255,7 +266,7 @@ class Daemon:
 
     def handlers(self) -> dict[str, Handler]:
         return {"status": self.op_status, "split": self.op_split, "cancel": self.op_cancel,
-                "rejoin": self.op_rejoin, "verify": self.op_verify,
+                "rejoin": self.op_rejoin, "verify": self.op_verify, "sync": self.op_sync,
                 "group-create": self.op_group_create, "group-delete": self.op_group_delete,
                 "ping": lambda req: {"version": __version__}}
 

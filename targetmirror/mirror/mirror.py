@@ -129,7 +129,7 @@ class MirrorIO:
         length = len(verify)
         with self._range(offset, offset + length):
             current = bytearray(length)
-            self._m.b.readv(offset, [memoryview(current)])
+            self._m._read_leg().readv(offset, [memoryview(current)])
             if current != verify:
                 for i in range(length):
                     if current[i] != verify[i]:
@@ -187,6 +187,7 @@ class Mirror:
         self._pre_at_boundary = 0
         self.split_complete = threading.Event()
         self.rejoin_complete = threading.Event()
+        self.sync_complete = threading.Event()
         self.bitmap: Bitmap | None = None
         if store is not None:
             saved = store.load(name)
@@ -228,8 +229,18 @@ class Mirror:
             self.split_complete.set()
         return st
 
+    def _read_leg(self) -> Image:
+        """B, the live leg -- except during an initial sync, when only A is complete."""
+        return self.a if self.st.state == State.SYNCING else self.b
+
     def resume(self) -> None:
-        """After start-up: finish a rejoin the daemon was doing when it stopped."""
+        """After start-up: finish a rejoin or initial sync the daemon was doing when it
+        stopped."""
+        if self.st.state == State.SYNCING:
+            log.warning("%s: resuming the initial sync at byte %d of %d", self.name,
+                        self.st.sync_cursor, self.size)
+            self._start_copier(self._sync_run, None, True)
+            return
         if self.st.state == State.REJOINING:
             log.warning("%s: resuming the rejoin that was running when the daemon stopped "
                         "(%d regions left)", self.name, self.bitmap.count if self.bitmap else 0)
@@ -286,6 +297,9 @@ class Mirror:
     # -- split ---------------------------------------------------------------------------------
     def check_can_split(self) -> None:
         """Raise MirrorError unless a split may start now."""
+        if self.st.state == State.SYNCING:
+            raise MirrorError(f"mirror {self.name} is still in its initial sync: B is not a "
+                              "full copy yet, so a split would not give a usable A")
         if self.st.state != State.MIRRORED:
             raise MirrorError(f"mirror {self.name} is {self.st.state}, not mirrored; "
                               "rejoin it before splitting again")
@@ -395,10 +409,93 @@ class Mirror:
 
     def _start_rejoin(self, *, resumed: bool, rate: float | None) -> None:
         self.a.thaw()
+        self._start_copier(self._rejoin_run, rate, resumed)
+
+    def _start_copier(self, target: Callable[[float | None, bool], None], rate: float | None,
+                      resumed: bool) -> None:
         self._resync_stop.clear()
-        self._resync_thread = threading.Thread(target=self._rejoin_run, args=(rate, resumed),
-                                               name=f"{self.name}-rejoin", daemon=True)
+        self._resync_thread = threading.Thread(target=target, args=(rate, resumed),
+                                               name=f"{self.name}-resync", daemon=True)
         self._resync_thread.start()
+
+    # -- initial sync (claim 2) --------------------------------------------------------------
+    def initial_sync(self, *, rate: float | None = None) -> None:
+        """Fill B from A online: for a mirror made from an existing image A and a new B.
+
+        Until it finishes, reads come from A (the only complete leg) and writes go to both;
+        the copier copies every region A -> B under its range lock, in order, and persists its
+        cursor after each fdatasync'ed batch, so a restart resumes where it was.
+        """
+        with self._mu:
+            if self.st.state != State.MIRRORED:
+                raise MirrorError(f"mirror {self.name} is {self.st.state}; an initial sync "
+                                  "starts from a freshly created (mirrored) mirror")
+            self.st.state = State.SYNCING
+            self.st.sync_cursor = 0
+            self.sync_complete.clear()
+            if self.store:
+                self.store.save(self.st)
+        self._start_copier(self._sync_run, rate, False)
+
+    def _sync_run(self, rate: float | None, resumed: bool) -> None:
+        rs = self.bitmap.region_size if self.bitmap else DEFAULT_REGION
+        t0 = time.monotonic()
+        start = self.st.sync_cursor
+        progress: dict[str, Any] = {"kind": "sync", "bytes_total": self.size,
+                                    "cursor": start, "bytes_copied": 0, "rate_limit": rate,
+                                    "resumed": resumed, "eta_seconds": None}
+        self.resync = progress
+        buf = bytearray(rs * 16)
+        view = memoryview(buf)
+        copied = 0
+        pos = start
+        try:
+            while pos < self.size and not self._resync_stop.is_set():
+                n = min(len(buf), self.size - pos)
+                with self.locks.locked(pos, pos + n):
+                    self.a.readv(pos, [view[:n]])
+                    self.b.writev(pos, [view[:n]])
+                pos += n
+                copied += n
+                if rate:
+                    ahead = copied / rate - (time.monotonic() - t0)
+                    if ahead > 0:
+                        self._resync_stop.wait(ahead)  # throttle, not synchronisation
+                if copied % (4 * len(buf)) == 0 or pos >= self.size:
+                    self.b.flush()
+                    with self._mu:
+                        self.st.sync_cursor = pos
+                        if self.store:
+                            self.store.save(self.st)
+                progress.update(cursor=pos, bytes_copied=copied)
+                elapsed = time.monotonic() - t0
+                if elapsed > 0 and copied:
+                    progress["eta_seconds"] = (self.size - pos) * elapsed / copied
+            if self._resync_stop.is_set():
+                self.b.flush()
+                with self._mu:
+                    self.st.sync_cursor = pos
+                    if self.store:
+                        self.store.save(self.st)
+                log.info("%s: initial sync stopped at byte %d; it resumes at the next start",
+                         self.name, pos)
+                return
+            with self._mu:
+                self.st.state = State.MIRRORED
+                self.st.last_sync = {"completed_wall": time.time(),
+                                     "seconds": time.monotonic() - t0,
+                                     "bytes_copied": copied, "resumed_at": start}
+                if self.store:
+                    self.store.save(self.st)
+            log.info("%s: initial sync complete: %d bytes in %.3f s", self.name, copied,
+                     time.monotonic() - t0, extra={"device": self.name})
+            self.sync_complete.set()
+        except (StoreError, OSError) as exc:
+            progress["error"] = str(exc)
+            log.error("%s: initial sync failed at byte %d: %s; it can be resumed", self.name,
+                      pos, exc)
+        finally:
+            self.resync = None if self.sync_complete.is_set() else progress
 
     def _rejoin_run(self, rate: float | None, resumed: bool) -> None:
         bm = self.bitmap
@@ -555,6 +652,7 @@ class Mirror:
                     "marked": self.bitmap.count, "syncs": self.bitmap.syncs},
                 "resync": self.resync,
                 "last_rejoin": self.st.last_rejoin,
+                "last_sync": self.st.last_sync,
             }
 
     # -- leg helpers -------------------------------------------------------------------------
@@ -602,7 +700,7 @@ class Mirror:
         return self.admit(self.epoch, None)
 
     def read(self, offset: int, iov: Sequence[memoryview]) -> None:
-        self.b.readv(offset, iov)
+        self._read_leg().readv(offset, iov)
 
     def write(self, offset: int, iov: Sequence[memoryview], fua: bool) -> None:
         self._io().write(offset, iov, fua)

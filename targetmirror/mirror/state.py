@@ -34,6 +34,9 @@ class State(StrEnum):
     """A is a frozen point-in-time copy; writes go to B only (their regions are marked)."""
     REJOINING = "rejoining"
     """Marked regions are being copied B -> A; every write goes to both legs."""
+    SYNCING = "syncing"
+    """Initial sync (claim 2): A holds the data, B is being filled from it below a persisted
+    cursor; reads come from A, writes go to both legs."""
 
 
 @dataclass
@@ -68,6 +71,8 @@ class MirrorState:
     split: SplitRecord | None = None
     region_size: int = 64 * 1024
     last_rejoin: dict[str, Any] | None = None
+    sync_cursor: int = 0
+    last_sync: dict[str, Any] | None = None
     schema: int = SCHEMA
 
     def to_json(self) -> dict[str, Any]:
@@ -88,6 +93,8 @@ class MirrorState:
                 split=SplitRecord(**split) if split else None,
                 region_size=int(data.get("region_size", 64 * 1024)),
                 last_rejoin=data.get("last_rejoin"),
+                sync_cursor=int(data.get("sync_cursor", 0)),
+                last_sync=data.get("last_sync"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MirrorError(f"{origin}: malformed mirror state: {exc}") from exc
