@@ -61,6 +61,14 @@ def cmd_create(args: argparse.Namespace) -> int:
     check_images(spec, args.size)
     so = backstore.create_backstore(args.name, args.size, spec.to_cfgstring(),
                                     hw_max_sectors=args.hw_max_sectors, check=False)
+    if args.initial_sync:
+        # Start the sync before any initiator can see the LUN: until then reads would come
+        # from the still empty B.
+        try:
+            _start_initial_sync(args)
+        except TargetMirrorError:
+            so.delete()
+            raise
     if args.iqn:
         host, _, port = args.portal.rpartition(":")
         try:
@@ -72,6 +80,21 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"created user:mirror {args.name} ({args.size} bytes) a={spec.image_a} "
           f"b={spec.image_b}" + (f" exported as {args.iqn} LUN {args.lun}" if args.iqn else ""))
     return 0
+
+
+def _start_initial_sync(args: argparse.Namespace) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            _call(args, "status", names=[args.name])
+            break
+        except TargetMirrorError as exc:
+            if time.monotonic() > deadline:
+                raise MirrorError(f"targetmirrord did not pick up {args.name} within 60 s: "
+                                  f"{exc}") from exc
+            time.sleep(0.2)  # polling the daemon until it serves the new device
+    rate = None if args.sync_rate is None else args.sync_rate * 1e6
+    _call(args, "sync", name=args.name, rate=rate, wait=False)
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -375,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allowed initiator IQN (repeatable); none = demo mode, lab only")
     c.add_argument("--hw-max-sectors", type=int, default=2048,
                    help="largest command in 512-byte sectors (default %(default)s = 1 MiB)")
+    c.add_argument("--initial-sync", action="store_true",
+                   help="image A holds data: copy it to B online before exporting "
+                        "(needs targetmirrord running)")
+    c.add_argument("--sync-rate", type=float, default=None, help="initial sync limit, MB/s")
+    c.add_argument("--socket", default=DEFAULT_SOCKET,
+                   help="targetmirrord's control socket (default %(default)s)")
     c.set_defaults(func=cmd_create)
 
     d = sub.add_parser("delete", help="delete a user:mirror backstore (and its iSCSI target)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import guest
-from tests.lab.mirrord import Mirrord
+from tests.lab.mirrord import Mirrord, cli
 from tests.lab.test_lab_mirror import Lun
 
 pytestmark = pytest.mark.lab
@@ -78,3 +78,45 @@ def test_split_change_rejoin_under_load(mirrord: Mirrord, tmp_path: Path) -> Non
     final = mirrord.ctl_json("verify", "l_rejoin")
     assert final["mismatches"] == 0 and final["regions_checked"] == lun.size // REGION
     lun.delete()
+
+
+def test_initial_sync_of_an_image_with_data_under_writes(mirrord: Mirrord,
+                                                         tmp_path: Path) -> None:
+    """claim 2: a mirror made from an existing image A; B is filled online while fio writes."""
+    size = 384 * MiB  # two copies must fit the guest's tmpfs next to everything else
+    name = "l_sync"
+    iqn = f"{guest.IQN_PREFIX}:l-sync"
+    a, b = tmp_path / f"{name}-a.img", tmp_path / f"{name}-b.img"
+    guest.run(["dd", "if=/dev/urandom", f"of={a}", "bs=1M", f"count={size // MiB}",
+               "status=none"], timeout=600)
+    original_head = a.read_bytes()[:MiB]
+    mirrord.ctl("create", name, "--size", str(size), "--image-a", str(a), "--image-b",
+                str(b), "--create-images", "--initial-sync", "--sync-rate", "8", "--iqn", iqn,
+                "--initiator", guest.initiator_name())
+    assert mirrord.ctl_json("status", name)["mirrors"][0]["state"] == "syncing"
+    guest.iscsi_login(iqn)
+    dev = guest.find_scsi_disk(iqn)
+    # the initiator sees A's data at once, although B is still being filled
+    assert guest.dd_read(dev, 0, MiB) == original_head
+    fio = _fio_background(dev, tmp_path / "fio-sync.txt", 20)
+    rc = fio.wait(timeout=300)
+    assert rc == 0, (tmp_path / "fio-sync.txt").read_text()[-2000:]
+    guest.wait_for(lambda: mirrord.ctl_json("status", name)["mirrors"][0]["state"]
+                   == "mirrored", timeout=600, interval=1, what="the initial sync to finish")
+    st = mirrord.ctl_json("status", name)["mirrors"][0]
+    print(f"initial sync: {st['last_sync']}")
+    ver = mirrord.ctl_json("verify", name)
+    assert ver["mismatches"] == 0, ver
+    guest.iscsi_logout(iqn)
+    assert _sha(a) == _sha(b)
+    cli("delete", name, "--iqn", iqn)
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
