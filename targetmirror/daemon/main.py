@@ -179,7 +179,15 @@ class Daemon:
                 if not m.split_complete.wait(max(0.0, deadline - time.monotonic())):
                     raise MirrorError(f"split of {n} did not complete within {timeout} s "
                                       "(pre-split writes still in flight)")
-            result = [self._by_name(n).mirror.status() for n in names]  # type: ignore[union-attr]
+            instant = {r["name"]: r for r in result}
+            result = []
+            for n in names:
+                m2 = self._by_name(n).mirror
+                assert m2 is not None
+                st = m2.status()
+                st["ring_head"] = instant[n]["ring_head"]
+                st["locks_held_seconds"] = instant[n]["locks_held_seconds"]
+                result.append(st)
         return {"split": result}
 
     def _schedule(self, at: float, names: list[str]) -> dict[str, Any]:

@@ -146,6 +146,10 @@ class DeviceRunner:
         command before ``head`` has been admitted."""
         assert self.lock.locked()
         self._boundary = (head, new_tag, on_passed)
+
+    def kick(self) -> None:
+        """Wake the ring thread (after :meth:`set_boundary`, once the locks are released: a
+        syscall under the locks would let other threads take the GIL and stretch the window)."""
         self._kick()
 
     def head(self) -> int:

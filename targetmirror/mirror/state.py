@@ -51,7 +51,9 @@ class SplitRecord:
     completed_wall: float | None = None
     drain_seconds: float | None = None
     pre_split_drained: int | None = None
-    """Pre-split writes that were still in flight at the instant and completed after it."""
+    """Pre-split writes still in flight when the ring thread passed the split position (it
+    counts from there, so writes that finished between the instant and that moment are not
+    included); each completed before the split was declared complete."""
     a_status: str = "draining"
     """"consistent" (drained and fsynced), "crash-consistent" (drain interrupted by a daemon
     stop; A holds every write acknowledged before the instant and a subset of those in flight),
