@@ -249,7 +249,7 @@ def test_stopped_rejoin_resumes_after_a_restart(rig):
     m = rig.mirror(JitterImage)
     split(m)
     model = bytearray(rig.initial)
-    regions = sorted(rig.rng.sample(range(NREG - 1), 199) + [LAST])
+    regions = sorted([*rig.rng.sample(range(NREG - 1), 199), LAST])
     touched = scatter(m, rig.rng, regions, model)
     assert m.bitmap is not None and m.bitmap.count == 200
     # hold the copier on its 101st region: by then the first batch of 64 is committed
