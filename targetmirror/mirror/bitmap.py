@@ -17,6 +17,7 @@ it is rewritten in place per dirty 4 KiB page and fdatasync'ed.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import threading
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ HEADER_SIZE = 4096
 VERSION = 1
 PAGE = 4096
 DEFAULT_REGION = 64 * 1024
+_NONZERO = re.compile(b"[^\x00]")
 
 
 class Bitmap:
@@ -52,11 +54,19 @@ class Bitmap:
         self._syncing = False
         self.syncs = 0         # how many fdatasyncs (for status and benchmarks)
         exists = os.path.exists(path)
+        self.created = False
+        """True when no usable bitmap was found and an empty one was made: the caller must not
+        trust it for a mirror that is already split (see ``Mirror``)."""
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if exists and os.fstat(self.fd).st_size >= HEADER_SIZE:
+            if exists and os.fstat(self.fd).st_size >= HEADER_SIZE + len(self.bits):
                 self._load()
+            elif exists and os.fstat(self.fd).st_size >= HEADER_SIZE:
+                self._load()  # checks the header; a short body is not trusted
+                self.created = True
+                self._init_file()
             else:
+                self.created = True
                 self._init_file()
         except BaseException:
             os.close(self.fd)
@@ -80,14 +90,18 @@ class Bitmap:
                               "to guess (use a full rejoin)")
         data = os.pread(self.fd, len(self.bits), HEADER_SIZE)
         self.bits[: len(data)] = data
-        self._count = sum(bin(b).count("1") for b in self.bits)
+        extra = self.regions & 7
+        if extra and self.bits:
+            self.bits[-1] &= (1 << extra) - 1  # no bits past the last region
+        self._count = int.from_bytes(self.bits, "little").bit_count()
 
     # -- bits ------------------------------------------------------------------------------------
     def span(self, offset: int, length: int) -> range:
         """The regions that bytes ``[offset, offset+length)`` touch."""
-        if length <= 0:
+        if length <= 0 or offset >= self.size:
             return range(0)
-        return range(offset >> self.shift, ((offset + length - 1) >> self.shift) + 1)
+        last = min((offset + length - 1) >> self.shift, self.regions - 1)
+        return range(max(offset, 0) >> self.shift, last + 1)
 
     def test(self, region: int) -> bool:
         return bool(self.bits[region >> 3] & (1 << (region & 7)))
@@ -116,8 +130,17 @@ class Bitmap:
             return self._gen
 
     def mark_all(self) -> int:
-        """Every region (a full resync)."""
-        return self.mark(0, self.size)
+        """Every region (a full resync); fills the bytes directly."""
+        with self._mu:
+            n = len(self.bits)
+            self.bits[:] = b"\xff" * n
+            extra = self.regions & 7
+            if extra and n:
+                self.bits[-1] = (1 << extra) - 1
+            self._count = self.regions
+            self._dirty_pages.update(range((n + PAGE - 1) // PAGE))
+            self._gen += 1
+            return self._gen
 
     def clear(self, regions: list[int]) -> int:
         """Clear bits (after the regions were made equal and A is durable)."""
@@ -151,13 +174,19 @@ class Bitmap:
                 self._dirty_pages.clear()
                 snapshot = [(p, bytes(self.bits[p * PAGE:(p + 1) * PAGE])) for p in pages]
                 self._mu.release()
+                ok = False
                 try:
                     for p, data in snapshot:
                         os.pwrite(self.fd, data, HEADER_SIZE + p * PAGE)
                     os.fdatasync(self.fd)
+                    ok = True
                 finally:
                     self._mu.acquire()
                     self._syncing = False
+                    if not ok:
+                        # nothing is known durable: the next sync must write these pages again
+                        self._dirty_pages.update(pages)
+                        self._cond.notify_all()
                 self.syncs += 1
                 self._synced_gen = max(self._synced_gen, target)
                 self._cond.notify_all()
@@ -168,10 +197,10 @@ class Bitmap:
         n = len(bits)
         byte = start >> 3
         while byte < n:
-            # skip empty bytes fast
-            nxt = next((i for i in range(byte, n) if bits[i]), n) if not bits[byte] else byte
-            if nxt >= n:
+            m = _NONZERO.search(bits, byte)  # skip empty bytes in C, not Python
+            if m is None:
                 return
+            nxt = m.start()
             v = bits[nxt]
             for b in range(8):
                 r = nxt * 8 + b

@@ -195,12 +195,21 @@ class Mirror:
             self.bitmap = Bitmap(store.bitmap_path(name), size, rs)
         self.st = self._load_state()
         self.st.region_size = self.bitmap.region_size if self.bitmap else region_size
+        if (self.bitmap is not None and self.bitmap.created
+                and self.st.state in (State.SPLIT, State.REJOINING)):
+            # B may differ from A anywhere: without its bitmap a rejoin must copy everything.
+            log.warning("%s: the change bitmap is missing or damaged while %s; marking every "
+                        "region, so the rejoin will copy the whole image", self.name,
+                        self.st.state)
+            self.bitmap.sync(self.bitmap.mark_all())
 
     # -- state ---------------------------------------------------------------------------------
     def _load_state(self) -> MirrorState:
         st = self.store.load(self.name) if self.store else None
         if st is None:
-            st = MirrorState(self.name, image_a=self.a.path, image_b=self.b.path)
+            st = MirrorState(self.name, image_a=self.a.path, image_b=self.b.path,
+                             region_size=self.bitmap.region_size if self.bitmap else
+                             DEFAULT_REGION)
             if self.store:
                 self.store.save(st)
             return st
@@ -263,16 +272,19 @@ class Mirror:
     # -- admission -------------------------------------------------------------------------------
     def admit(self, tag: int, extent: tuple[int, int] | None) -> MirrorIO:
         """Admit one command on the ring thread, in ring order; see the module docstring."""
-        split_epoch = self._split_epoch()
-        both = (split_epoch is None or tag < split_epoch
-                or self.st.state == State.REJOINING)
         ticket = None
-        if extent is not None:
-            ticket = self.locks.enqueue(extent[0], extent[1])
-            with self._mu:
+        with self._mu:
+            # decided under the lock that rejoin() takes, so a command is never sent to B only
+            # once a rejoin has started (it would be missed by the copy)
+            split_epoch = self._split_epoch()
+            both = (split_epoch is None or tag < split_epoch
+                    or self.st.state == State.REJOINING)
+            if extent is not None:
                 self._inflight[tag] = self._inflight.get(tag, 0) + 1
                 if not both:
                     self._b_only += 1
+        if extent is not None:
+            ticket = self.locks.enqueue(extent[0], extent[1])
         return MirrorIO(self, tag, both, extent, ticket)
 
     def _finished(self, tag: int, both: bool = True) -> None:
@@ -394,6 +406,13 @@ class Mirror:
         """
         if self.bitmap is None:
             raise MirrorError(f"mirror {self.name} has no bitmap (no state directory)")
+        if self.st.state != State.SPLIT:
+            raise MirrorError(f"mirror {self.name} is {self.st.state}; only a split mirror "
+                              "can be rejoined")
+        if full:
+            # durable before the state says rejoining: a crash in between must not resume as
+            # a partial rejoin
+            self.bitmap.sync(self.bitmap.mark_all())
         with self._mu:
             if self.st.state != State.SPLIT:
                 raise MirrorError(f"mirror {self.name} is {self.st.state}; only a split mirror "
@@ -403,8 +422,6 @@ class Mirror:
             self.rejoin_complete.clear()
             if self.store:
                 self.store.save(self.st)
-        if full:
-            self.bitmap.sync(self.bitmap.mark_all())
         self._start_rejoin(resumed=False, rate=rate)
 
     def _start_rejoin(self, *, resumed: bool, rate: float | None) -> None:
@@ -501,8 +518,7 @@ class Mirror:
         bm = self.bitmap
         assert bm is not None
         t0 = time.monotonic()
-        total = bm.count
-        progress: dict[str, Any] = {"kind": "rejoin", "regions_total": total, "regions_done": 0,
+        progress: dict[str, Any] = {"kind": "rejoin", "regions_total": None, "regions_done": 0,
                                     "bytes_copied": 0, "rate_limit": rate, "resumed": resumed,
                                     "started_wall": time.time(), "eta_seconds": None}
         self.resync = progress
@@ -511,6 +527,8 @@ class Mirror:
             # mark their regions) before copying, so none is missed.
             with self._cv:
                 self._cv.wait_for(lambda: self._b_only == 0)
+            total = bm.count
+            progress["regions_total"] = total
             buf = bytearray(bm.region_size)
             view = memoryview(buf)
             copied = 0
@@ -606,10 +624,12 @@ class Mirror:
         while pos < end:
             n = min(rs, self.size - pos)
             region = pos // rs
-            if state == State.SPLIT and self.bitmap is not None and self.bitmap.test(region):
-                skipped += 1
-            else:
-                with self.locks.locked(pos, pos + n):
+            with self.locks.locked(pos, pos + n):
+                # the bit is read under the region's lock: a write that marks it cannot be
+                # half done here
+                changed = (state == State.SPLIT and self.bitmap is not None
+                           and self.bitmap.test(region))
+                if not changed:
                     self.a.readv(pos, [av[:n]])
                     self.b.readv(pos, [bv[:n]])
                     if av[:n] != bv[:n]:
@@ -620,6 +640,9 @@ class Mirror:
                         if repair:
                             self.a.writev(pos, [bv[:n]])
                             repaired += 1
+            if changed:
+                skipped += 1
+            else:
                 checked += 1
                 compared += n
                 if rate:

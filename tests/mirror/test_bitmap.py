@@ -202,8 +202,6 @@ def test_sync_of_generation_zero_is_free(tmp_path, opened):
     assert b.syncs == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Bitmap.sync() drops the dirty pages of a failed "
-                   "pwrite/fdatasync; the retry then reports the bits durable unwritten")
 def test_failed_sync_does_not_pretend_bits_are_durable(tmp_path, opened, monkeypatch):
     """A sync that fails (EIO from fdatasync) must not let a later sync report the same bits
     durable without writing them again."""

@@ -411,9 +411,6 @@ def test_verify_refused_while_rejoining(rig):
 
 # -- bugs found (strict xfail: each flips to a failure when fixed; then drop the marker) ---------
 
-@pytest.mark.xfail(strict=True, reason="BUG: a new mirror saves region_size=65536 in its state "
-                   "(MirrorState default) before Mirror.__init__ sets the real one; a restart "
-                   "before the first split then refuses its own bitmap")
 def test_non_default_region_size_survives_a_restart_before_any_split(rig):
     m = rig.mirror(region_size=RS)
     assert m.bitmap is not None and m.bitmap.region_size == RS
@@ -422,9 +419,6 @@ def test_non_default_region_size_survives_a_restart_before_any_split(rig):
     assert m2.bitmap is not None and m2.bitmap.region_size == RS
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a split mirror whose bitmap file is missing (or "
-                   "truncated) gets a fresh empty bitmap; rejoin then copies nothing and "
-                   "declares A == B")
 @pytest.mark.parametrize("damage", ["deleted", "truncated"])
 def test_lost_bitmap_of_a_split_mirror_is_not_trusted(rig, damage):
     m = rig.mirror()
@@ -451,14 +445,15 @@ class Crash(BaseException):
     """The daemon dies here."""
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rejoin(full=True) saves state 'rejoining' before "
-                   "mark_all() is durable; a crash between them resumes as a partial rejoin")
 def test_full_rejoin_interrupted_before_marking_is_still_full(rig):
+    """A crash while marking every region for a full rejoin leaves the mirror split (the
+    marking is durable before the state says rejoining); asking again copies everything."""
     m = rig.mirror()
     split(m)
     post_write(m, 2 * RS, b"x" * BS)
     poke(rig.pa, 9 * RS, b"replaced A")          # why a full rejoin was asked for
     assert m.bitmap is not None
+    real_mark_all = m.bitmap.mark_all
 
     def crash() -> int:
         raise Crash
@@ -466,9 +461,13 @@ def test_full_rejoin_interrupted_before_marking_is_still_full(rig):
     m.bitmap.mark_all = crash
     with pytest.raises(Crash):
         m.rejoin(full=True)
-    assert state_doc(rig.store)["state"] == "rejoining"
+    assert state_doc(rig.store)["state"] == "split"
+    m.bitmap.mark_all = real_mark_all
+    m.close()
     m2 = rig.mirror()                             # the next daemon start
     m2.resume()
+    assert m2.state == State.SPLIT
+    m2.rejoin(full=True)
     assert m2.rejoin_complete.wait(TIMEOUT)
     assert m2.state == State.MIRRORED
     res = m2.verify()
@@ -492,9 +491,6 @@ class WatchedRangeLock(RangeLock):
         super().wait(ticket, start, end)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Mirror.verify() tests a region's bit before taking "
-                   "its range lock; a post-split write admitted earlier marks it meanwhile and "
-                   "verify reports a tracked change as an untracked mismatch")
 def test_verify_while_split_does_not_report_a_concurrently_tracked_write(rig):
     m = rig.mirror()
     split(m)
@@ -511,10 +507,9 @@ def test_verify_while_split_does_not_report_a_concurrently_tracked_write(rig):
     assert out["mismatches"] == 0, f"tracked change reported as a mismatch: {out}"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Mirror.admit() decides B-only vs both without "
-                   "Mirror._mu; a command admitted while rejoin() runs can be B-only after the "
-                   "rejoin completed (mirror 'mirrored', A != B)")
 def test_admission_racing_a_rejoin_never_writes_b_only_once_mirrored(rig):
+    """An admission in progress when rejoin() is called: the rejoin waits for it; if it was
+    decided B-only, the copier waits for that write and copies its region."""
     m = rig.mirror()
     split(m)
     in_admit, go_on = threading.Event(), threading.Event()
@@ -534,20 +529,19 @@ def test_admission_racing_a_rejoin_never_writes_b_only_once_mirrored(rig):
                          name=admitter)
     t.start()                                    # the ring thread, mid-admission
     assert in_admit.wait(TIMEOUT)
-    m.rejoin()                                   # the control thread
-    assert m.rejoin_complete.wait(TIMEOUT)
+    rejoiner = threading.Thread(target=m.rejoin)  # the control thread
+    rejoiner.start()
     go_on.set()
     t.join(TIMEOUT)
+    rejoiner.join(TIMEOUT)
     (io,) = got
     io.write(8 * RS, [memoryview(b"L" * BS)], False)
     io.finish()
+    assert m.rejoin_complete.wait(TIMEOUT)
     assert m.state == State.MIRRORED
     assert read_file(rig.pa) == read_file(rig.pb), "mirrored, yet a write reached B only"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _rejoin_run reads regions_total = bitmap.count "
-                   "before waiting for in-flight B-only writes, which then mark more regions; "
-                   "last_rejoin.regions (and progress) undercount what was copied")
 def test_rejoin_accounts_for_regions_marked_by_b_only_writes_in_flight(rig):
     m = rig.mirror()
     split(m)
