@@ -409,7 +409,7 @@ def test_verify_refused_while_rejoining(rig):
     m.stop_resync()
 
 
-# -- bugs found (strict xfail: each flips to a failure when fixed; then drop the marker) ---------
+# -- regression tests for bugs these tests found (all fixed) ----------------------------------
 
 def test_non_default_region_size_survives_a_restart_before_any_split(rig):
     m = rig.mirror(region_size=RS)
