@@ -258,12 +258,17 @@ def cmd_backup(args: argparse.Namespace) -> int:
             print(f"targetmirror: backup command exited with {rc}; the mirror stays split",
                   file=sys.stderr)
             return 3
+    if args.rejoin:
+        done = _call(args, "rejoin", names=[args.name], wait=True,
+                     timeout=args.timeout)["rejoin"][0]
+        result["rejoin"] = done.get("last_rejoin")
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(f"backed up {args.name} epoch {sp['epoch']} (split at "
               f"{_when(sp['instant_wall'])}, A {sp['a_status']})"
-              + (f" to {args.to}" if args.to else "") + "; the mirror stays split")
+              + (f" to {args.to}" if args.to else "")
+              + ("; rejoined" if args.rejoin else "; the mirror stays split"))
     return 0
 
 
@@ -453,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     dest.add_argument("--to", help="copy A to this new file (sparse)")
     dest.add_argument("--exec", nargs=argparse.REMAINDER,
                       help="run this command (no shell) with TARGETMIRROR_IMAGE=<A>")
+    bk.add_argument("--rejoin", action="store_true",
+                    help="rejoin the mirror after a successful backup")
     bk.add_argument("--timeout", type=float, default=300.0)
     bk.set_defaults(func=cmd_backup)
 

@@ -77,6 +77,12 @@ def test_split_change_rejoin_under_load(mirrord: Mirrord, tmp_path: Path) -> Non
             assert f.read(REGION) == data, f"region {r} not copied to A"
     final = mirrord.ctl_json("verify", "l_rejoin")
     assert final["mismatches"] == 0 and final["regions_checked"] == lun.size // REGION
+    # the admin's whole cycle in one command: split, copy A, rejoin
+    dest = tmp_path / "cycle.img"
+    cycle = mirrord.ctl_json("backup", "l_rejoin", "--to", str(dest), "--rejoin")
+    assert cycle["epoch"] == 3 and cycle["rejoin"]["bytes_copied"] == 0
+    assert mirrord.ctl_json("status", "l_rejoin")["mirrors"][0]["state"] == "mirrored"
+    assert _sha(dest) == _sha(lun.a)
     lun.delete()
 
 
