@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any
 
 from targetmirror import __version__
-from targetmirror.daemon import logs
+from targetmirror.daemon import logs, sdnotify
 from targetmirror.daemon.control import DEFAULT_SOCKET, ControlServer, Handler
 from targetmirror.daemon.device import ServedDevice, serve
 from targetmirror.daemon.groups import GroupStore
@@ -298,6 +298,7 @@ class Daemon:
             control = ControlServer(self.control_socket, self.handlers())
             control.start()
         log.info("targetmirrord %s serving %d device(s)", __version__, len(self.devices))
+        sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
         try:
             while not self._stop.is_set():
                 if nl is None:
@@ -315,6 +316,7 @@ class Daemon:
                     self._on_event(nl, event)
                 self._periodic()
         finally:
+            sdnotify.notify("STOPPING=1")
             if control is not None:
                 control.close()
             for _, _, timer in self._timers.values():
