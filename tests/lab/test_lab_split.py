@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import guest
-from tests.lab.mirrord import Mirrord
+from tests.lab.mirrord import Mirrord, cli
 from tests.lab.test_lab_mirror import Lun
 
 pytestmark = pytest.mark.lab
@@ -70,7 +70,6 @@ def test_split_backup_and_restart(mirrord: Mirrord, tmp_path: Path) -> None:
     with pytest.raises(guest.GuestError):
         guest.dd_write(snap_dev, 0, os.urandom(4096))
     guest.iscsi_logout(snap_iqn)
-    from tests.lab.mirrord import cli
     cli("delete", "s_basic_snap", "--iqn", snap_iqn)
     assert _read(lun.a, 0, MiB) == before
 
