@@ -12,6 +12,7 @@ import pytest
 from tests.lab import guest
 from tests.lab.mirrord import Mirrord, cli
 from tests.lab.test_lab_mirror import Lun
+from tests.lab.test_lab_mirror import _sha256 as _sha
 
 pytestmark = pytest.mark.lab
 
@@ -117,12 +118,3 @@ def test_initial_sync_of_an_image_with_data_under_writes(mirrord: Mirrord,
     assert _sha(a) == _sha(b)
     cli("delete", name, "--iqn", iqn)
 
-
-def _sha(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
