@@ -155,20 +155,28 @@ def call(path: str, op: str, sock_timeout: float = 7200.0, **args: Any) -> dict[
     from targetmirror.errors import DeviceError
 
     req = {"v": VERSION, "op": op, **args}
+    buf = b""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
             s.settimeout(sock_timeout)
             s.connect(path)
-            s.sendall(json.dumps(req).encode() + b"\n")
-            buf = b""
+            # A daemon that refuses us (permissions) answers and closes at once; our send may
+            # then fail, but its answer is still there to read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                s.sendall(json.dumps(req).encode() + b"\n")
             while b"\n" not in buf:
-                chunk = s.recv(65536)
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    break
                 if not chunk:
                     break
                 buf += chunk
     except OSError as exc:
         raise DeviceError(f"cannot reach targetmirrord at {path}: {exc.strerror or exc} "
                           "(is it running?)") from exc
+    if not buf:
+        raise DeviceError(f"targetmirrord at {path} closed the connection without answering")
     try:
         resp = json.loads(buf)
     except json.JSONDecodeError as exc:
