@@ -17,7 +17,6 @@ import resource
 import struct
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,35 +28,11 @@ from targetmirror.mirror.mirror import Mirror
 from targetmirror.scsi.identity import DeviceIdentity
 from targetmirror.store.image import Image
 from targetmirror.tcmu.ring import Ring
+from tests.daemon.test_runner import FakeUio
 from tests.tcmu.producer import Producer
 
 SIZE = 256 << 20
 QD = 16
-
-
-class Uio:
-    """Kernel side of the UIO fd: an eventfd to kick the ring thread; notify reaps."""
-
-    def __init__(self, producer: Producer) -> None:
-        self.p = producer
-        self.efd = os.eventfd(0, os.EFD_NONBLOCK)
-        self.cond = threading.Condition()
-        self.done = 0
-
-    def fileno(self) -> int:
-        return self.efd
-
-    def wait(self, timeout: float | None = None) -> bool:
-        try:
-            os.eventfd_read(self.efd)
-            return True
-        except BlockingIOError:
-            return False
-
-    def notify(self) -> None:
-        with self.cond:
-            self.done += len(self.p.reap())
-            self.cond.notify_all()
 
 
 def run(workers: int, op: str, seconds: float, d: str) -> tuple[float, float]:
@@ -68,7 +43,7 @@ def run(workers: int, op: str, seconds: float, d: str) -> tuple[float, float]:
     mirror = Mirror("bench", Image(paths[0]), Image(paths[1]), size=SIZE)
     cmds = MirrorCommands(mirror, lambda: DeviceIdentity(serial="bench", max_transfer_blocks=2048))
     producer = Producer(cmdr_size=(1 << 20) - 128, data_size=QD * 4096 * 2)
-    uio = Uio(producer)
+    uio = FakeUio(producer)  # the same kernel-side double the runner tests use
     runner = DeviceRunner("bench", uio, Ring(producer.buf), cmds.admit, workers=workers)
     runner.start()
     rng = random.Random(1)
@@ -79,19 +54,18 @@ def run(workers: int, op: str, seconds: float, d: str) -> tuple[float, float]:
     t0 = time.perf_counter()
     deadline = t0 + seconds
     while time.perf_counter() < deadline:
-        with uio.cond:
-            base = uio.done
+        with uio.lock:
+            ids = []
             for _ in range(QD):
                 lba = rng.randrange(blocks) * 8
                 if op == "write":
                     cdb = struct.pack(">BBIBHB", 0x2A, 0, lba, 0, 8, 0)
-                    producer.queue(cdb, payload)
+                    ids.append(producer.queue(cdb, payload))
                 else:
                     cdb = struct.pack(">BBIBHB", 0x28, 0, lba, 0, 8, 0)
-                    producer.queue(cdb, data_in_len=4096)
+                    ids.append(producer.queue(cdb, data_in_len=4096))
         os.eventfd_write(uio.efd, 1)
-        with uio.cond:
-            uio.cond.wait_for(lambda base=base: uio.done >= base + QD, timeout=30)
+        uio.wait_for(ids)
         n += QD
     elapsed = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
