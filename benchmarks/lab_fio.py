@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -37,15 +38,26 @@ JOBS = {
 }
 
 
-def fio(dev: str, job: str, args: list[str], seconds: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its threads, from /proc (clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fio(dev: str, job: str, args: list[str], seconds: int,
+        pid: int | None = None) -> dict[str, float]:
+    c0 = cpu_seconds(pid) if pid else 0.0
     proc = guest.run(["fio", "--output-format=json", "--name=" + job, f"--filename={dev}",
                       "--direct=1", "--ioengine=libaio", "--time_based",
                       f"--runtime={seconds}", "--size=256M", *args], timeout=seconds + 120)
     j = json.loads(proc.stdout)["jobs"][0]
     side = j["write"] if "write" in job else j["read"]
     pct = side["clat_ns"].get("percentile", {})
+    cpu = cpu_seconds(pid) - c0 if pid else 0.0
+    ios = side["total_ios"] or 1
     return {"iops": side["iops"], "mbps": side["bw_bytes"] / 1e6,
-            "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000}
+            "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000,
+            "cpu_us_per_io": cpu / ios * 1e6 if pid else 0.0}
 
 
 def main() -> int:
@@ -87,18 +99,22 @@ def main() -> int:
             guest.run(["fio", "--name=fill", f"--filename={dev}", "--direct=1", "--rw=write",
                        "--bs=1M", "--iodepth=4", "--ioengine=libaio", "--size=256M"],
                       timeout=600)
+        pids = {"tcmu-runner": runner.pid}
+        if daemon.proc is not None:
+            pids["targetmirror"] = daemon.proc.pid
         results: dict[str, dict[str, list[dict[str, float]]]] = {}
         order = list(devs)
         for rnd in range(args.rounds):
             for job in args.jobs.split(","):
                 for name in (order if rnd % 2 == 0 else order[::-1]):
-                    r = fio(devs[name], job, JOBS[job], args.seconds)
+                    r = fio(devs[name], job, JOBS[job], args.seconds, pids.get(name))
                     results.setdefault(job, {}).setdefault(name, []).append(r)
                     print(f"round {rnd + 1} {job:18} {name:13} {r['iops']:9.0f} IOPS "
                           f"{r['mbps']:8.1f} MB/s p50 {r['p50_us']:8.0f} us "
-                          f"p99 {r['p99_us']:8.0f} us", flush=True)
+                          f"p99 {r['p99_us']:8.0f} us cpu {r['cpu_us_per_io']:6.0f} us/io",
+                          flush=True)
         print(f"\n{'job':18} {'backstore':13} {'IOPS':>9} {'MB/s':>8} {'p50 us':>8} "
-              f"{'p99 us':>8}   tm/runner  tm/fileio")
+              f"{'p99 us':>8} {'cpu us/io':>9}   tm/runner  tm/fileio")
         summary = {}
         for job, per in results.items():
             avg = {n: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for n, rs in per.items()}
@@ -109,7 +125,7 @@ def main() -> int:
                     ratio = (f"   {r['iops'] / avg['tcmu-runner']['iops']:9.2f} "
                              f"{r['iops'] / avg['fileio']['iops']:10.2f}")
                 print(f"{job:18} {name:13} {r['iops']:9.0f} {r['mbps']:8.1f} "
-                      f"{r['p50_us']:8.0f} {r['p99_us']:8.0f}{ratio}")
+                      f"{r['p50_us']:8.0f} {r['p99_us']:8.0f} {r['cpu_us_per_io']:9.0f}{ratio}")
         if args.out:
             Path(args.out).write_text(json.dumps({"date": time.strftime("%F %T"),
                                                   "seconds": args.seconds,

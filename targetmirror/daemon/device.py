@@ -24,6 +24,7 @@ from targetmirror.mirror.state import StateStore
 from targetmirror.scsi import constants as C
 from targetmirror.scsi.cdb import ParsedCdb
 from targetmirror.scsi.extent import classify
+from targetmirror.scsi.fastpath import decode_rw
 from targetmirror.scsi.handler import ScsiDevice, ScsiResult
 from targetmirror.scsi.identity import DeviceIdentity
 from targetmirror.scsi.sense import SenseError, build_fixed_sense
@@ -31,6 +32,9 @@ from targetmirror.store.image import Image
 from targetmirror.tcmu.uio import ConfigfsDevice, UioDevice, UioInfo
 
 log = logging.getLogger("targetmirror.device")
+
+INLINE_MAX = 64 * 1024
+"""Plain reads and writes up to this size run on the ring thread when they need not wait."""
 
 # LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED (04/03)
 _NOT_READY = ScsiResult(C.Status.CHECK_CONDITION,
@@ -126,6 +130,7 @@ class MirrorCommands:
         self._identity = identity
         self._mirror = mirror
         self._scsi: ScsiDevice | None = None
+        self._max_blocks = 0
         self._lock = threading.Lock()
 
     def _device(self) -> ScsiDevice:
@@ -134,19 +139,32 @@ class MirrorCommands:
             with self._lock:
                 if self._scsi is None:
                     self._scsi = ScsiDevice(self._mirror, self._identity())
+                    self._max_blocks = self._scsi.identity.max_transfer_blocks
                 scsi = self._scsi
         return scsi
 
     def admit(self, cdb: bytes, iov: list[memoryview], tag: int) -> Job:
         mirror = self._mirror
-        parsed, extent = classify(cdb, iov, mirror.block_size)
-        return _MirrorJob(self._device(), cdb, iov, mirror.admit(tag, extent), parsed)
+        scsi = self._device()
+        bs = mirror.block_size
+        plain = decode_rw(cdb, iov, mirror.num_blocks, bs, self._max_blocks)
+        if plain is not None:  # the common case, see targetmirror/scsi/fastpath.py
+            write, offset, length, fua = plain
+            io = mirror.admit(tag, (offset, offset + length) if write else None)
+            # Small, no flush, not waiting for a range, legs in the page cache: cheaper to run
+            # on the ring thread than to hand to a worker (see DeviceRunner).
+            inline = (length <= INLINE_MAX and not fua and io.ready
+                      and mirror.a.fast and mirror.b.fast)
+            return _PlainJob(scsi, write, offset, iov, fua, io, inline)
+        parsed, extent = classify(cdb, iov, bs)
+        return _MirrorJob(scsi, cdb, iov, mirror.admit(tag, extent), parsed)
 
 
 class _MirrorJob:
     """One admitted command: run it through SCSI on its mirror view, then release the view."""
 
     __slots__ = ("cdb", "io", "iov", "parsed", "scsi")
+    inline = False
 
     def __init__(self, scsi: ScsiDevice, cdb: bytes, iov: list[memoryview], io: MirrorIO,
                  parsed: ParsedCdb | SenseError) -> None:
@@ -159,6 +177,31 @@ class _MirrorJob:
     def __call__(self) -> ScsiResult:
         try:
             return self.scsi.execute(self.cdb, self.iov, self.io, self.parsed)
+        finally:
+            self.io.finish()
+
+    def cancel(self) -> None:
+        self.io.finish()
+
+
+class _PlainJob:
+    """A plain READ/WRITE admitted by the fast path; same contract as :class:`_MirrorJob`."""
+
+    __slots__ = ("fua", "inline", "io", "iov", "offset", "scsi", "write")
+
+    def __init__(self, scsi: ScsiDevice, write: bool, offset: int, iov: list[memoryview],
+                 fua: bool, io: MirrorIO, inline: bool) -> None:
+        self.scsi = scsi
+        self.write = write
+        self.offset = offset
+        self.iov = iov
+        self.fua = fua
+        self.io = io
+        self.inline = inline
+
+    def __call__(self) -> ScsiResult:
+        try:
+            return self.scsi.execute_plain(self.write, self.offset, self.iov, self.fua, self.io)
         finally:
             self.io.finish()
 

@@ -51,13 +51,19 @@ class MirrorIO:
     __slots__ = ("_extent", "_granted", "_m", "_ticket", "both", "tag")
 
     def __init__(self, m: Mirror, tag: int, both: bool, extent: tuple[int, int] | None,
-                 ticket: int | None) -> None:
+                 ticket: int | None, granted: bool = False) -> None:
         self._m = m
         self.tag = tag
         self.both = both
         self._extent = extent
         self._ticket = ticket
-        self._granted = False
+        self._granted = granted
+
+    @property
+    def ready(self) -> bool:
+        """True if nothing this command may touch is locked by an earlier one: it can run at
+        once without waiting (the ring thread may then run it itself)."""
+        return self._granted or self._ticket is None
 
     # geometry and cache mode are the device's, shared by every command
     @property
@@ -283,9 +289,10 @@ class Mirror:
                 self._inflight[tag] = self._inflight.get(tag, 0) + 1
                 if not both:
                     self._b_only += 1
+        granted = False
         if extent is not None:
-            ticket = self.locks.enqueue(extent[0], extent[1])
-        return MirrorIO(self, tag, both, extent, ticket)
+            ticket, granted = self.locks.take(extent[0], extent[1])
+        return MirrorIO(self, tag, both, extent, ticket, granted)
 
     def _finished(self, tag: int, both: bool = True) -> None:
         with self._mu:

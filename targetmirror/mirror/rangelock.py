@@ -18,20 +18,37 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+GRAIN_SHIFT = 16
+"""Grain of the overlap index: 64 KiB."""
+MAX_GRAINS = 32
+"""Ranges over more grains than this (2 MiB) are "wide": kept out of the index."""
+
 
 class RangeLock:
-    """Exclusive locks on half-open byte ranges ``[start, end)``."""
+    """Exclusive locks on half-open byte ranges ``[start, end)``.
+
+    The common case — a range that overlaps nothing queued — is decided at :meth:`take` and
+    costs one short critical section; only a range that has to wait touches the condition.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        # (ticket, start, end) of every range granted or waiting, in arrival order.
-        self._queue: list[tuple[int, int, int]] = []
+        # ticket -> (start, end) of every range granted or waiting; dicts keep insertion order,
+        # which is arrival order, and delete by key in O(1).
+        self._queue: dict[int, tuple[int, int]] = {}
+        # An index that makes "overlaps nothing" cheap whatever the queue length: how many
+        # queued narrow ranges touch each grain, and how many wide ranges are queued.  Only a
+        # hit (a shared grain, or any wide range) costs the exact scan of the queue.
+        self._grains: dict[int, int] = {}
+        self._wide = 0
         self._tickets = itertools.count()
+        self._waiters = 0
 
     def acquire(self, start: int, end: int) -> int:
         """Block until no earlier-queued range overlaps ``[start, end)``; return a token."""
-        ticket = self.enqueue(start, end)
-        self.wait(ticket, start, end)
+        ticket, granted = self.take(start, end)
+        if not granted:
+            self.wait(ticket, start, end)
         return ticket
 
     def enqueue(self, start: int, end: int) -> int:
@@ -41,27 +58,70 @@ class RangeLock:
         calling it on the ring thread in ring order makes overlapping commands run in ring
         order even though workers pick them up concurrently.  Every token must be released.
         """
+        return self.take(start, end)[0]
+
+    def take(self, start: int, end: int) -> tuple[int, bool]:
+        """:meth:`enqueue`, also saying whether the range is granted already (nothing queued
+        before it overlaps), in which case the holder need not call :meth:`wait`."""
+        g0 = start >> GRAIN_SHIFT
+        g1 = max(end - 1, start) >> GRAIN_SHIFT
+        narrow = g1 - g0 < MAX_GRAINS
         with self._cond:
             ticket = next(self._tickets)
-            self._queue.append((ticket, start, end))
-            return ticket
+            grains = self._grains
+            if self._wide or not narrow:
+                suspect = bool(self._queue)
+            elif g0 == g1:
+                suspect = g0 in grains
+            else:
+                suspect = any(g in grains for g in range(g0, g1 + 1))
+            granted = True
+            if suspect:
+                for s, e in self._queue.values():
+                    if s < end and start < e:
+                        granted = False
+                        break
+            self._queue[ticket] = (start, end)
+            if narrow:
+                for g in range(g0, g1 + 1):
+                    grains[g] = grains.get(g, 0) + 1
+            else:
+                self._wide += 1
+            return ticket, granted
 
     def wait(self, ticket: int, start: int, end: int) -> None:
         """Block until ``ticket`` (enqueued for ``[start, end)``) is granted."""
         with self._cond:
-            while self._blocked(ticket, start, end):
-                self._cond.wait()
+            if not self._blocked(ticket, start, end):
+                return
+            self._waiters += 1
+            try:
+                while self._blocked(ticket, start, end):
+                    self._cond.wait()
+            finally:
+                self._waiters -= 1
 
     def release(self, token: int) -> None:
         """Release the range granted under ``token``."""
         with self._cond:
-            for i, (ticket, _, _) in enumerate(self._queue):
-                if ticket == token:
-                    del self._queue[i]
-                    break
-            else:
+            rng = self._queue.pop(token, None)
+            if rng is None:
                 raise RuntimeError(f"range lock token {token} is not held")
-            self._cond.notify_all()
+            start, end = rng
+            g0 = start >> GRAIN_SHIFT
+            g1 = max(end - 1, start) >> GRAIN_SHIFT
+            if g1 - g0 < MAX_GRAINS:
+                grains = self._grains
+                for g in range(g0, g1 + 1):
+                    n = grains[g] - 1
+                    if n:
+                        grains[g] = n
+                    else:
+                        del grains[g]
+            else:
+                self._wide -= 1
+            if self._waiters:
+                self._cond.notify_all()
 
     @contextmanager
     def locked(self, start: int, end: int) -> Iterator[None]:
@@ -73,7 +133,7 @@ class RangeLock:
             self.release(token)
 
     def _blocked(self, ticket: int, start: int, end: int) -> bool:
-        for other, s, e in self._queue:
+        for other, (s, e) in self._queue.items():
             if other == ticket:
                 return False
             if s < end and start < e:

@@ -158,6 +158,24 @@ class ScsiDevice:
         except SenseError as exc:
             return ScsiResult(Status.CHECK_CONDITION, exc.sense())
 
+    def execute_plain(self, write: bool, offset: int, iov: Sequence[memoryview], fua: bool,
+                      backend: BlockBackend) -> ScsiResult:
+        """Run a command that :func:`targetmirror.scsi.fastpath.decode_rw` accepted.
+
+        Every check the general path makes has been made by the decoder, so what is left is
+        the backend call and the mapping of a medium error, as in :meth:`_read`/:meth:`_write`.
+        """
+        try:
+            if write:
+                if self.write_protected:
+                    raise SenseError(SenseKey.DATA_PROTECT, WRITE_PROTECTED)
+                self._b_write(backend, offset, iov, fua or not self.backend.write_cache)
+            else:
+                self._b_read(backend, offset, iov)
+        except SenseError as exc:
+            return ScsiResult(Status.CHECK_CONDITION, exc.sense())
+        return GOOD
+
     def _dispatch(self, c: ParsedCdb, iov: Sequence[memoryview], be: BlockBackend) -> ScsiResult:
         if self.write_protected and isinstance(c, _MODIFYING):
             raise SenseError(SenseKey.DATA_PROTECT, WRITE_PROTECTED)

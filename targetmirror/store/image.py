@@ -97,6 +97,10 @@ class Image:
         self._closed = False
         self._close_lock = threading.Lock()
         self.frozen = False
+        self.fast = not self.direct
+        """Small writes land in the page cache and return within microseconds (no O_DIRECT):
+        the ring thread may run them itself rather than pay for a hand-off to a worker.  An
+        image whose I/O can take as long as the medium's latency says False."""
 
     def freeze(self) -> None:
         """Refuse every write from now on (A after a split: it must never change again).

@@ -161,6 +161,7 @@ class JitterImage(Image):
     def __init__(self, path: str, rng: random.Random | None = None,
                  max_delay: float = 0.0, p_delay: float = 0.0) -> None:
         super().__init__(path)
+        self.fast = False  # gated or delayed I/O must not run on the ring thread
         self.rng = rng
         self.max_delay = max_delay
         self.p_delay = p_delay
@@ -260,12 +261,15 @@ def make_device(directory: str, name: str, nblocks: int, *, workers: int,
                 max_delay: float = 0.0, p_delay: float = 0.0,
                 mirror_name: str | None = None, images: tuple[str, str] | None = None,
                 clock: Callable[[], int] | None = None, start: bool = True,
-                cmdr_size: int = 256 * 1024, data_size: int = 2 << 20) -> RigDevice:
+                cmdr_size: int = 256 * 1024, data_size: int = 2 << 20,
+                fast: bool = False) -> RigDevice:
     """Images with the initial content, a Mirror over jittery Images, a Producer whose ring
-    does not wrap within a trial, and a started DeviceRunner."""
+    does not wrap within a trial, and a started DeviceRunner.  ``fast`` images let the ring
+    thread run small commands itself (never with gates: a gated write would stall it)."""
     pa, pb = images if images is not None else prepare_images(directory, name, nblocks)
     a = JitterImage(pa, rng, max_delay, p_delay)
     b = JitterImage(pb, rng, max_delay, p_delay)
+    a.fast = b.fast = fast
     mirror = Mirror(mirror_name or name, a, b, size=nblocks * BS, block_size=BS, store=store)
     commands = MirrorCommands(
         mirror, lambda: DeviceIdentity(serial=f"{name}0001"[:16], max_transfer_blocks=2048))

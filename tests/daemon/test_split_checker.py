@@ -218,7 +218,7 @@ def split_trial(seed: int, directory: str, store: StateStore, name: str) -> dict
     gaps = random.Random(rng.getrandbits(64))
     dev = make_device(directory, "t", nblocks, workers=workers, store=store,
                       rng=random.Random(rng.getrandbits(64)), max_delay=max_delay,
-                      p_delay=0.5, mirror_name=name)
+                      p_delay=0.5, mirror_name=name, fast=rng.random() < 0.5)
     initial = initial_image(nblocks)
     results: list[dict[str, Any]] = []
     try:
@@ -314,7 +314,8 @@ def group_trial(seed: int, directory: str, store: StateStore, name: str) -> dict
     max_delay = rng.choice([0.0, 50e-6, 200e-6])
     devs = [make_device(directory, f"g{k}", nblocks, workers=rng.choice([0, 2, 4]), store=store,
                         rng=jitter, max_delay=max_delay, p_delay=0.5,
-                        mirror_name=f"{name}-{k}", clock=clock) for k in range(2)]
+                        mirror_name=f"{name}-{k}", clock=clock, fast=rng.random() < 0.5)
+            for k in range(2)]
     # Every (chain, step) writes its own 1-3 blocks of a slot of 4: presence is unambiguous.
     slots = [rng.sample(range(nblocks // 4), nblocks // 4) for _ in devs]
     plan: list[list[tuple[int, int, int]]] = []  # chain -> [(lun, lba, blocks)]
