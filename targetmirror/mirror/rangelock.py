@@ -32,7 +32,10 @@ class RangeLock:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # The fast paths take the bare lock (a C-level context manager); only waiting goes
+        # through the Condition, whose own __enter__/__exit__ are Python code.
+        self._guard = threading.Lock()
+        self._cond = threading.Condition(self._guard)
         # ticket -> (start, end) of every range granted or waiting; dicts keep insertion order,
         # which is arrival order, and delete by key in O(1).
         self._queue: dict[int, tuple[int, int]] = {}
@@ -66,7 +69,7 @@ class RangeLock:
         g0 = start >> GRAIN_SHIFT
         g1 = max(end - 1, start) >> GRAIN_SHIFT
         narrow = g1 - g0 < MAX_GRAINS
-        with self._cond:
+        with self._guard:
             ticket = next(self._tickets)
             grains = self._grains
             if self._wide or not narrow:
@@ -103,7 +106,7 @@ class RangeLock:
 
     def release(self, token: int) -> None:
         """Release the range granted under ``token``."""
-        with self._cond:
+        with self._guard:
             rng = self._queue.pop(token, None)
             if rng is None:
                 raise RuntimeError(f"range lock token {token} is not held")
@@ -142,5 +145,5 @@ class RangeLock:
 
     def held(self) -> int:
         """How many ranges are granted or waiting (for status and tests)."""
-        with self._cond:
+        with self._guard:
             return len(self._queue)
