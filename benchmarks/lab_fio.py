@@ -32,6 +32,7 @@ SIZE = 512 * MiB
 JOBS = {
     "4k-randwrite-qd1": ["--rw=randwrite", "--bs=4k", "--iodepth=1"],
     "4k-randwrite-qd16": ["--rw=randwrite", "--bs=4k", "--iodepth=16"],
+    "4k-randread-qd1": ["--rw=randread", "--bs=4k", "--iodepth=1"],
     "4k-randread-qd16": ["--rw=randread", "--bs=4k", "--iodepth=16"],
     "1m-write-qd4": ["--rw=write", "--bs=1M", "--iodepth=4"],
     "1m-read-qd4": ["--rw=read", "--bs=1M", "--iodepth=4"],
