@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from targetmirror import __version__
 from targetmirror.config.cfgstring import SnapshotSpec, parse, parse_any
@@ -28,6 +29,7 @@ from targetmirror.scsi.handler import ScsiDevice, ScsiResult
 from targetmirror.scsi.identity import DeviceIdentity
 from targetmirror.scsi.sense import SenseError, build_fixed_sense
 from targetmirror.store.image import Image
+from targetmirror.tcmu.ring import Ring
 from targetmirror.tcmu.uio import ConfigfsDevice, UioDevice, UioInfo
 
 log = logging.getLogger("targetmirror.device")
@@ -166,6 +168,77 @@ class _MirrorJob:
         self.io.finish()
 
 
+class RingControl(Protocol):
+    """The configfs ``action/`` files of a TCMU device (``ConfigfsDevice``; tests: a double)."""
+
+    def block(self, blocked: bool = True) -> None: ...
+    def reset_ring(self, mode: int = 1) -> None: ...
+
+
+def reset_stale_ring(name: str, ctl: RingControl, ring: Ring) -> str:
+    """Before serving: make the kernel fail what a previous daemon left on the ring.
+
+    A daemon that died (kill -9, crash) leaves commands between ``cmd_tail`` and ``cmd_head``
+    that it fetched or never saw.  They cannot be *replayed*: with out-of-order completion a
+    response is written over the oldest unanswered slot, so after a crash the slots no longer
+    say which commands are still open -- replaying them answers some twice, and the kernel
+    then marks the device broken.  The kernel knows exactly which commands are open, so it
+    fails them itself:
+
+    1. ``block_dev=1`` first.  Blocking reaps every response the dead daemon wrote but did not
+       notify (those commands finished on both legs: the initiator gets their real status,
+       not a retry), and from now on new commands are answered BUSY instead of being queued,
+       so nothing lands on the ring while it is being reset.
+    2. ``reset_ring=1``: every open command is failed with BUSY, which initiators retry (a
+       retried write is applied again on both legs, so a write torn between the legs by the
+       crash is made whole), commands the kernel had already timed out are just freed, and
+       ``cmd_head = cmd_tail = 0``.
+    3. :meth:`Ring.reset` moves our read pointer to the new ``cmd_tail`` (0).  This must come
+       before step 4: once unblocked the kernel queues at offset 0, and a stale read pointer
+       would skip or misparse those entries.
+    4. ``block_dev=0`` (always, even if step 3 failed: a LUN left blocked answers BUSY forever).
+    Only then does the ring thread start.
+
+    Kernels without ``action/block_dev`` / ``reset_ring`` (before 4.19): if the ring is idle
+    (``cmd_head == cmd_tail``: every slot was answered) nothing is stale; otherwise we start
+    reading at ``cmd_head`` and leave the stale commands to the kernel's ``cmd_time_out``
+    (the initiator sees them fail after it and retries), which is loudly logged.
+
+    Returns what was done: ``"reset"``, ``"idle"`` or ``"skipped"``.
+    """
+    idle = ring.head() == ring.tail()
+    try:
+        ctl.block(True)
+    except (TargetMirrorError, OSError) as exc:
+        return _no_reset(name, ring, idle, exc)
+    try:
+        try:
+            ctl.reset_ring(1)
+        except (TargetMirrorError, OSError) as exc:
+            return _no_reset(name, ring, idle, exc)
+        ring.reset()
+    finally:
+        ctl.block(False)
+    log.info("%s: ring reset before serving%s", name,
+             "" if idle else " (commands a previous daemon left were failed with BUSY; "
+             "initiators retry them)", extra={"device": name})
+    return "reset"
+
+
+def _no_reset(name: str, ring: Ring, idle: bool, exc: BaseException) -> str:
+    if idle:
+        log.info("%s: cannot reset the ring (%s); it is idle, so nothing is stale", name, exc,
+                 extra={"device": name})
+        return "idle"
+    stale = (ring.head() - ring.tail()) % ring.cmdr_size
+    ring.skip_to_head()
+    log.warning("%s: cannot reset the ring (%s) and %d bytes of commands left by a previous "
+                "daemon are on it; they are not replayed (that could answer one twice) and "
+                "will fail at the kernel's cmd_time_out, so initiators retry them", name, exc,
+                stale, extra={"device": name})
+    return "skipped"
+
+
 def serve(info: UioInfo, *, workers: int, store: StateStore | None,
           configfs_root: str = "/sys/kernel/config") -> ServedDevice:
     """Open the UIO device, build its mirror and start its ring loop."""
@@ -193,6 +266,15 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     try:
         uio = UioDevice.open(info)
     except BaseException:
+        if mirror is not None:
+            mirror.close()
+        if snapshot is not None:
+            snapshot.close()
+        raise
+    try:
+        reset_stale_ring(info.dev_name, cfs, uio.ring)
+    except BaseException:
+        uio.close()
         if mirror is not None:
             mirror.close()
         if snapshot is not None:
