@@ -167,6 +167,12 @@ class _MirrorJob:
     def cancel(self) -> None:
         self.io.finish()
 
+    def describe(self) -> tuple[int | None, int | None, str]:
+        """(opcode, LBA, what it waits on) for the stuck-command watchdog."""
+        lba = getattr(self.parsed, "lba", None)
+        return (self.cdb[0] if self.cdb else None, lba if isinstance(lba, int) else None,
+                self.io.waiting_on())
+
 
 class RingControl(Protocol):
     """The configfs ``action/`` files of a TCMU device (``ConfigfsDevice``; tests: a double)."""

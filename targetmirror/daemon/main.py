@@ -28,7 +28,9 @@ from targetmirror.daemon import logs, sdnotify
 from targetmirror.daemon.control import DEFAULT_SOCKET, ControlServer, Handler
 from targetmirror.daemon.device import ServedDevice, serve
 from targetmirror.daemon.groups import GroupStore
+from targetmirror.daemon.runner import DeviceRunner
 from targetmirror.daemon.split import split as split_mirrors
+from targetmirror.daemon.watchdog import DEFAULT_THRESHOLD, Watchdog
 from targetmirror.errors import DeviceError, MirrorError, TargetMirrorError
 from targetmirror.mirror.mirror import Mirror
 from targetmirror.mirror.state import StateStore
@@ -47,7 +49,8 @@ class Daemon:
     def __init__(self, *, workers: int = 2, rescan_interval: float = 5.0,
                  state_dir: str = DEFAULT_STATE_DIR, control_socket: str | None = None,
                  sysfs_root: str = "/sys", dev_root: str = "/dev",
-                 configfs_root: str = "/sys/kernel/config") -> None:
+                 configfs_root: str = "/sys/kernel/config",
+                 stuck_after: float = DEFAULT_THRESHOLD) -> None:
         self.workers = workers
         self.store = StateStore(os.path.join(state_dir, "mirrors"))
         self.groups = GroupStore(os.path.join(state_dir, "groups.json"))
@@ -62,6 +65,12 @@ class Daemon:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._last_scan = 0.0
+        self.watchdog = (Watchdog(self._runners, threshold=stuck_after) if stuck_after > 0
+                         else None)
+
+    def _runners(self) -> list[tuple[str, DeviceRunner]]:
+        with self._lock:
+            return [(d.info.dev_name, d.runner) for d in self.devices.values()]
 
     # -- device set ------------------------------------------------------------------------
     def attach(self, info: UioInfo) -> None:
@@ -156,6 +165,8 @@ class Daemon:
             else:
                 st = {"name": dev.info.dev_name, "state": "not-ready", "reason": dev.reason}
             st["commands"] = dev.runner.commands
+            if self.watchdog is not None:
+                st["stuck_commands"] = self.watchdog.stuck(dev.info.dev_name)
             out.append(st)
         missing = set(names) - {m["name"] for m in out}
         if missing:
@@ -297,6 +308,8 @@ class Daemon:
         if self.control_socket:
             control = ControlServer(self.control_socket, self.handlers())
             control.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
         log.info("targetmirrord %s serving %d device(s)", __version__, len(self.devices))
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
         try:
@@ -317,10 +330,15 @@ class Daemon:
                 self._periodic()
         finally:
             sdnotify.notify("STOPPING=1")
+            if self.watchdog is not None:
+                self.watchdog.stop()
             if control is not None:
                 control.close()
             for _, _, timer in self._timers.values():
                 timer.cancel()
+            # every ring stops fetching at once and drains in parallel; detach then waits
+            for dev in list(self.devices.values()):
+                dev.runner.stop()
             for name in list(self.devices):
                 self.detach(name)
             if nl is not None:
@@ -350,12 +368,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="durable mirror state (default %(default)s)")
     p.add_argument("--control-socket", default=DEFAULT_SOCKET,
                    help="control API socket (default %(default)s)")
+    p.add_argument("--stuck-after", type=float, default=DEFAULT_THRESHOLD, metavar="SECONDS",
+                   help="log a command still unanswered after this long, once (0: never; "
+                   "default %(default)s)")
     args = p.parse_args(argv)
     logs.setup(args.log_level)
     if args.workers < 0:
         p.error("--workers must be 0 or more")
+    if args.stuck_after < 0:
+        p.error("--stuck-after must be 0 or more")
     daemon = Daemon(workers=args.workers, rescan_interval=args.rescan_interval,
-                    state_dir=args.state_dir, control_socket=args.control_socket)
+                    state_dir=args.state_dir, control_socket=args.control_socket,
+                    stuck_after=args.stuck_after)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing in-flight commands", signal.Signals(signum).name)

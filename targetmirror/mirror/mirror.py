@@ -48,7 +48,7 @@ class MirrorIO:
     must be called exactly once when the command is done, whatever happened.
     """
 
-    __slots__ = ("_extent", "_granted", "_m", "_ticket", "both", "tag")
+    __slots__ = ("_extent", "_granted", "_m", "_ticket", "a_done", "b_done", "both", "tag")
 
     def __init__(self, m: Mirror, tag: int, both: bool, extent: tuple[int, int] | None,
                  ticket: int | None) -> None:
@@ -58,6 +58,9 @@ class MirrorIO:
         self._extent = extent
         self._ticket = ticket
         self._granted = False
+        self.a_done = False
+        """Set when this command's write reached leg A (for the stuck-command watchdog)."""
+        self.b_done = False
 
     # geometry and cache mode are the device's, shared by every command
     @property
@@ -106,7 +109,8 @@ class MirrorIO:
         length = sum(len(v) for v in iov)
         with self._range(offset, offset + length):
             self._mark(offset, length)
-            self._m._write_legs(self.both, offset, iov, fua or not self._m.write_cache, length)
+            self._m._write_legs(self.both, offset, iov, fua or not self._m.write_cache, length,
+                                self)
 
     def flush(self) -> None:
         m = self._m
@@ -137,6 +141,16 @@ class MirrorIO:
             self._mark(offset, len(data))
             self._m._write_legs(self.both, offset, [data], not self._m.write_cache, len(data))
             return None
+
+    def waiting_on(self) -> str:
+        """What a command that has not finished is waiting for (stuck-command reports)."""
+        if self._extent is None:
+            return "a read or flush of its legs"
+        if self._ticket is not None and not self._granted:
+            return "the range lock (an earlier overlapping write is not done)"
+        legs = [leg for leg, sent, done in (("A", self.both, self.a_done),
+                                            ("B", True, self.b_done)) if sent and not done]
+        return "leg " + " and ".join(legs) if legs else "its completion"
 
     def finish(self) -> None:
         """Release the ticket and count the command out (possibly completing a split)."""
@@ -696,11 +710,13 @@ class Mirror:
             raise err
 
     def _write_legs(self, both: bool, offset: int, iov: Sequence[memoryview], durable: bool,
-                    length: int) -> None:
+                    length: int, io: MirrorIO | None = None) -> None:
         if not both:
             self.b.writev(offset, iov)
             if durable:
                 self.b.flush()
+            if io is not None:
+                io.b_done = True
             return
 
         def leg(image: Image) -> Callable[[], None]:
@@ -708,6 +724,11 @@ class Mirror:
                 image.writev(offset, iov)
                 if durable:
                     image.flush()
+                if io is not None:
+                    if image is self.a:
+                        io.a_done = True
+                    else:
+                        io.b_done = True
             return run
 
         self._both(leg(self.a), leg(self.b), length >= self.parallel_threshold or durable)
