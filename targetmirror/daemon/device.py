@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from targetmirror import __version__
-from targetmirror.config.cfgstring import SnapshotSpec, parse, parse_any
+from targetmirror.config.cfgstring import SnapshotSpec, VolumeSpec, parse, parse_any
 from targetmirror.daemon.runner import Admit, DeviceRunner, Job, PlainJob
 from targetmirror.errors import MirrorError, TargetMirrorError
 from targetmirror.mirror.mirror import Mirror, MirrorIO
@@ -49,13 +49,16 @@ class ServedDevice:
     mirror: Mirror | None
     reason: str | None = None
     snapshot: SnapshotVolume | None = None
+    volume: int = 1
+    """2 for a second LUN of a mirror served by another device (one-way cut-over): it shares
+    that device's Mirror and never closes it."""
 
     def close(self) -> None:
         """Stop the ring loop (finishing in-flight commands), then close ring and images."""
         self.runner.stop()
         self.runner.join()
         self.uio.close()
-        if self.mirror is not None:
+        if self.mirror is not None and self.volume == 1:
             self.mirror.close()
         if self.snapshot is not None:
             self.snapshot.close()
@@ -124,9 +127,11 @@ class MirrorCommands:
     exported and an initiator logged in.
     """
 
-    def __init__(self, mirror: Mirror, identity: Callable[[], DeviceIdentity]) -> None:
+    def __init__(self, mirror: Mirror, identity: Callable[[], DeviceIdentity],
+                 volume: int = 1) -> None:
         self._identity = identity
         self._mirror = mirror
+        self._volume = volume
         self._scsi: ScsiDevice | None = None
         self._lock = threading.Lock()
 
@@ -142,7 +147,10 @@ class MirrorCommands:
     def admit(self, cdb: bytes, iov: list[memoryview], tag: int) -> Job:
         mirror = self._mirror
         parsed, extent = classify(cdb, iov, mirror.block_size)
-        return _MirrorJob(self._device(), cdb, iov, mirror.admit(tag, extent), parsed)
+        scsi = self._device()  # before admission: if this raises, nothing was taken
+        io = (mirror.admit(tag, extent) if self._volume == 1
+              else mirror.admit(tag, extent, self._volume))
+        return _MirrorJob(scsi, cdb, iov, io, parsed)
 
 
 class _MirrorJob:
@@ -246,16 +254,32 @@ def _no_reset(name: str, ring: Ring, idle: bool, exc: BaseException) -> str:
 
 
 def serve(info: UioInfo, *, workers: int, store: StateStore | None,
-          configfs_root: str = "/sys/kernel/config") -> ServedDevice:
-    """Open the UIO device, build its mirror and start its ring loop."""
+          configfs_root: str = "/sys/kernel/config",
+          mirrors: Callable[[str], Mirror | None] = lambda name: None) -> ServedDevice:
+    """Open the UIO device, build its mirror and start its ring loop.
+
+    ``mirrors`` finds an already served mirror by name, for a volume-2 device (whose caller
+    must make sure the mirror is served first, see :func:`volume_of`).
+    """
     cfs = ConfigfsDevice.for_device(info, configfs_root)
     mirror: Mirror | None = None
     snapshot: SnapshotVolume | None = None
     reason: str | None = None
+    volume = 1
     admit: Admit
     try:
         spec = parse_any(info.cfgstring)
-        if isinstance(spec, SnapshotSpec):
+        if isinstance(spec, VolumeSpec):
+            mirror = mirrors(spec.mirror)
+            if mirror is None:
+                raise MirrorError(f"volume 2 of mirror {spec.mirror}, which is not served")
+            if mirror.block_size != cfs.hw_block_size() or mirror.size != cfs.size():
+                mirror = None
+                raise MirrorError(f"volume 2 of mirror {spec.mirror} must have its size and "
+                                  "block size")
+            volume = 2
+            admit = MirrorCommands(mirror, lambda: read_identity(info, cfs), volume=2).admit
+        elif isinstance(spec, SnapshotSpec):
             snapshot = build_snapshot(info, cfs, spec, store)
             admit = snapshot_admit(snapshot, lambda: read_identity(info, cfs))
         else:
@@ -272,7 +296,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     try:
         uio = UioDevice.open(info)
     except BaseException:
-        if mirror is not None:
+        if mirror is not None and volume == 1:
             mirror.close()
         if snapshot is not None:
             snapshot.close()
@@ -281,7 +305,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
         reset_stale_ring(info.dev_name, cfs, uio.ring)
     except BaseException:
         uio.close()
-        if mirror is not None:
+        if mirror is not None and volume == 1:
             mirror.close()
         if snapshot is not None:
             snapshot.close()
@@ -289,14 +313,27 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     runner = DeviceRunner(info.dev_name, uio, uio.ring, admit, workers=workers,
                           tag=mirror.epoch if mirror is not None else 0)
     runner.start()
-    if mirror is not None:
+    if mirror is not None and volume == 2:
+        log.info("serving %s: volume 2 of mirror %s", info.dev_name, mirror.name,
+                 extra={"device": info.dev_name})
+    elif mirror is not None:
         log.info("serving %s: %d bytes, block %d, a=%s b=%s", info.dev_name, mirror.size,
                  mirror.block_size, mirror.a.path, mirror.b.path,
                  extra={"device": info.dev_name})
     if snapshot is not None:
         log.info("serving %s: read-only snapshot of %s (%s)", info.dev_name, snapshot.mirror,
                  snapshot.image.path, extra={"device": info.dev_name})
-    return ServedDevice(info, uio, runner, mirror, reason, snapshot)
+    return ServedDevice(info, uio, runner, mirror, reason, snapshot, volume)
+
+
+def volume_of(info: UioInfo) -> str | None:
+    """The mirror a volume-2 device belongs to (None for any other device or a bad cfgstring:
+    those are served, and refused with a reason, in the ordinary way)."""
+    try:
+        spec = parse_any(info.cfgstring)
+    except TargetMirrorError:
+        return None
+    return spec.mirror if isinstance(spec, VolumeSpec) else None
 
 
 def snapshot_admit(volume: SnapshotVolume, identity: Callable[[], DeviceIdentity]) -> Admit:

@@ -210,7 +210,7 @@ class Mirror:
         self.st = self._load_state()
         self.st.region_size = self.bitmap.region_size if self.bitmap else region_size
         if (self.bitmap is not None and self.bitmap.created
-                and self.st.state in (State.SPLIT, State.REJOINING)):
+                and self.st.state in (State.SPLIT, State.ONE_WAY, State.REJOINING)):
             # B may differ from A anywhere: without its bitmap a rejoin must copy everything.
             log.warning("%s: the change bitmap is missing or damaged while %s; marking every "
                         "region, so the rejoin will copy the whole image", self.name,
@@ -231,6 +231,12 @@ class Mirror:
             raise MirrorError(f"mirror {self.name}: its saved state is for images "
                               f"a={st.image_a} b={st.image_b}, not a={self.a.path} "
                               f"b={self.b.path}; refusing to guess which copy is which")
+        if st.state == State.SPLITTING and st.split is not None and st.split.one_way:
+            # a one-way split never freezes A; volume 1 still writes both legs
+            st.state = State.ONE_WAY
+            st.split.a_status = "one-way"
+            if self.store:
+                self.store.save(st)
         if st.state == State.SPLITTING:
             # The daemon stopped while pre-split writes drained.  Nothing after the instant was
             # ever written to A, and every write acknowledged before it reached A (acknowledged
@@ -284,15 +290,20 @@ class Mirror:
         return self.st.split.epoch
 
     # -- admission -------------------------------------------------------------------------------
-    def admit(self, tag: int, extent: tuple[int, int] | None) -> MirrorIO:
-        """Admit one command on the ring thread, in ring order; see the module docstring."""
+    def admit(self, tag: int, extent: tuple[int, int] | None, volume: int = 1) -> MirrorIO:
+        """Admit one command on the ring thread, in ring order; see the module docstring.
+
+        ``volume`` is the LUN it came through: after a one-way split, volume 1's writes still
+        go to both legs and only volume 2's post-split writes go to B alone (claim 4).
+        """
         ticket = None
         with self._mu:
             # decided under the lock that rejoin() takes, so a command is never sent to B only
             # once a rejoin has started (it would be missed by the copy)
             split_epoch = self._split_epoch()
             both = (split_epoch is None or tag < split_epoch
-                    or self.st.state == State.REJOINING)
+                    or self.st.state == State.REJOINING
+                    or (volume == 1 and self.st.split is not None and self.st.split.one_way))
             if extent is not None:
                 self._inflight[tag] = self._inflight.get(tag, 0) + 1
                 if not both:
@@ -330,7 +341,7 @@ class Mirror:
             raise MirrorError(f"mirror {self.name} is {self.st.state}, not mirrored; "
                               "rejoin it before splitting again")
 
-    def prepare_split(self, group: list[str]) -> None:
+    def prepare_split(self, group: list[str], one_way: bool = False) -> None:
         """Durably record the intent to split, *before* the instant.
 
         If the daemon dies after this, a restart knows post-split writes may have reached B
@@ -338,7 +349,8 @@ class Mirror:
         """
         self.check_can_split()
         epoch = self.st.epoch + 1
-        self.st.split = SplitRecord(epoch=epoch, requested_wall=time.time(), group=group)
+        self.st.split = SplitRecord(epoch=epoch, requested_wall=time.time(), group=group,
+                                    one_way=one_way)
         self.st.state = State.SPLITTING
         self.st.epoch = epoch
         self._boundary_passed = False
@@ -391,16 +403,17 @@ class Mirror:
         assert rec is not None
         try:
             self.a.flush()
-            rec.a_status = "consistent"
+            rec.a_status = "one-way" if rec.one_way else "consistent"
         except StoreError as exc:
             rec.a_status = f"flush failed: {exc}"
             log.error("%s: fdatasync of A after the split failed: %s", self.name, exc)
-        self.a.freeze()
+        if not rec.one_way:
+            self.a.freeze()
         with self._mu:
             rec.completed_wall = time.time()
             rec.drain_seconds = time.monotonic() - self._instant_mono
             rec.pre_split_drained = self._pre_at_boundary
-            self.st.state = State.SPLIT
+            self.st.state = State.ONE_WAY if rec.one_way else State.SPLIT
             if self.store:
                 self.store.save(self.st)
         log.info("%s: split complete: epoch %d, %d pre-split write(s) drained in %.6f s, A %s",
@@ -420,7 +433,7 @@ class Mirror:
         """
         if self.bitmap is None:
             raise MirrorError(f"mirror {self.name} has no bitmap (no state directory)")
-        if self.st.state != State.SPLIT:
+        if self.st.state not in (State.SPLIT, State.ONE_WAY):
             raise MirrorError(f"mirror {self.name} is {self.st.state}; only a split mirror "
                               "can be rejoined")
         if full:
@@ -428,7 +441,7 @@ class Mirror:
             # a partial rejoin
             self.bitmap.sync(self.bitmap.mark_all())
         with self._mu:
-            if self.st.state != State.SPLIT:
+            if self.st.state not in (State.SPLIT, State.ONE_WAY):
                 raise MirrorError(f"mirror {self.name} is {self.st.state}; only a split mirror "
                                   "can be rejoined")
             self.a.thaw()
@@ -641,7 +654,7 @@ class Mirror:
             with self.locks.locked(pos, pos + n):
                 # the bit is read under the region's lock: a write that marks it cannot be
                 # half done here
-                changed = (state == State.SPLIT and self.bitmap is not None
+                changed = (state in (State.SPLIT, State.ONE_WAY) and self.bitmap is not None
                            and self.bitmap.test(region))
                 if not changed:
                     self.a.readv(pos, [av[:n]])
