@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import os
 import re
 import shlex
 import shutil
@@ -58,6 +59,14 @@ GUEST_ENV: dict[str, str] = {
 
 DEFAULT_MEMORY = "3G"
 DEFAULT_CPUS = 2
+
+#: A scratch disk (guest ``/dev/vdb``) for tests whose images do not fit guest tmpfs, which
+#: lives in the guest's RAM (half of it by default: 1.5 GiB of 3 GiB).  It is a sparse raw file
+#: made in the output folder for each boot and deleted after it, so it costs host disk only
+#: for what a test writes.  Raising guest RAM instead would slow every boot's page clearing
+#: under TCG and still cap images at half the RAM.  ``TARGETMIRROR_LAB_SCRATCH_GB=0``: none.
+SCRATCH_FILE = "scratch.raw"
+SCRATCH_GB = int(os.environ.get("TARGETMIRROR_LAB_SCRATCH_GB", "4"))
 
 _PR_SET_PDEATHSIG = 1
 
@@ -109,7 +118,7 @@ def guest_script(cmd: Sequence[str], env: Mapping[str, str] | None = None,
 
 def qemu_argv(image: Image, *, repo: Path, out_dir: Path, memory: str = DEFAULT_MEMORY,
               cpus: int = DEFAULT_CPUS, interactive: bool = False,
-              extra_append: str = "") -> list[str]:
+              extra_append: str = "", scratch: Path | None = None) -> list[str]:
     """The QEMU command line: TCG (this host's KVM cannot boot a stock kernel), no network,
     a throwaway snapshot of the image, the repository read-only and an output share."""
     append = (f"root=/dev/vda rw console=ttyS0 init={GUEST_INIT_PATH} quiet loglevel=1 "
@@ -123,6 +132,7 @@ def qemu_argv(image: Image, *, repo: Path, out_dir: Path, memory: str = DEFAULT_
         "-nodefaults", "-display", "none", "-no-reboot", "-nic", "none",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,
         "-drive", f"file={image.disk},format=raw,if=virtio,snapshot=on,cache=unsafe",
+        *(["-drive", f"file={scratch},format=raw,if=virtio,cache=unsafe"] if scratch else []),
         "-virtfs", f"local,path={repo},mount_tag=src,security_model=none,readonly=on",
         "-virtfs", f"local,path={out_dir},mount_tag=out,security_model=none",
         *serial,
@@ -176,8 +186,10 @@ def run(cmd: Sequence[str], *, image: Image, out_dir: Path, repo: Path = REPO_RO
     for stale in (STATUS_FILE, CONSOLE_LOG, QEMU_STDERR, "dmesg.txt"):
         (out_dir / stale).unlink(missing_ok=True)
     (out_dir / CMD_FILE).write_text(guest_script(cmd, env))
+    scratch = _make_scratch(out_dir)
 
-    argv = qemu_argv(image, repo=repo.resolve(), out_dir=out_dir, memory=memory, cpus=cpus)
+    argv = qemu_argv(image, repo=repo.resolve(), out_dir=out_dir, memory=memory, cpus=cpus,
+                     scratch=scratch)
     console = out_dir / CONSOLE_LOG
     start = time.monotonic()
     with (out_dir / QEMU_STDERR).open("wb") as err:
@@ -199,6 +211,8 @@ def run(cmd: Sequence[str], *, image: Image, out_dir: Path, repo: Path = REPO_RO
             _kill(proc)
             reader.join(timeout=5)
             proc.stdout.close()
+            if scratch is not None:
+                scratch.unlink(missing_ok=True)
     duration = time.monotonic() - start
 
     status = _read_status(out_dir / STATUS_FILE)
@@ -232,6 +246,17 @@ def shell(*, image: Image, out_dir: Path, repo: Path = REPO_ROOT,
     finally:
         _kill(proc)
     return _read_status(out_dir / STATUS_FILE) or 0
+
+
+def _make_scratch(out_dir: Path) -> Path | None:
+    """A fresh, sparse scratch disk for one boot (see :data:`SCRATCH_GB`)."""
+    if SCRATCH_GB <= 0:
+        return None
+    path = out_dir / SCRATCH_FILE
+    path.unlink(missing_ok=True)
+    with path.open("wb") as f:
+        f.truncate(SCRATCH_GB << 30)
+    return path
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from targetmirror import __version__
-from targetmirror.config.cfgstring import MirrorSpec, check_images, parse
+from targetmirror.config.cfgstring import MirrorSpec, VolumeSpec, check_images, parse, parse_any
 from targetmirror.daemon.control import DEFAULT_SOCKET
 from targetmirror.errors import ConfigError, MirrorError, TargetMirrorError
 
@@ -97,6 +97,30 @@ def _start_initial_sync(args: argparse.Namespace) -> None:
     _call(args, "sync", name=args.name, rate=rate, wait=False)
 
 
+def cmd_create_volume2(args: argparse.Namespace) -> int:
+    """A second LUN of an existing mirror (``mirror=NAME;volume=2``), for one-way cut-over."""
+    from targetmirror.lio import backstore, iscsi
+
+    spec = VolumeSpec(args.of)
+    parse_any(spec.to_cfgstring())  # validate before touching anything
+    owner = backstore.find_backstore(args.of)
+    if owner is None:
+        raise MirrorError(f"no user:mirror backstore named {args.of!r} to add a volume 2 to")
+    so = backstore.create_backstore(args.name, int(owner.size), spec.to_cfgstring(),
+                                    hw_max_sectors=args.hw_max_sectors, check=False)
+    if args.iqn:
+        host, _, port = args.portal.rpartition(":")
+        try:
+            iscsi.export(so, args.iqn, portal=(host, int(port)), lun=args.lun,
+                         initiators=args.initiator or ())
+        except TargetMirrorError:
+            so.delete()
+            raise
+    print(f"created volume 2 {args.name} of mirror {args.of}"
+          + (f" exported as {args.iqn} LUN {args.lun}" if args.iqn else ""))
+    return 0
+
+
 def cmd_delete(args: argparse.Namespace) -> int:
     from targetmirror.lio import backstore, iscsi
 
@@ -166,8 +190,10 @@ def _parse_at(text: str) -> float:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
+    if args.one_way and (args.group or args.at is not None):
+        raise MirrorError("--one-way splits named mirrors now (no --group, no --at)")
     res = _call(args, "split", names=args.names, group=args.group, at=args.at,
-                wait=not args.no_wait, timeout=args.timeout)
+                wait=not args.no_wait, timeout=args.timeout, one_way=args.one_way)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -411,6 +437,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="targetmirrord's control socket (default %(default)s)")
     c.set_defaults(func=cmd_create)
 
+    v2 = sub.add_parser("create-volume2",
+                        help="export an existing mirror a second time, as volume 2 (one-way "
+                        "cut-over: see 'split --one-way')")
+    v2.add_argument("name", help="the new backstore")
+    v2.add_argument("--of", required=True, help="the mirror (its backstore name)")
+    v2.add_argument("--iqn", help="export over iSCSI as this target IQN")
+    v2.add_argument("--portal", default="127.0.0.1:3260", help="IP:PORT (default %(default)s)")
+    v2.add_argument("--lun", type=int, default=0)
+    v2.add_argument("--initiator", action="append",
+                    help="allowed initiator IQN (repeatable); none = demo mode, lab only")
+    v2.add_argument("--hw-max-sectors", type=int, default=2048)
+    v2.set_defaults(func=cmd_create_volume2)
+
     d = sub.add_parser("delete", help="delete a user:mirror backstore (and its iSCSI target)")
     d.add_argument("name")
     d.add_argument("--iqn", help="also delete this iSCSI target")
@@ -440,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-wait", action="store_true",
                     help="return at the instant instead of when A is complete")
     sp.add_argument("--timeout", type=float, default=300.0)
+    sp.add_argument("--one-way", action="store_true",
+                    help="one-way cut-over (claim 4): volume 1 keeps writing A and B, "
+                    "volume 2 writes B only; ended by 'rejoin'")
     sp.set_defaults(func=cmd_split)
 
     ca = daemon_cmd("cancel", "cancel a scheduled split")

@@ -12,15 +12,23 @@ open with O_DIRECT where the backing allows it.
 
 A read-only *snapshot* LUN exports a split mirror's image A so a backup tool can read it over
 iSCSI (claim 5): ``snapshot=/srv/images/db-a.raw``.  The daemon serves it write-protected, and
-only while the mirror owning that image is split.  Parsing is pure; :func:`check_images` then
-checks the paths on this host (exists, file or block device, not the same image twice, big
-enough) so that ``targetmirror create`` and the D-Bus CheckConfig give the admin the reason
+only while the mirror owning that image is split.
+
+A *volume 2* LUN (one-way cut-over, claim 4) is a second export of an existing mirror through a
+second backstore: ``mirror=NAME;volume=2``, where NAME is the mirror's own backstore (volume 1).
+Both are served by one mirror; after ``targetmirror split --one-way NAME`` writes through
+volume 1 still reach A and B, writes through volume 2 reach B only.
+
+Parsing is pure; :func:`check_images` then checks the paths on this host (exists, file or
+block device, not the same image twice, big enough) so that ``targetmirror create`` and the
+D-Bus CheckConfig give the admin the reason
 before LIO ever sees the device.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 
@@ -59,6 +67,50 @@ class SnapshotSpec:
         return f"{SNAPSHOT_KEY}={self.image}"
 
 
+@dataclass(frozen=True, slots=True)
+class VolumeSpec:
+    """A second LUN of an existing mirror (one-way cut-over)."""
+
+    mirror: str
+    volume: int = 2
+
+    def to_cfgstring(self) -> str:
+        return f"{MIRROR_KEY}={self.mirror};{VOLUME_KEY}={self.volume}"
+
+
+MIRROR_KEY = "mirror"
+VOLUME_KEY = "volume"
+_MIRROR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def parse_volume(body: str) -> VolumeSpec:
+    """``mirror=NAME;volume=2`` (keys in any order, both required, nothing else)."""
+    values: dict[str, str] = {}
+    for item in body.split(";"):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"cfgstring item {item!r}: expected key=value")
+        if key not in (MIRROR_KEY, VOLUME_KEY):
+            raise ConfigError(f"cfgstring key {key!r} is not allowed in a volume cfgstring; "
+                              f"expected {MIRROR_KEY}=NAME;{VOLUME_KEY}=2")
+        if key in values:
+            raise ConfigError(f"cfgstring key {key!r} is given twice")
+        values[key] = value
+    for key in (MIRROR_KEY, VOLUME_KEY):
+        if key not in values:
+            raise ConfigError(f"cfgstring lacks key '{key}' (expected "
+                              f"{MIRROR_KEY}=NAME;{VOLUME_KEY}=2)")
+    if not _MIRROR_NAME.fullmatch(values[MIRROR_KEY]):
+        raise ConfigError(f"cfgstring key '{MIRROR_KEY}': {values[MIRROR_KEY]!r} is not a "
+                          "mirror name (letters, digits, '_', '.', '-')")
+    if values[VOLUME_KEY] != "2":
+        raise ConfigError(f"cfgstring key '{VOLUME_KEY}': expected 2 (volume 1 is the "
+                          f"mirror's own backstore), got {values[VOLUME_KEY]!r}")
+    return VolumeSpec(values[MIRROR_KEY], 2)
+
+
 def _check_path(key: str, path: str) -> str:
     if not path.startswith("/"):
         raise ConfigError(f"cfgstring key '{key}': expected an absolute path, got {path!r}")
@@ -72,9 +124,15 @@ def _check_path(key: str, path: str) -> str:
     return path
 
 
-def parse_any(cfgstring: str) -> MirrorSpec | SnapshotSpec:
-    """Parse either form of cfgstring."""
+def parse_any(cfgstring: str) -> MirrorSpec | SnapshotSpec | VolumeSpec:
+    """Parse any form of cfgstring."""
     body = cfgstring[len(SUBTYPE) + 1:] if cfgstring.startswith(SUBTYPE + "/") else cfgstring
+    keys = {item.partition("=")[0] for item in body.split(";")}
+    if keys & {MIRROR_KEY, VOLUME_KEY}:
+        for ch, name in FORBIDDEN.items():
+            if ch in body:
+                raise ConfigError(f"cfgstring may not contain {name}: {body!r}")
+        return parse_volume(body)
     if body.startswith(SNAPSHOT_KEY + "="):
         for ch, name in FORBIDDEN.items():
             if ch in body:

@@ -13,9 +13,10 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from targetmirror import __version__
-from targetmirror.config.cfgstring import SnapshotSpec, parse, parse_any
+from targetmirror.config.cfgstring import SnapshotSpec, VolumeSpec, parse, parse_any
 from targetmirror.daemon.runner import Admit, DeviceRunner, Job, PlainJob
 from targetmirror.errors import MirrorError, TargetMirrorError
 from targetmirror.mirror.mirror import Mirror, MirrorIO
@@ -29,6 +30,7 @@ from targetmirror.scsi.handler import ScsiDevice, ScsiResult
 from targetmirror.scsi.identity import DeviceIdentity
 from targetmirror.scsi.sense import SenseError, build_fixed_sense
 from targetmirror.store.image import Image
+from targetmirror.tcmu.ring import Ring
 from targetmirror.tcmu.uio import ConfigfsDevice, UioDevice, UioInfo
 
 log = logging.getLogger("targetmirror.device")
@@ -51,13 +53,16 @@ class ServedDevice:
     mirror: Mirror | None
     reason: str | None = None
     snapshot: SnapshotVolume | None = None
+    volume: int = 1
+    """2 for a second LUN of a mirror served by another device (one-way cut-over): it shares
+    that device's Mirror and never closes it."""
 
     def close(self) -> None:
         """Stop the ring loop (finishing in-flight commands), then close ring and images."""
         self.runner.stop()
         self.runner.join()
         self.uio.close()
-        if self.mirror is not None:
+        if self.mirror is not None and self.volume == 1:
             self.mirror.close()
         if self.snapshot is not None:
             self.snapshot.close()
@@ -126,9 +131,11 @@ class MirrorCommands:
     exported and an initiator logged in.
     """
 
-    def __init__(self, mirror: Mirror, identity: Callable[[], DeviceIdentity]) -> None:
+    def __init__(self, mirror: Mirror, identity: Callable[[], DeviceIdentity],
+                 volume: int = 1) -> None:
         self._identity = identity
         self._mirror = mirror
+        self._volume = volume
         self._scsi: ScsiDevice | None = None
         self._max_blocks = 0
         self._lock = threading.Lock()
@@ -145,19 +152,24 @@ class MirrorCommands:
 
     def admit(self, cdb: bytes, iov: list[memoryview], tag: int) -> Job:
         mirror = self._mirror
-        scsi = self._device()
+        scsi = self._device()  # before admission: if this raises, nothing was taken
         bs = mirror.block_size
+        volume = self._volume
         plain = decode_rw(cdb, iov, mirror.num_blocks, bs, self._max_blocks)
         if plain is not None:  # the common case, see targetmirror/scsi/fastpath.py
             write, offset, length, fua = plain
-            io = mirror.admit(tag, (offset, offset + length) if write else None)
+            extent = (offset, offset + length) if write else None
+            io = (mirror.admit(tag, extent) if volume == 1
+                  else mirror.admit(tag, extent, volume))
             # Small, no flush, not waiting for a range, legs in the page cache: cheaper to run
             # on the ring thread than to hand to a worker (see DeviceRunner).
             inline = (length <= INLINE_MAX and not fua and io.ready
                       and mirror.a.fast and mirror.b.fast)
-            return _PlainJob(scsi, write, offset, iov, fua, io, inline)
+            return _PlainJob(scsi, cdb, write, offset, iov, fua, io, inline)
         parsed, extent = classify(cdb, iov, bs)
-        return _MirrorJob(scsi, cdb, iov, mirror.admit(tag, extent), parsed)
+        io = (mirror.admit(tag, extent) if volume == 1
+              else mirror.admit(tag, extent, volume))
+        return _MirrorJob(scsi, cdb, iov, io, parsed)
 
 
 class _MirrorJob:
@@ -183,15 +195,93 @@ class _MirrorJob:
     def cancel(self) -> None:
         self.io.finish()
 
+    def describe(self) -> tuple[int | None, int | None, str]:
+        """(opcode, LBA, what it waits on) for the stuck-command watchdog."""
+        lba = getattr(self.parsed, "lba", None)
+        return (self.cdb[0] if self.cdb else None, lba if isinstance(lba, int) else None,
+                self.io.waiting_on())
+
+
+class RingControl(Protocol):
+    """The configfs ``action/`` files of a TCMU device (``ConfigfsDevice``; tests: a double)."""
+
+    def block(self, blocked: bool = True) -> None: ...
+    def reset_ring(self, mode: int = 1) -> None: ...
+
+
+def reset_stale_ring(name: str, ctl: RingControl, ring: Ring) -> str:
+    """Before serving: make the kernel fail what a previous daemon left on the ring.
+
+    A daemon that died (kill -9, crash) leaves commands between ``cmd_tail`` and ``cmd_head``
+    that it fetched or never saw.  They cannot be *replayed*: with out-of-order completion a
+    response is written over the oldest unanswered slot, so after a crash the slots no longer
+    say which commands are still open -- replaying them answers some twice, and the kernel
+    then marks the device broken.  The kernel knows exactly which commands are open, so it
+    fails them itself:
+
+    1. ``block_dev=1`` first.  Blocking reaps every response the dead daemon wrote but did not
+       notify (those commands finished on both legs: the initiator gets their real status,
+       not a retry), and from now on new commands are answered BUSY instead of being queued,
+       so nothing lands on the ring while it is being reset.
+    2. ``reset_ring=1``: every open command is failed with BUSY, which initiators retry (a
+       retried write is applied again on both legs, so a write torn between the legs by the
+       crash is made whole), commands the kernel had already timed out are just freed, and
+       ``cmd_head = cmd_tail = 0``.
+    3. :meth:`Ring.reset` moves our read pointer to the new ``cmd_tail`` (0).  This must come
+       before step 4: once unblocked the kernel queues at offset 0, and a stale read pointer
+       would skip or misparse those entries.
+    4. ``block_dev=0`` (always, even if step 3 failed: a LUN left blocked answers BUSY forever).
+    Only then does the ring thread start.
+
+    Kernels without ``action/block_dev`` / ``reset_ring`` (before 4.19): if the ring is idle
+    (``cmd_head == cmd_tail``: every slot was answered) nothing is stale; otherwise we start
+    reading at ``cmd_head`` and leave the stale commands to the kernel's ``cmd_time_out``
+    (the initiator sees them fail after it and retries), which is loudly logged.
+
+    Returns what was done: ``"reset"``, ``"idle"`` or ``"skipped"``.
+    """
+    idle = ring.head() == ring.tail()
+    try:
+        ctl.block(True)
+    except (TargetMirrorError, OSError) as exc:
+        return _no_reset(name, ring, idle, exc)
+    try:
+        try:
+            ctl.reset_ring(1)
+        except (TargetMirrorError, OSError) as exc:
+            return _no_reset(name, ring, idle, exc)
+        ring.reset()
+    finally:
+        ctl.block(False)
+    log.info("%s: ring reset before serving%s", name,
+             "" if idle else " (commands a previous daemon left were failed with BUSY; "
+             "initiators retry them)", extra={"device": name})
+    return "reset"
+
+
+def _no_reset(name: str, ring: Ring, idle: bool, exc: BaseException) -> str:
+    if idle:
+        log.info("%s: cannot reset the ring (%s); it is idle, so nothing is stale", name, exc,
+                 extra={"device": name})
+        return "idle"
+    stale = (ring.head() - ring.tail()) % ring.cmdr_size
+    ring.skip_to_head()
+    log.warning("%s: cannot reset the ring (%s) and %d bytes of commands left by a previous "
+                "daemon are on it; they are not replayed (that could answer one twice) and "
+                "will fail at the kernel's cmd_time_out, so initiators retry them", name, exc,
+                stale, extra={"device": name})
+    return "skipped"
+
 
 class _PlainJob:
     """A plain READ/WRITE admitted by the fast path; same contract as :class:`_MirrorJob`."""
 
-    __slots__ = ("fua", "inline", "io", "iov", "offset", "scsi", "write")
+    __slots__ = ("cdb", "fua", "inline", "io", "iov", "offset", "scsi", "write")
 
-    def __init__(self, scsi: ScsiDevice, write: bool, offset: int, iov: list[memoryview],
-                 fua: bool, io: MirrorIO, inline: bool) -> None:
+    def __init__(self, scsi: ScsiDevice, cdb: bytes, write: bool, offset: int,
+                 iov: list[memoryview], fua: bool, io: MirrorIO, inline: bool) -> None:
         self.scsi = scsi
+        self.cdb = cdb
         self.write = write
         self.offset = offset
         self.iov = iov
@@ -208,18 +298,38 @@ class _PlainJob:
     def cancel(self) -> None:
         self.io.finish()
 
+    def describe(self) -> tuple[int | None, int | None, str]:
+        """(opcode, LBA, what it waits on) for the stuck-command watchdog."""
+        return self.cdb[0], self.offset // self.io.block_size, self.io.waiting_on()
+
 
 def serve(info: UioInfo, *, workers: int, store: StateStore | None,
-          configfs_root: str = "/sys/kernel/config") -> ServedDevice:
-    """Open the UIO device, build its mirror and start its ring loop."""
+          configfs_root: str = "/sys/kernel/config",
+          mirrors: Callable[[str], Mirror | None] = lambda name: None) -> ServedDevice:
+    """Open the UIO device, build its mirror and start its ring loop.
+
+    ``mirrors`` finds an already served mirror by name, for a volume-2 device (whose caller
+    must make sure the mirror is served first, see :func:`volume_of`).
+    """
     cfs = ConfigfsDevice.for_device(info, configfs_root)
     mirror: Mirror | None = None
     snapshot: SnapshotVolume | None = None
     reason: str | None = None
+    volume = 1
     admit: Admit
     try:
         spec = parse_any(info.cfgstring)
-        if isinstance(spec, SnapshotSpec):
+        if isinstance(spec, VolumeSpec):
+            mirror = mirrors(spec.mirror)
+            if mirror is None:
+                raise MirrorError(f"volume 2 of mirror {spec.mirror}, which is not served")
+            if mirror.block_size != cfs.hw_block_size() or mirror.size != cfs.size():
+                mirror = None
+                raise MirrorError(f"volume 2 of mirror {spec.mirror} must have its size and "
+                                  "block size")
+            volume = 2
+            admit = MirrorCommands(mirror, lambda: read_identity(info, cfs), volume=2).admit
+        elif isinstance(spec, SnapshotSpec):
             snapshot = build_snapshot(info, cfs, spec, store)
             admit = snapshot_admit(snapshot, lambda: read_identity(info, cfs))
         else:
@@ -236,7 +346,16 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     try:
         uio = UioDevice.open(info)
     except BaseException:
-        if mirror is not None:
+        if mirror is not None and volume == 1:
+            mirror.close()
+        if snapshot is not None:
+            snapshot.close()
+        raise
+    try:
+        reset_stale_ring(info.dev_name, cfs, uio.ring)
+    except BaseException:
+        uio.close()
+        if mirror is not None and volume == 1:
             mirror.close()
         if snapshot is not None:
             snapshot.close()
@@ -244,14 +363,27 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     runner = DeviceRunner(info.dev_name, uio, uio.ring, admit, workers=workers,
                           tag=mirror.epoch if mirror is not None else 0)
     runner.start()
-    if mirror is not None:
+    if mirror is not None and volume == 2:
+        log.info("serving %s: volume 2 of mirror %s", info.dev_name, mirror.name,
+                 extra={"device": info.dev_name})
+    elif mirror is not None:
         log.info("serving %s: %d bytes, block %d, a=%s b=%s", info.dev_name, mirror.size,
                  mirror.block_size, mirror.a.path, mirror.b.path,
                  extra={"device": info.dev_name})
     if snapshot is not None:
         log.info("serving %s: read-only snapshot of %s (%s)", info.dev_name, snapshot.mirror,
                  snapshot.image.path, extra={"device": info.dev_name})
-    return ServedDevice(info, uio, runner, mirror, reason, snapshot)
+    return ServedDevice(info, uio, runner, mirror, reason, snapshot, volume)
+
+
+def volume_of(info: UioInfo) -> str | None:
+    """The mirror a volume-2 device belongs to (None for any other device or a bad cfgstring:
+    those are served, and refused with a reason, in the ordinary way)."""
+    try:
+        spec = parse_any(info.cfgstring)
+    except TargetMirrorError:
+        return None
+    return spec.mirror if isinstance(spec, VolumeSpec) else None
 
 
 def snapshot_admit(volume: SnapshotVolume, identity: Callable[[], DeviceIdentity]) -> Admit:

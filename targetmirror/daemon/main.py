@@ -26,9 +26,11 @@ from typing import Any
 from targetmirror import __version__
 from targetmirror.daemon import logs, sdnotify
 from targetmirror.daemon.control import DEFAULT_SOCKET, ControlServer, Handler
-from targetmirror.daemon.device import ServedDevice, serve
+from targetmirror.daemon.device import ServedDevice, serve, volume_of
 from targetmirror.daemon.groups import GroupStore
+from targetmirror.daemon.runner import DeviceRunner
 from targetmirror.daemon.split import split as split_mirrors
+from targetmirror.daemon.watchdog import DEFAULT_THRESHOLD, Watchdog
 from targetmirror.errors import DeviceError, MirrorError, TargetMirrorError
 from targetmirror.mirror.mirror import Mirror
 from targetmirror.mirror.state import StateStore
@@ -47,7 +49,8 @@ class Daemon:
     def __init__(self, *, workers: int = 2, rescan_interval: float = 5.0,
                  state_dir: str = DEFAULT_STATE_DIR, control_socket: str | None = None,
                  sysfs_root: str = "/sys", dev_root: str = "/dev",
-                 configfs_root: str = "/sys/kernel/config") -> None:
+                 configfs_root: str = "/sys/kernel/config",
+                 stuck_after: float = DEFAULT_THRESHOLD) -> None:
         self.workers = workers
         self.store = StateStore(os.path.join(state_dir, "mirrors"))
         self.groups = GroupStore(os.path.join(state_dir, "groups.json"))
@@ -62,25 +65,51 @@ class Daemon:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._last_scan = 0.0
+        self.watchdog = (Watchdog(self._runners, threshold=stuck_after) if stuck_after > 0
+                         else None)
+
+    def _runners(self) -> list[tuple[str, DeviceRunner]]:
+        with self._lock:
+            return [(d.info.dev_name, d.runner) for d in self.devices.values()]
 
     # -- device set ------------------------------------------------------------------------
+    def _served_mirror(self, name: str) -> Mirror | None:
+        """The mirror served under backstore ``name`` (call with ``_lock`` held)."""
+        for dev in self.devices.values():
+            if dev.volume == 1 and dev.mirror is not None and dev.info.dev_name == name:
+                return dev.mirror
+        return None
+
     def attach(self, info: UioInfo) -> None:
         """Serve ``info`` unless it is served already."""
         with self._lock:
             if info.name in self.devices:
                 return
+            owner = volume_of(info)
+            if owner is not None and self._served_mirror(owner) is None:
+                # volume 2 waits for its mirror: the next rescan tries again
+                log.warning("%s is volume 2 of mirror %s, which is not served (yet)",
+                            info.dev_name, owner, extra={"device": info.dev_name})
+                return
             try:
                 dev = serve(info, workers=self.workers, store=self.store,
-                            configfs_root=self.configfs_root)
+                            configfs_root=self.configfs_root, mirrors=self._served_mirror)
                 self.devices[info.name] = dev
-                if dev.mirror is not None:
+                if dev.mirror is not None and dev.volume == 1:
                     dev.mirror.resume()
             except TargetMirrorError as exc:
                 log.error("cannot open %s: %s", info.dev_path, exc,
                           extra={"device": info.dev_name})
 
     def detach(self, name: str) -> None:
-        """Stop serving the device whose UIO name is ``name``."""
+        """Stop serving the device whose UIO name is ``name`` (and a mirror's volume 2s
+        before the mirror itself: they share its Mirror)."""
+        with self._lock:
+            dev = self.devices.get(name)
+            peers = [] if dev is None or dev.volume != 1 or dev.mirror is None else [
+                n for n, d in self.devices.items() if d.volume == 2 and d.mirror is dev.mirror]
+        for peer in peers:
+            self.detach(peer)
         with self._lock:
             dev = self.devices.pop(name, None)
         if dev is not None:
@@ -97,7 +126,8 @@ class Daemon:
         for name, dev in list(self.devices.items()):
             if name not in found or not dev.runner.alive:
                 self.detach(name)
-        for info in found.values():
+        # mirrors before their volume 2s
+        for info in sorted(found.values(), key=lambda i: volume_of(i) is not None):
             self.attach(info)
 
     # -- netlink -----------------------------------------------------------------------------
@@ -148,14 +178,21 @@ class Daemon:
         for dev in devs:
             if names and dev.info.dev_name not in names:
                 continue
-            if dev.mirror is not None:
+            if dev.mirror is not None and dev.volume == 2:
+                st = {"name": dev.info.dev_name, "volume": 2, "mirror": dev.mirror.name,
+                      "state": str(dev.mirror.state), "epoch": dev.mirror.epoch}
+            elif dev.mirror is not None:
                 st = dev.mirror.status()
+                st["volume2"] = [d.info.dev_name for d in devs
+                                 if d.volume == 2 and d.mirror is dev.mirror]
             elif dev.snapshot is not None:
                 st = dev.snapshot.status()
                 st["name"] = dev.info.dev_name
             else:
                 st = {"name": dev.info.dev_name, "state": "not-ready", "reason": dev.reason}
             st["commands"] = dev.runner.commands
+            if self.watchdog is not None:
+                st["stuck_commands"] = self.watchdog.stuck(dev.info.dev_name)
             out.append(st)
         missing = set(names) - {m["name"] for m in out}
         if missing:
@@ -169,7 +206,12 @@ class Daemon:
         at = req.get("at")
         if at is not None:
             return self._schedule(float(at), names)
-        result = split_mirrors([self._by_name(n) for n in names])
+        devs = [self._by_name(n) for n in names]
+        for d in devs:
+            if d.volume == 2:
+                raise MirrorError(f"{d.info.dev_name} is volume 2 of mirror "
+                                  f"{d.mirror.name if d.mirror else '?'}; split the mirror")
+        result = split_mirrors(devs, self._volume2s(devs), one_way=bool(req.get("one_way")))
         if req.get("wait", True):
             timeout = float(req.get("timeout", 300))
             deadline = time.monotonic() + timeout
@@ -190,6 +232,14 @@ class Daemon:
                 result.append(st)
         return {"split": result}
 
+    def _volume2s(self, devs: list[ServedDevice]) -> dict[str, list[ServedDevice]]:
+        """For each mirror being split: the volume-2 devices that share it (their rings
+        take part in the instant)."""
+        with self._lock:
+            return {d.info.dev_name: [p for p in self.devices.values()
+                                      if p.volume == 2 and p.mirror is d.mirror]
+                    for d in devs if d.mirror is not None}
+
     def _schedule(self, at: float, names: list[str]) -> dict[str, Any]:
         for n in names:
             dev = self._by_name(n)
@@ -204,7 +254,8 @@ class Daemon:
         def fire() -> None:
             self._timers.pop(timer_id, None)
             try:
-                done = split_mirrors([self._by_name(n) for n in names])
+                devs = [self._by_name(n) for n in names]
+                done = split_mirrors(devs, self._volume2s(devs))
                 log.info("scheduled split %d of %s taken (requested for %.3f, late by %.3f s)",
                          timer_id, ", ".join(names), at, time.time() - at)
                 del done
@@ -297,6 +348,8 @@ class Daemon:
         if self.control_socket:
             control = ControlServer(self.control_socket, self.handlers())
             control.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
         log.info("targetmirrord %s serving %d device(s)", __version__, len(self.devices))
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
         try:
@@ -317,10 +370,15 @@ class Daemon:
                 self._periodic()
         finally:
             sdnotify.notify("STOPPING=1")
+            if self.watchdog is not None:
+                self.watchdog.stop()
             if control is not None:
                 control.close()
             for _, _, timer in self._timers.values():
                 timer.cancel()
+            # every ring stops fetching at once and drains in parallel; detach then waits
+            for dev in list(self.devices.values()):
+                dev.runner.stop()
             for name in list(self.devices):
                 self.detach(name)
             if nl is not None:
@@ -350,12 +408,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="durable mirror state (default %(default)s)")
     p.add_argument("--control-socket", default=DEFAULT_SOCKET,
                    help="control API socket (default %(default)s)")
+    p.add_argument("--stuck-after", type=float, default=DEFAULT_THRESHOLD, metavar="SECONDS",
+                   help="log a command still unanswered after this long, once (0: never; "
+                   "default %(default)s)")
     args = p.parse_args(argv)
     logs.setup(args.log_level)
     if args.workers < 0:
         p.error("--workers must be 0 or more")
+    if args.stuck_after < 0:
+        p.error("--stuck-after must be 0 or more")
     daemon = Daemon(workers=args.workers, rescan_interval=args.rescan_interval,
-                    state_dir=args.state_dir, control_socket=args.control_socket)
+                    state_dir=args.state_dir, control_socket=args.control_socket,
+                    stuck_after=args.stuck_after)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing in-flight commands", signal.Signals(signum).name)

@@ -28,6 +28,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -125,6 +126,9 @@ class DeviceRunner:
         self._wake_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self.inflight: dict[int, tuple[float, Job]] = {}
+        """cmd_id -> (monotonic time fetched, job) of every command not yet answered; read
+        (never locked) by the stuck-command watchdog (``daemon/watchdog.py``)."""
         self.error: BaseException | None = None
         self.commands = 0
         self.batches = 0
@@ -240,6 +244,9 @@ class DeviceRunner:
         self.batches += 1
         pool = self._pool
         self.commands += len(jobs)
+        # the whole batch is registered before any of it runs (the watchdog's view is whole)
+        now = time.monotonic()
+        self.inflight.update((cmd_id, (now, job)) for cmd_id, job in jobs)
         for cmd_id, job in jobs:
             if pool is None or job.inline:
                 self._run(cmd_id, job)
@@ -317,10 +324,12 @@ class DeviceRunner:
             return
         ring = self.ring
         futures = self._futures
+        inflight = self.inflight
         with self.lock:
             while done:
                 cmd_id, status, sense, read_len = done.popleft()
                 futures.pop(cmd_id, None)
+                inflight.pop(cmd_id, None)
                 self._jobs.pop(cmd_id, None)
                 ring.complete(cmd_id, status, sense, read_len)
             self.uio.notify()
@@ -338,6 +347,7 @@ class DeviceRunner:
             log.warning("could not answer the last commands: %s", exc,
                         extra={"device": self.name})
         self._futures.clear()
+        self.inflight.clear()
         self.ring.release()
         with self._wake_lock:
             os.close(self._wake)

@@ -15,12 +15,18 @@ is never paused, only fetching and completions are held for that window.
 
 Before the instant every member durably records that it is splitting (see
 ``Mirror.prepare_split``); if any member cannot split, none does.
+
+A mirror exported twice (volume 2, one-way cut-over) has two rings: both rings' locks are held
+and both heads read at the instant, and the split may complete only once *both* have passed
+their boundary.  With ``one_way`` the split is claim 4's: volume 1 keeps writing both legs,
+volume 2's post-split writes go to B only, and A is not frozen.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -33,13 +39,31 @@ _SPLITS = threading.Lock()
 overlapping groups) cannot both pass the "is it mirrored?" check."""
 
 
-def split(devices: list[ServedDevice]) -> list[dict[str, Any]]:
-    """Split every device's mirror at one instant; return what was recorded per mirror."""
+def split(devices: list[ServedDevice], peers: dict[str, list[ServedDevice]] | None = None,
+          *, one_way: bool = False) -> list[dict[str, Any]]:
+    """Split every device's mirror at one instant; return what was recorded per mirror.
+
+    ``peers`` maps a device name to the volume-2 devices that share its mirror."""
     with _SPLITS:
-        return _split(devices)
+        return _split(devices, peers or {}, one_way)
 
 
-def _split(devices: list[ServedDevice]) -> list[dict[str, Any]]:
+def _after_all(n: int, fn: Callable[[], None]) -> Callable[[], None]:
+    """A callback that runs ``fn`` on its ``n``-th call (one call per ring of a mirror)."""
+    left = [n]
+    lock = threading.Lock()
+
+    def call() -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            fn()
+    return call
+
+
+def _split(devices: list[ServedDevice], peers: dict[str, list[ServedDevice]],
+           one_way: bool) -> list[dict[str, Any]]:
     if not devices:
         raise MirrorError("nothing to split")
     devices = sorted(devices, key=lambda d: d.info.dev_name)
@@ -52,14 +76,16 @@ def _split(devices: list[ServedDevice]) -> list[dict[str, Any]]:
             raise MirrorError(f"{d.info.dev_name} is a read-only snapshot LUN, not a mirror")
         if d.mirror is None:
             raise MirrorError(f"mirror {d.info.dev_name} is not being served: {d.reason}")
-        if not d.runner.alive:
-            raise MirrorError(f"mirror {d.info.dev_name}: its ring loop is not running")
+        for r in [d, *peers.get(d.info.dev_name, [])]:
+            if not r.runner.alive:
+                raise MirrorError(f"mirror {d.info.dev_name}: the ring loop of "
+                                  f"{r.info.dev_name} is not running")
         d.mirror.check_can_split()
         mirrors.append(d.mirror)
     prepared: list[Mirror] = []
     try:
         for m in mirrors:
-            m.prepare_split(names)
+            m.prepare_split(names, one_way=one_way)
             prepared.append(m)
     except BaseException:
         for m in prepared:
@@ -67,16 +93,24 @@ def _split(devices: list[ServedDevice]) -> list[dict[str, Any]]:
         raise
     heads: list[int] = []
     t0 = time.perf_counter()
+    rings = {d.info.dev_name: [d, *sorted(peers.get(d.info.dev_name, []),
+                                          key=lambda p: p.info.dev_name)] for d in devices}
     with ExitStack() as stack:
         for d in devices:
-            stack.enter_context(d.runner.lock)
+            for r in rings[d.info.dev_name]:
+                stack.enter_context(r.runner.lock)
         for d, m in zip(devices, mirrors, strict=True):
-            head = d.runner.head()
-            heads.append(head)
-            d.runner.set_boundary(head, m.begin_split(), m.boundary_passed)
+            tag = m.begin_split()
+            passed = _after_all(len(rings[d.info.dev_name]), m.boundary_passed)
+            for r in rings[d.info.dev_name]:
+                head = r.runner.head()
+                if r is d:
+                    heads.append(head)
+                r.runner.set_boundary(head, tag, passed)
     held = time.perf_counter() - t0
     for d in devices:
-        d.runner.kick()
+        for r in rings[d.info.dev_name]:
+            r.runner.kick()
     out = []
     for m, head in zip(mirrors, heads, strict=True):
         m.record_instant()

@@ -48,7 +48,7 @@ class MirrorIO:
     must be called exactly once when the command is done, whatever happened.
     """
 
-    __slots__ = ("_extent", "_granted", "_m", "_ticket", "both", "tag")
+    __slots__ = ("_extent", "_granted", "_m", "_ticket", "a_done", "b_done", "both", "tag")
 
     def __init__(self, m: Mirror, tag: int, both: bool, extent: tuple[int, int] | None,
                  ticket: int | None, granted: bool = False) -> None:
@@ -58,6 +58,9 @@ class MirrorIO:
         self._extent = extent
         self._ticket = ticket
         self._granted = granted
+        self.a_done = False
+        """Set when this command's write reached leg A (for the stuck-command watchdog)."""
+        self.b_done = False
 
     @property
     def ready(self) -> bool:
@@ -112,7 +115,8 @@ class MirrorIO:
         length = sum(len(v) for v in iov)
         with self._range(offset, offset + length):
             self._mark(offset, length)
-            self._m._write_legs(self.both, offset, iov, fua or not self._m.write_cache, length)
+            self._m._write_legs(self.both, offset, iov, fua or not self._m.write_cache, length,
+                                self)
 
     def flush(self) -> None:
         m = self._m
@@ -143,6 +147,16 @@ class MirrorIO:
             self._mark(offset, len(data))
             self._m._write_legs(self.both, offset, [data], not self._m.write_cache, len(data))
             return None
+
+    def waiting_on(self) -> str:
+        """What a command that has not finished is waiting for (stuck-command reports)."""
+        if self._extent is None:
+            return "a read or flush of its legs"
+        if self._ticket is not None and not self._granted:
+            return "the range lock (an earlier overlapping write is not done)"
+        legs = [leg for leg, sent, done in (("A", self.both, self.a_done),
+                                            ("B", True, self.b_done)) if sent and not done]
+        return "leg " + " and ".join(legs) if legs else "its completion"
 
     def finish(self) -> None:
         """Release the ticket and count the command out (possibly completing a split)."""
@@ -202,7 +216,7 @@ class Mirror:
         self.st = self._load_state()
         self.st.region_size = self.bitmap.region_size if self.bitmap else region_size
         if (self.bitmap is not None and self.bitmap.created
-                and self.st.state in (State.SPLIT, State.REJOINING)):
+                and self.st.state in (State.SPLIT, State.ONE_WAY, State.REJOINING)):
             # B may differ from A anywhere: without its bitmap a rejoin must copy everything.
             log.warning("%s: the change bitmap is missing or damaged while %s; marking every "
                         "region, so the rejoin will copy the whole image", self.name,
@@ -223,6 +237,12 @@ class Mirror:
             raise MirrorError(f"mirror {self.name}: its saved state is for images "
                               f"a={st.image_a} b={st.image_b}, not a={self.a.path} "
                               f"b={self.b.path}; refusing to guess which copy is which")
+        if st.state == State.SPLITTING and st.split is not None and st.split.one_way:
+            # a one-way split never freezes A; volume 1 still writes both legs
+            st.state = State.ONE_WAY
+            st.split.a_status = "one-way"
+            if self.store:
+                self.store.save(st)
         if st.state == State.SPLITTING:
             # The daemon stopped while pre-split writes drained.  Nothing after the instant was
             # ever written to A, and every write acknowledged before it reached A (acknowledged
@@ -276,15 +296,20 @@ class Mirror:
         return self.st.split.epoch
 
     # -- admission -------------------------------------------------------------------------------
-    def admit(self, tag: int, extent: tuple[int, int] | None) -> MirrorIO:
-        """Admit one command on the ring thread, in ring order; see the module docstring."""
+    def admit(self, tag: int, extent: tuple[int, int] | None, volume: int = 1) -> MirrorIO:
+        """Admit one command on the ring thread, in ring order; see the module docstring.
+
+        ``volume`` is the LUN it came through: after a one-way split, volume 1's writes still
+        go to both legs and only volume 2's post-split writes go to B alone (claim 4).
+        """
         ticket = None
         with self._mu:
             # decided under the lock that rejoin() takes, so a command is never sent to B only
             # once a rejoin has started (it would be missed by the copy)
             split_epoch = self._split_epoch()
             both = (split_epoch is None or tag < split_epoch
-                    or self.st.state == State.REJOINING)
+                    or self.st.state == State.REJOINING
+                    or (volume == 1 and self.st.split is not None and self.st.split.one_way))
             if extent is not None:
                 self._inflight[tag] = self._inflight.get(tag, 0) + 1
                 if not both:
@@ -323,7 +348,7 @@ class Mirror:
             raise MirrorError(f"mirror {self.name} is {self.st.state}, not mirrored; "
                               "rejoin it before splitting again")
 
-    def prepare_split(self, group: list[str]) -> None:
+    def prepare_split(self, group: list[str], one_way: bool = False) -> None:
         """Durably record the intent to split, *before* the instant.
 
         If the daemon dies after this, a restart knows post-split writes may have reached B
@@ -331,7 +356,8 @@ class Mirror:
         """
         self.check_can_split()
         epoch = self.st.epoch + 1
-        self.st.split = SplitRecord(epoch=epoch, requested_wall=time.time(), group=group)
+        self.st.split = SplitRecord(epoch=epoch, requested_wall=time.time(), group=group,
+                                    one_way=one_way)
         self.st.state = State.SPLITTING
         self.st.epoch = epoch
         self._boundary_passed = False
@@ -384,16 +410,17 @@ class Mirror:
         assert rec is not None
         try:
             self.a.flush()
-            rec.a_status = "consistent"
+            rec.a_status = "one-way" if rec.one_way else "consistent"
         except StoreError as exc:
             rec.a_status = f"flush failed: {exc}"
             log.error("%s: fdatasync of A after the split failed: %s", self.name, exc)
-        self.a.freeze()
+        if not rec.one_way:
+            self.a.freeze()
         with self._mu:
             rec.completed_wall = time.time()
             rec.drain_seconds = time.monotonic() - self._instant_mono
             rec.pre_split_drained = self._pre_at_boundary
-            self.st.state = State.SPLIT
+            self.st.state = State.ONE_WAY if rec.one_way else State.SPLIT
             if self.store:
                 self.store.save(self.st)
         log.info("%s: split complete: epoch %d, %d pre-split write(s) drained in %.6f s, A %s",
@@ -413,7 +440,7 @@ class Mirror:
         """
         if self.bitmap is None:
             raise MirrorError(f"mirror {self.name} has no bitmap (no state directory)")
-        if self.st.state != State.SPLIT:
+        if self.st.state not in (State.SPLIT, State.ONE_WAY):
             raise MirrorError(f"mirror {self.name} is {self.st.state}; only a split mirror "
                               "can be rejoined")
         if full:
@@ -421,7 +448,7 @@ class Mirror:
             # a partial rejoin
             self.bitmap.sync(self.bitmap.mark_all())
         with self._mu:
-            if self.st.state != State.SPLIT:
+            if self.st.state not in (State.SPLIT, State.ONE_WAY):
                 raise MirrorError(f"mirror {self.name} is {self.st.state}; only a split mirror "
                                   "can be rejoined")
             self.a.thaw()
@@ -634,7 +661,7 @@ class Mirror:
             with self.locks.locked(pos, pos + n):
                 # the bit is read under the region's lock: a write that marks it cannot be
                 # half done here
-                changed = (state == State.SPLIT and self.bitmap is not None
+                changed = (state in (State.SPLIT, State.ONE_WAY) and self.bitmap is not None
                            and self.bitmap.test(region))
                 if not changed:
                     self.a.readv(pos, [av[:n]])
@@ -703,11 +730,13 @@ class Mirror:
             raise err
 
     def _write_legs(self, both: bool, offset: int, iov: Sequence[memoryview], durable: bool,
-                    length: int) -> None:
+                    length: int, io: MirrorIO | None = None) -> None:
         if not both:
             self.b.writev(offset, iov)
             if durable:
                 self.b.flush()
+            if io is not None:
+                io.b_done = True
             return
 
         def leg(image: Image) -> Callable[[], None]:
@@ -715,6 +744,11 @@ class Mirror:
                 image.writev(offset, iov)
                 if durable:
                     image.flush()
+                if io is not None:
+                    if image is self.a:
+                        io.a_done = True
+                    else:
+                        io.b_done = True
             return run
 
         self._both(leg(self.a), leg(self.b), length >= self.parallel_threshold or durable)

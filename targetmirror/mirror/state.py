@@ -34,6 +34,10 @@ class State(StrEnum):
     """A is a frozen point-in-time copy; writes go to B only (their regions are marked)."""
     REJOINING = "rejoining"
     """Marked regions are being copied B -> A; every write goes to both legs."""
+    ONE_WAY = "one-way"
+    """One-way cut-over (claim 4): after the split instant, writes through volume 1 still go
+    to A and B, writes through volume 2 go to B only (their regions are marked); A is not
+    frozen.  Ended by a rejoin."""
     SYNCING = "syncing"
     """Initial sync (claim 2): A holds the data, B is being filled from it below a persisted
     cursor; reads come from A, writes go to both legs."""
@@ -59,6 +63,8 @@ class SplitRecord:
     stop; A holds every write acknowledged before the instant and a subset of those in flight),
     or "draining"."""
     group: list[str] = field(default_factory=list)
+    one_way: bool = False
+    """A one-way split: volume 1 keeps writing both legs, A is not frozen (State.ONE_WAY)."""
 
 
 @dataclass

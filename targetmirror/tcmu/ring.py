@@ -487,6 +487,26 @@ class Ring:
             raise RingError(f"cmd_tail {tail} is not a valid ring offset")
         self._rp = tail
 
+    def tail(self) -> int:
+        """The mailbox's ``cmd_tail`` now (``head() == tail()``: no unanswered command slot)."""
+        return int(L.U32.unpack_from(self._live(), L.MB_CMD_TAIL_OFF)[0])
+
+    def skip_to_head(self) -> None:
+        """Start reading at the current ``cmd_head``, leaving older entries unanswered.
+
+        Only for a kernel that cannot reset the ring: entries a previous process left between
+        ``cmd_tail`` and ``cmd_head`` cannot be answered safely (out-of-order completion
+        overwrote some requests with responses, so the slots no longer say which commands are
+        still open).  The kernel times them out (``cmd_time_out``); their slots are reused as
+        our completions steal them.
+        """
+        mv = self._live()
+        self._release_views()
+        (head,) = L.U32.unpack_from(mv, L.MB_CMD_HEAD_OFF)
+        if head >= self._cmdr_size or head % L.OP_ALIGN:
+            raise RingError(f"cmd_head {head} is not a valid ring offset")
+        self._rp = head
+
     def release(self) -> None:
         """Release every view this ring created so the mapping can be closed.  Idempotent.
 

@@ -61,3 +61,20 @@ def test_snapshot_cfgstring():
                         ("snapshot=/x/../a", "normalised")):
         with pytest.raises(ConfigError, match=reason):
             parse_any(bad)
+
+
+def test_volume2_cfgstring_round_trips_and_is_strict() -> None:
+    from targetmirror.config.cfgstring import VolumeSpec, parse_any
+
+    spec = parse_any("mirror/mirror=db;volume=2")
+    assert spec == VolumeSpec("db", 2)
+    assert parse_any(spec.to_cfgstring()) == spec
+    assert parse_any("volume=2;mirror=db.1") == VolumeSpec("db.1", 2)
+    for bad, why in (("mirror=db", "lacks key 'volume'"), ("volume=2", "lacks key 'mirror'"),
+                     ("mirror=db;volume=1", "expected 2"), ("mirror=db;volume=3", "expected 2"),
+                     ("mirror=db;volume=2;a=/x", "not allowed"),
+                     ("mirror=../db;volume=2", "not a mirror name"),
+                     ("mirror=db;mirror=e;volume=2", "given twice"),
+                     ("mirror=db;volume=2,x", "a comma")):
+        with pytest.raises(ConfigError, match=why):
+            parse_any(bad)

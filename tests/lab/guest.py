@@ -127,6 +127,24 @@ def initiator_name() -> str:
     raise GuestError(f"no InitiatorName in {INITIATOR_NAME_FILE}")
 
 
+SCRATCH_DISK = Path("/dev/vdb")
+SCRATCH_MOUNT = Path("/mnt/scratch")
+
+
+def scratch_dir() -> Path:
+    """A directory on the lab's scratch disk (ext4 on /dev/vdb, made at first use per boot),
+    for images too big for tmpfs; see ``lab/vm.py`` SCRATCH_GB."""
+    require_guest("scratch_dir")
+    if not os.path.ismount(SCRATCH_MOUNT):
+        if not SCRATCH_DISK.is_block_device():
+            raise GuestError(f"no scratch disk {SCRATCH_DISK} (TARGETMIRROR_LAB_SCRATCH_GB=0?)")
+        run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1",
+             str(SCRATCH_DISK)], timeout=300)
+        SCRATCH_MOUNT.mkdir(parents=True, exist_ok=True)
+        run(["mount", "-o", "noatime", str(SCRATCH_DISK), str(SCRATCH_MOUNT)])
+    return SCRATCH_MOUNT
+
+
 # --------------------------------------------------------------------------- LIO / rtslib
 
 

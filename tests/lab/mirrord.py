@@ -27,10 +27,11 @@ def python_env() -> dict[str, str]:
     return env
 
 
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, check: bool = True, timeout: float = 120
+        ) -> subprocess.CompletedProcess[str]:
     """Run ``targetmirror ARGS`` (the real CLI) and return its result."""
     proc = subprocess.run([sys.executable, "-m", "targetmirror.cli", *args], cwd=REPO,
-                          env=python_env(), capture_output=True, text=True, timeout=120,
+                          env=python_env(), capture_output=True, text=True, timeout=timeout,
                           check=False)
     if check and proc.returncode != 0:
         raise guest.GuestError(f"targetmirror {' '.join(args)} failed ({proc.returncode}): "
@@ -71,11 +72,12 @@ class Mirrord:
         """Run ``targetmirror COMMAND --socket <ours> ARGS`` (daemon commands)."""
         return cli(command, "--socket", self.socket, *args, check=check)
 
-    def ctl_json(self, command: str, *args: str) -> dict:
+    def ctl_json(self, command: str, *args: str, timeout: float = 120) -> dict:
         """Like :meth:`ctl` with ``--json``; returns the parsed answer."""
         import json
 
-        return json.loads(self.ctl(command, "--json", *args).stdout)
+        return json.loads(cli(command, "--socket", self.socket, "--json", *args,
+                              timeout=timeout).stdout)
 
     def log_text(self) -> str:
         try:
@@ -91,6 +93,15 @@ class Mirrord:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> int | None:
+        """SIGKILL the daemon (no clean-up at all) and reap it; returns its status (-9)."""
+        if self.proc is None:
+            return None
+        self.proc.kill()
+        self.proc.wait(30)
+        self.log.close()
+        return self.proc.returncode
 
     def stop(self, timeout: float = 60) -> int | None:
         """SIGTERM and wait; returns the exit status."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -89,32 +90,45 @@ def test_split_change_rejoin_under_load(mirrord: Mirrord, tmp_path: Path) -> Non
 
 def test_initial_sync_of_an_image_with_data_under_writes(mirrord: Mirrord,
                                                          tmp_path: Path) -> None:
-    """claim 2: a mirror made from an existing image A; B is filled online while fio writes."""
-    size = 384 * MiB  # two copies must fit the guest's tmpfs next to everything else
+    """claim 2: a mirror made from an existing 1 GiB image A; B is filled online while fio
+    writes (with verify) all through the copy.  Two 1 GiB images do not fit the guest's tmpfs
+    (RAM), so they live on the lab's scratch disk."""
+    size = 1024 * MiB
     name = "l_sync"
     iqn = f"{guest.IQN_PREFIX}:l-sync"
-    a, b = tmp_path / f"{name}-a.img", tmp_path / f"{name}-b.img"
-    guest.run(["dd", "if=/dev/urandom", f"of={a}", "bs=1M", f"count={size // MiB}",
-               "status=none"], timeout=600)
-    original_head = a.read_bytes()[:MiB]
+    scratch = guest.scratch_dir()
+    a, b = scratch / f"{name}-a.img", scratch / f"{name}-b.img"
+    for p in (a, b):
+        p.unlink(missing_ok=True)
+    guest.run(["dd", "if=/dev/urandom", f"of={a}", "bs=4M", f"count={size // (4 * MiB)}",
+               "status=none"], timeout=900)
+    with a.open("rb") as f:
+        original_head = f.read(MiB)
     mirrord.ctl("create", name, "--size", str(size), "--image-a", str(a), "--image-b",
-                str(b), "--create-images", "--initial-sync", "--sync-rate", "8", "--iqn", iqn,
+                str(b), "--create-images", "--initial-sync", "--sync-rate", "24", "--iqn", iqn,
                 "--initiator", guest.initiator_name())
     assert mirrord.ctl_json("status", name)["mirrors"][0]["state"] == "syncing"
     guest.iscsi_login(iqn)
     dev = guest.find_scsi_disk(iqn)
     # the initiator sees A's data at once, although B is still being filled
     assert guest.dd_read(dev, 0, MiB) == original_head
-    fio = _fio_background(dev, tmp_path / "fio-sync.txt", 20)
+    t0 = time.monotonic()
+    fio = _fio_background(dev, tmp_path / "fio-sync.txt", 30)
     rc = fio.wait(timeout=300)
     assert rc == 0, (tmp_path / "fio-sync.txt").read_text()[-2000:]
+    # fio ran inside the copy, not after it
+    mid = mirrord.ctl_json("status", name)["mirrors"][0]
+    print(f"after {time.monotonic() - t0:.0f} s of fio: {mid['state']}, {mid['resync']}")
+    assert mid["state"] == "syncing", mid
     guest.wait_for(lambda: mirrord.ctl_json("status", name)["mirrors"][0]["state"]
-                   == "mirrored", timeout=600, interval=1, what="the initial sync to finish")
+                   == "mirrored", timeout=900, interval=1, what="the initial sync to finish")
     st = mirrord.ctl_json("status", name)["mirrors"][0]
-    print(f"initial sync: {st['last_sync']}")
-    ver = mirrord.ctl_json("verify", name)
+    print(f"initial sync of {size} bytes: {st['last_sync']}")
+    ver = mirrord.ctl_json("verify", name, timeout=900)
     assert ver["mismatches"] == 0, ver
     guest.iscsi_logout(iqn)
     assert _sha(a) == _sha(b)
     cli("delete", name, "--iqn", iqn)
+    a.unlink()
+    b.unlink()
 

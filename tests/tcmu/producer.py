@@ -86,6 +86,12 @@ class Producer:
         self._next_id = 1
         self.pads = 0
         """How many PAD entries were written (wrap tests assert they happened)."""
+        self.expired: set[int] = set()
+        """Commands the kernel timed out (``cmd_time_out``): the initiator was answered CHECK
+        CONDITION; the entry and its data blocks stay until userspace completes it."""
+        self.late: list[int] = []
+        """cmd_ids of completions that arrived for expired commands (dropped, like the kernel)."""
+        self.blocked = False
 
     # -- mailbox ------------------------------------------------------------------------------
 
@@ -153,11 +159,14 @@ class Producer:
         raise RuntimeError("no free cmd_id")
 
     def queue_cmd(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0) -> int | None:
-        """Queue a command; returns its cmd_id, or None when the ring or data area is full.
+        """Queue a command; returns its cmd_id, or None when the ring or data area is full
+        (or the device is blocked: the kernel then fails the command with BUSY at once).
 
         Both *data_out* and *data_in_len* make a bidirectional command (Data-Out iovecs
         first, then ``iov_bidi_cnt`` Data-In iovecs), as the kernel does.
         """
+        if self.blocked:
+            return None
         out_blocks = self._alloc_blocks(len(data_out)) if data_out else []
         if out_blocks is None:
             return None
@@ -248,6 +257,13 @@ class Producer:
             pending = self.inflight.pop(cmd_id, None)
             if pending is None:
                 raise BrokenRing(f"completion for cmd_id {cmd_id}, which is not in flight")
+            if cmd_id in self.expired:
+                # like tcmu_handle_completion: an expired command's late answer only frees
+                # its data blocks; the initiator already got its CHECK CONDITION
+                self.expired.discard(cmd_id)
+                self.late.append(cmd_id)
+                self._free_blocks(pending.blocks)
+                continue
             status, _p1, _p2, rsp_read_len = _RSP.unpack_from(self.buf, off + 8)
             sense = bytes(self.buf[off + 16 : off + 112])
             read_len = rsp_read_len if uflags & UFLAG_READ_LEN else None
@@ -258,6 +274,36 @@ class Producer:
             self._free_blocks(pending.blocks)
         self.last_cleaned = walk
         return done
+
+    # -- recovery (the configfs action/ files and cmd_time_out) -------------------------------
+
+    def expire(self, cmd_id: int) -> None:
+        """``cmd_time_out`` passed for an in-flight command (tcmu_check_expired_ring_cmd)."""
+        assert cmd_id in self.inflight
+        self.expired.add(cmd_id)
+
+    def block(self, blocked: bool) -> dict[int, Completion]:
+        """``action/block_dev``: blocking first reaps what userspace already answered."""
+        done = self.reap() if blocked and not self.blocked else {}
+        self.blocked = blocked
+        return done
+
+    def reset_ring(self, mode: int) -> dict[int, int]:
+        """``action/reset_ring``: fail every in-flight command (1: BUSY, 2: CHECK CONDITION;
+        expired ones were answered already), free their blocks, head = tail = 0.  Returns
+        the SCSI status each non-expired command got."""
+        assert mode in (1, 2)
+        failed = {}
+        for cmd_id, pending in self.inflight.items():
+            if cmd_id not in self.expired:
+                failed[cmd_id] = 0x08 if mode == 1 else 0x02
+            self._free_blocks(pending.blocks)
+        self.inflight.clear()
+        self.expired.clear()
+        self._set_head(0)
+        _U32.pack_into(self.buf, 64, 0)
+        self.last_cleaned = 0
+        return failed
 
     def close(self) -> None:
         self.buf.close()
