@@ -114,6 +114,73 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lio_seam() -> Any:
+    """The rtslib seam apply and list use (tests replace this function with a fake)."""
+    from targetmirror.lio.live import RtslibLio
+
+    return RtslibLio()
+
+
+class _DaemonGroups:
+    """Consistency groups through targetmirrord's control API."""
+
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+
+    def all(self) -> dict[str, list[str]]:
+        from targetmirror.daemon.control import call
+
+        return dict(call(self.socket, "status")["groups"])
+
+    def create(self, group: str, names: list[str]) -> None:
+        from targetmirror.daemon.control import call
+
+        call(self.socket, "group-create", group=group, names=names)
+
+    def delete(self, group: str) -> None:
+        from targetmirror.daemon.control import call
+
+        call(self.socket, "group-delete", group=group)
+
+
+class _NoGroups:
+    """Stands in when the daemon is down and neither the file nor the manifest has groups."""
+
+    def all(self) -> dict[str, list[str]]:
+        return {}
+
+    def create(self, group: str, names: list[str]) -> None:
+        raise MirrorError("consistency groups need targetmirrord running")
+
+    delete = create
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Make LIO (and the daemon's groups) match the YAML file; see targetmirror.config.plan."""
+    from targetmirror.config import apply as ap
+    from targetmirror.config import loader
+    from targetmirror.config.plan import Manifest, manifest_path
+
+    config = loader.load(args.config)
+    socket = args.socket or config.daemon.control_socket
+    groups: Any = _DaemonGroups(socket)
+    try:
+        groups.all()
+    except TargetMirrorError as exc:
+        if config.groups or Manifest.load(manifest_path(config)).groups:
+            raise MirrorError(f"the file's consistency groups live in targetmirrord, which "
+                              f"does not answer on {socket} ({exc}); start it first") from exc
+        groups = _NoGroups()
+    lines: list[str] = []
+    result = ap.apply(config, _lio_seam(), groups, dry_run=args.dry_run,
+                      out=lines.append if args.json else print)
+    if args.json:
+        print(json.dumps({"config": config.path, "dry_run": args.dry_run,
+                          "plan": [a.text for a in result.actions],
+                          "applied": [a.text for a in result.done]}, indent=1))
+    return 0
+
+
 def _call(args: argparse.Namespace, op: str, **kw: Any) -> dict[str, Any]:
     from targetmirror.daemon.control import call
 
@@ -415,6 +482,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name")
     d.add_argument("--iqn", help="also delete this iSCSI target")
     d.set_defaults(func=cmd_delete)
+
+    ap = sub.add_parser("apply", help="make LIO match the YAML configuration file",
+                        description="Create, change and remove LIO objects (user:mirror "
+                        "backstores, iSCSI targets, LUNs, ACLs, CHAP) and consistency groups "
+                        "so that they match the file. Idempotent; removes only what an earlier "
+                        "apply created (see docs/operations.md).")
+    ap.add_argument("--config", default=None,
+                    help="the YAML file (default $TARGETMIRROR_CONFIG or "
+                         "/etc/targetmirror/targetmirror.yaml)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="validate and print the plan; change nothing")
+    ap.add_argument("--socket", default=None,
+                    help="targetmirrord's control socket (default: daemon.control_socket "
+                         "of the file)")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    ap.set_defaults(func=cmd_apply)
 
     k = sub.add_parser("check-config", help="check a cfgstring (a=PATH;b=PATH) on this host")
     k.add_argument("cfgstring")
