@@ -286,3 +286,29 @@ def test_cli_apply_groups_need_daemon(tmp_path: Path, monkeypatch: pytest.Monkey
     doc["groups"] = []
     assert cli.main(["apply", "--config", str(write(tmp_path, doc))]) == 0
     assert "m1" in lio.state.backstores
+
+
+def test_cli_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                  capsys: pytest.CaptureFixture[str]) -> None:
+    """list shows every user:mirror backstore, who made it, and where it is exported."""
+    path = write(tmp_path, good(tmp_path))
+    lio, groups = FakeLio(), FakeGroups()
+    lio.state.backstores["hand"] = BackstoreState(2 * MiB, "a=/h/a;b=/h/b", "hand-serial")
+    monkeypatch.setattr(cli, "_lio_seam", lambda: lio)
+    monkeypatch.setattr(cli, "_DaemonGroups", lambda socket: groups)
+    assert cli.main(["apply", "--config", str(path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["list", "--config", str(path), "--json"]) == 0
+    out = {m["name"]: m for m in json.loads(capsys.readouterr().out)["mirrors"]}
+    assert set(out) == {"hand", "m1", "m2"}
+    assert out["m1"]["managed_by_apply"] and not out["hand"]["managed_by_apply"]
+    assert out["m2"]["exports"] == [{"target": IQN, "lun": 1}]
+    assert out["m1"]["image_a"] == f"{tmp_path}/images/m1-a.img"
+    assert out["hand"]["state"] == "unknown"  # no daemon answering in this test
+    assert cli.main(["list", "--config", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "SIZE", "STATE"]
+    hand = next(line for line in lines if line.startswith("hand"))
+    assert "2M" in hand and " hand " in hand and "/h/a" in hand
+    m2 = next(line for line in lines if line.startswith("m2"))
+    assert f"{IQN} LUN 1" in m2 and " apply " in m2
