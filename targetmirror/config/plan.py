@@ -38,7 +38,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from targetmirror.config.cfgstring import MirrorSpec, parse
+from targetmirror.config.cfgstring import MirrorSpec, parse, parse_any
 from targetmirror.config.loader import Chap, Config
 from targetmirror.errors import ConfigError, ConfigFileError
 
@@ -254,6 +254,13 @@ def plan(config: Config, current: LioState, manifest: Manifest,
                          f"'{spec.to_cfgstring()}'; apply never re-creates a live mirror: "
                          f"delete it (targetmirror delete {name}) and apply again")
             continue
+        taken = _images_in_use(current, name)
+        clash = [f"{path} (backstore {taken[path]})" for path in (m.image_a, m.image_b)
+                 if path in taken]
+        if clash:
+            conflict(f"mirrors: {name} would use an image another backstore already uses: "
+                     f"{', '.join(clash)}; two backstores on one image corrupt it")
+            continue
         if m.create_images:
             for path in (m.image_a, m.image_b):
                 if not image_exists(path):
@@ -270,6 +277,22 @@ def plan(config: Config, current: LioState, manifest: Manifest,
     groups_new = [a for a in creations if a.op == "group_create"]
     return (removals + [a for a in creations if a.op != "group_create"] + target_changes
             + groups_new)
+
+
+def _images_in_use(current: LioState, except_name: str) -> dict[str, str]:
+    """Resolved image path -> backstore name, for every user:mirror but ``except_name``."""
+    out: dict[str, str] = {}
+    for name, bs in current.backstores.items():
+        if name == except_name:
+            continue
+        try:
+            spec = parse_any(bs.config)
+        except ConfigError:
+            continue
+        paths = [spec.image_a, spec.image_b] if isinstance(spec, MirrorSpec) else [spec.image]
+        for path in paths:
+            out[os.path.realpath(path)] = name
+    return out
 
 
 def _reconcile_target(iqn: str, cur: TargetState, want: _Desired

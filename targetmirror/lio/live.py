@@ -165,10 +165,12 @@ class RtslibLio:
         c = chap or Chap("", "")
 
         def setcreds() -> None:
-            acl.chap_userid = c.user
-            acl.chap_password = c.password
-            acl.chap_mutual_userid = c.mutual_user
-            acl.chap_mutual_password = c.mutual_password
+            # write only what differs: an unchanged (often empty) value is left alone
+            for attr, value in (("chap_userid", c.user), ("chap_password", c.password),
+                                ("chap_mutual_userid", c.mutual_user),
+                                ("chap_mutual_password", c.mutual_password)):
+                if (getattr(acl, attr) or "") != value:
+                    setattr(acl, attr, value)
 
         self._wrap(f"setting CHAP of {initiator} on {iqn}", setcreds)
 

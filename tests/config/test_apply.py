@@ -312,3 +312,19 @@ def test_cli_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert "2M" in hand and " hand " in hand and "/h/a" in hand
     m2 = next(line for line in lines if line.startswith("m2"))
     assert f"{IQN} LUN 1" in m2 and " apply " in m2
+
+
+def test_image_used_by_another_backstore_is_refused(tmp_path: Path) -> None:
+    """A hand-made backstore (or a snapshot export) already on one of the file's images."""
+    cfg = load(tmp_path, good(tmp_path))
+    lio, groups = FakeLio(), FakeGroups()
+    lio.state.backstores["hand"] = BackstoreState(
+        MiB, f"a=/elsewhere/a;b={tmp_path}/images/m2-b.img", "s")
+    lio.state.backstores["snap"] = BackstoreState(MiB, f"snapshot={tmp_path}/images/m1-a.img")
+    with pytest.raises(ConfigFileError) as info:
+        run(cfg, lio, groups)
+    text = str(info.value)
+    assert f"m2 would use an image another backstore already uses: {tmp_path}/images/m2-b.img " \
+        "(backstore hand)" in text
+    assert f"{tmp_path}/images/m1-a.img (backstore snap)" in text
+    assert lio.calls == []
