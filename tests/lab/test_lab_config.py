@@ -5,13 +5,18 @@ needs mutual CHAP; the initiator logs in (and is refused without the secrets), s
 and writes a pattern that lands on both images; status and list show the same mirrors; a group
 split and rejoin work on the group the file made; a second apply changes nothing (configfs is
 byte-for-byte the same); a bad file changes nothing; dropping one mirror from the file removes
-exactly that one, while a backstore made by hand survives every apply.
+exactly that one, while a backstore made by hand survives every apply; after a "reboot" (daemon
+stopped, LIO cleared) `targetmirrord --config` restores the file before serving, with the same
+unit serial, and the initiator reads its data back.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,7 @@ import pytest
 import yaml
 
 from tests.lab import guest
-from tests.lab.mirrord import Mirrord, cli
+from tests.lab.mirrord import REPO, Mirrord, cli, python_env
 
 pytestmark = pytest.mark.lab
 
@@ -197,3 +202,35 @@ def test_apply_from_yaml(mirrord: Mirrord, tmp_path: Path) -> None:
     dev = guest.find_scsi_disk(IQN, 0)
     assert guest.dd_read(dev, 4 * MiB, MiB) == pattern[0]
     guest.iscsi_logout(IQN, PORTAL)
+
+    # -- a "reboot": daemon stopped, LIO empty; `targetmirrord --config` restores the file ----
+    serial = listed["cfg_m1"]["wwn"]
+    assert mirrord.stop() == 0
+    guest.clear_lio()
+    assert not (guest.CONFIGFS / "target" / "iscsi" / IQN).exists()
+    log_path = tmp_path / "restored.log"
+    with log_path.open("ab") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "targetmirror.daemon.main", "--config", str(cfg),
+             "--rescan-interval", "1", "--log-level", "debug"],
+            cwd=REPO, env=python_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        guest.wait_for(lambda: "serving cfg_m1:" in log_path.read_text()
+                       or daemon.poll() is not None, timeout=120,
+                       what="targetmirrord --config to restore and serve cfg_m1")
+        assert daemon.poll() is None, log_path.read_text()
+        restored = {m["name"]: m for m in json.loads(
+            cli("list", "--config", str(cfg), "--json").stdout)["mirrors"]}
+        assert set(restored) == {"cfg_m1"}
+        assert restored["cfg_m1"]["wwn"] == serial, "the unit serial must survive a restore"
+        assert restored["cfg_m1"]["managed_by_apply"]
+        login_with_chap()
+        assert guest.dd_read(guest.find_scsi_disk(IQN, 0), 4 * MiB, MiB) == pattern[0]
+        guest.iscsi_logout(IQN, PORTAL)
+        assert cli("apply", "--config", str(cfg)).stdout.startswith("nothing to change")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        status = daemon.wait(timeout=60)
+        text = log_path.read_text(errors="replace")
+        print(f"--- targetmirrord --config log ---\n{text[-4000:]}")
+    assert status == 0 and "Traceback" not in text
