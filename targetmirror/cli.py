@@ -2,6 +2,8 @@
 
 * ``create`` / ``delete`` / ``check-config``: ``user:mirror`` backstores through rtslib-fb
   (optionally creating the image files and an iSCSI export).
+* ``apply``: makes LIO match the YAML configuration (:mod:`targetmirror.config.plan`);
+  ``list``: the ``user:mirror`` backstores LIO has, with exports and ownership.
 * ``split``, ``status``, ``group``, ``cancel``, ``backup``: talk to ``targetmirrord`` over its
   control socket; the daemon does the work, the CLI only asks and shows.
 
@@ -138,6 +140,139 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lio_seam() -> Any:
+    """The rtslib seam apply and list use (tests replace this function with a fake)."""
+    from targetmirror.lio.live import RtslibLio
+
+    return RtslibLio()
+
+
+class _DaemonGroups:
+    """Consistency groups through targetmirrord's control API."""
+
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+
+    def all(self) -> dict[str, list[str]]:
+        from targetmirror.daemon.control import call
+
+        return dict(call(self.socket, "status")["groups"])
+
+    def create(self, group: str, names: list[str]) -> None:
+        from targetmirror.daemon.control import call
+
+        call(self.socket, "group-create", group=group, names=names)
+
+    def delete(self, group: str) -> None:
+        from targetmirror.daemon.control import call
+
+        call(self.socket, "group-delete", group=group)
+
+
+class _NoGroups:
+    """Stands in when the daemon is down and neither the file nor the manifest has groups."""
+
+    def all(self) -> dict[str, list[str]]:
+        return {}
+
+    def create(self, group: str, names: list[str]) -> None:
+        raise MirrorError("consistency groups need targetmirrord running")
+
+    delete = create
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Make LIO (and the daemon's groups) match the YAML file; see targetmirror.config.plan."""
+    from targetmirror.config import apply as ap
+    from targetmirror.config import loader
+    from targetmirror.config.plan import Manifest, manifest_path
+
+    config = loader.load(args.config)
+    socket = args.socket or config.daemon.control_socket
+    groups: Any = _DaemonGroups(socket)
+    try:
+        groups.all()
+    except TargetMirrorError as exc:
+        if config.groups or Manifest.load(manifest_path(config)).groups:
+            raise MirrorError(f"the file's consistency groups live in targetmirrord, which "
+                              f"does not answer on {socket} ({exc}); start it first") from exc
+        groups = _NoGroups()
+    lines: list[str] = []
+    result = ap.apply(config, _lio_seam(), groups, dry_run=args.dry_run,
+                      out=lines.append if args.json else print)
+    if args.json:
+        print(json.dumps({"config": config.path, "dry_run": args.dry_run,
+                          "plan": [a.text for a in result.actions],
+                          "applied": [a.text for a in result.done]}, indent=1))
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _human(size: int) -> str:
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return str(size)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Every user:mirror backstore in LIO: images, exports, who made it, the daemon's view."""
+    from targetmirror.config import loader
+    from targetmirror.config.cfgstring import parse_any
+    from targetmirror.config.plan import Manifest, manifest_path
+
+    state = _lio_seam().read_state()
+    owned: dict[str, str] = {}
+    socket = args.socket
+    try:
+        config = loader.load(args.config)
+        owned = Manifest.load(manifest_path(config)).backstores
+        socket = socket or config.daemon.control_socket
+    except TargetMirrorError:
+        config = None  # no (valid) file: ownership is unknown, list LIO as it is
+    try:
+        st = _call(argparse.Namespace(socket=socket or DEFAULT_SOCKET), "status")
+        daemon: dict[str, Any] = {m["name"]: m for m in st["mirrors"]}
+        group_of = {n: g for g, names in st.get("groups", {}).items() for n in names}
+    except TargetMirrorError:
+        daemon, group_of = {}, {}
+    out = []
+    for name, bs in sorted(state.backstores.items()):
+        try:
+            spec: Any = parse_any(bs.config)
+        except TargetMirrorError:
+            spec = None
+        exports = [{"target": iqn, "lun": lun} for iqn, t in sorted(state.targets.items())
+                   for lun, so in sorted(t.luns.items()) if so == name]
+        m = daemon.get(name)
+        out.append({
+            "name": name, "size": bs.size, "cfgstring": bs.config, "wwn": bs.wwn,
+            "image_a": getattr(spec, "image_a", None), "image_b": getattr(spec, "image_b", None),
+            "snapshot_of": getattr(spec, "image", None),
+            "exports": exports, "group": group_of.get(name),
+            "managed_by_apply": owned.get(name) == bs.wwn and bool(bs.wwn),
+            "state": m["state"] if m else ("unknown" if not daemon else "not-served")})
+    if args.json:
+        print(json.dumps({"config": config.path if config else None, "mirrors": out},
+                         indent=1))
+        return 0
+    rows = [("NAME", "SIZE", "STATE", "GROUP", "EXPORTED AS", "MADE BY", "IMAGE A", "IMAGE B")]
+    for r in out:
+        rows.append((r["name"], _human(r["size"]), r["state"], r["group"] or "-",
+                     ", ".join(f"{e['target']} LUN {e['lun']}" for e in r["exports"]) or "-",
+                     "apply" if r["managed_by_apply"] else "hand",
+                     r["image_a"] or (f"snapshot {r['snapshot_of']}" if r["snapshot_of"]
+                                      else "-"),
+                     r["image_b"] or "-"))
+    _table(rows)
+    return 0
+
+
 def _call(args: argparse.Namespace, op: str, **kw: Any) -> dict[str, Any]:
     from targetmirror.daemon.control import call
 
@@ -158,9 +293,7 @@ def _print_status(mirrors: list[dict[str, Any]]) -> None:
             m["name"], m["state"], str(m.get("epoch", "-")), str(m.get("writes_in_flight", "-")),
             str(m.get("pre_split_in_flight", "-")), _when(sp.get("instant_wall")),
             "-" if drain is None else f"{drain * 1000:.3f} ms", sp.get("a_status", "-")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    _table(rows)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -408,10 +541,26 @@ def cmd_export_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CODES = """\
+exit status:
+  0  success (apply: LIO matches the file, whether or not something changed)
+  1  targetmirror error: bad input or configuration, refused operation, daemon
+     unreachable, LIO failure (stderr: 'targetmirror: CODE: WHY', a config error
+     lists every problem of the file on its own line;
+     CODE is the error's stable code: config, mirror, lio, store, protocol, ...)
+  2  usage error (unknown command or option)
+  3  the command run by 'backup --exec' failed (the mirror stays split)
+
+The configuration file is $TARGETMIRROR_CONFIG or /etc/targetmirror/targetmirror.yaml
+unless --config is given; see docs/operations.md."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also the source of the man page)."""
     p = argparse.ArgumentParser(prog="targetmirror",
-                                description="Split-mirror block service for LIO (TCMU).")
+                                description="Split-mirror block service for LIO (TCMU).",
+                                epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -454,6 +603,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name")
     d.add_argument("--iqn", help="also delete this iSCSI target")
     d.set_defaults(func=cmd_delete)
+
+    ap = sub.add_parser("apply", help="make LIO match the YAML configuration file",
+                        description="Create, change and remove LIO objects (user:mirror "
+                        "backstores, iSCSI targets, LUNs, ACLs, CHAP) and consistency groups "
+                        "so that they match the file. Idempotent; removes only what an earlier "
+                        "apply created (see docs/operations.md).")
+    ap.add_argument("--config", default=None,
+                    help="the YAML file (default $TARGETMIRROR_CONFIG or "
+                         "/etc/targetmirror/targetmirror.yaml)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="validate and print the plan; change nothing")
+    ap.add_argument("--socket", default=None,
+                    help="targetmirrord's control socket (default: daemon.control_socket "
+                         "of the file)")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    ap.set_defaults(func=cmd_apply)
+
+    ls = sub.add_parser("list", help="list user:mirror backstores: exports, group, state, "
+                        "and whether apply made them")
+    ls.add_argument("--config", default=None,
+                    help="the YAML file whose state directory records what apply made")
+    ls.add_argument("--socket", default=None, help="targetmirrord's control socket")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_list)
 
     k = sub.add_parser("check-config", help="check a cfgstring (a=PATH;b=PATH) on this host")
     k.add_argument("cfgstring")

@@ -21,6 +21,23 @@ class ConfigError(TargetMirrorError):
     code = "config"
 
 
+class ConfigFileError(ConfigError):
+    """A configuration file has one or more problems; ``problems`` lists every one.
+
+    Each problem is one line naming the file, the key path and what was expected, so an admin
+    fixes the whole file in one pass.
+    """
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            text = self.problems[0]
+        else:
+            text = f"{len(self.problems)} problems in {path}:\n  " + "\n  ".join(self.problems)
+        super().__init__(text)
+
+
 class RingError(TargetMirrorError):
     """The TCMU shared-memory ring is not what the protocol promises (version, size, entries)."""
 

@@ -8,7 +8,9 @@ format is ``;``-separated ``key=value`` pairs::
     a=/srv/images/db-a.raw;b=/srv/images/db-b.raw
 
 Keys: ``a`` and ``b`` (required): absolute paths of the two images; ``direct`` (optional, 0/1):
-open with O_DIRECT where the backing allows it.
+open with O_DIRECT where the backing allows it; ``region`` (optional): the change bitmap's region
+size in bytes (a power of two >= 4096) for a new mirror (an existing mirror keeps the region size
+its saved state records).
 
 A read-only *snapshot* LUN exports a split mirror's image A so a backup tool can read it over
 iSCSI (claim 5): ``snapshot=/srv/images/db-a.raw``.  The daemon serves it write-protected, and
@@ -37,7 +39,7 @@ from targetmirror.errors import ConfigError
 MAX_DEV_CONFIG = 255
 SUBTYPE = "mirror"
 FORBIDDEN = {",": "a comma", ":": "a colon", "\n": "a newline", "\0": "a NUL byte"}
-KEYS = {"a", "b", "direct"}
+KEYS = {"a", "b", "direct", "region"}
 SNAPSHOT_KEY = "snapshot"
 
 
@@ -48,12 +50,16 @@ class MirrorSpec:
     image_a: str
     image_b: str
     direct: bool = False
+    region_size: int | None = None
+    """None: the daemon's default (64 KiB)."""
 
     def to_cfgstring(self) -> str:
         """The canonical cfgstring for this spec (round-trips through :func:`parse`)."""
         text = f"a={self.image_a};b={self.image_b}"
         if self.direct:
             text += ";direct=1"
+        if self.region_size is not None:
+            text += f";region={self.region_size}"
         return text
 
 
@@ -173,11 +179,18 @@ def parse(cfgstring: str) -> MirrorSpec:
     direct = values.get("direct", "0")
     if direct not in ("0", "1"):
         raise ConfigError(f"cfgstring key 'direct': expected 0 or 1, got {direct!r}")
+    region: int | None = None
+    if "region" in values:
+        text = values["region"]
+        region = int(text) if text.isdigit() else 0
+        if region < 4096 or region & (region - 1):
+            raise ConfigError(f"cfgstring key 'region': expected a power of two >= 4096, "
+                              f"got {text!r}")
     a = _check_path("a", values["a"])
     b = _check_path("b", values["b"])
     if a == b:
         raise ConfigError(f"cfgstring names the same image for a and b: {a}")
-    return MirrorSpec(a, b, direct == "1")
+    return MirrorSpec(a, b, direct == "1", region)
 
 
 def check_images(spec: MirrorSpec, size: int | None = None) -> None:

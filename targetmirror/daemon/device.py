@@ -100,7 +100,8 @@ def build_mirror(info: UioInfo, cfs: ConfigfsDevice, store: StateStore | None) -
         raise
     try:
         mirror = Mirror(info.dev_name, a, b, size=size, block_size=block_size,
-                        write_cache=True, store=store)
+                        write_cache=True, store=store,
+                        **({} if spec.region_size is None else {"region_size": spec.region_size}))
     except BaseException:
         a.close()
         b.close()

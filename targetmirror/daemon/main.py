@@ -393,33 +393,57 @@ class Daemon:
             self.rescan()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``targetmirrord``."""
-    p = argparse.ArgumentParser(prog="targetmirrord",
-                                description="Serve user:mirror TCMU devices (foreground).")
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also the source of the man page)."""
+    p = argparse.ArgumentParser(
+        prog="targetmirrord", description="Serve user:mirror TCMU devices (foreground).",
+        epilog="With a configuration file (--config, $TARGETMIRROR_CONFIG, or "
+               "/etc/targetmirror/targetmirror.yaml when it exists) the daemon applies it "
+               "before serving, like 'targetmirror apply'; a file that is invalid or cannot be "
+               "applied is logged as an error and the daemon serves what exists. Options given "
+               "here override the file's daemon settings. Exit status: 0 after SIGTERM/SIGINT, "
+               "1 on a fatal error, 2 on a usage error.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--config", default=None, help="YAML configuration to apply at start")
     p.add_argument("--workers", type=int, default=2,
                    help="I/O worker threads per device; 0 runs commands on the ring thread")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default=None,
+                   choices=["debug", "info", "warning", "error"],
+                   help="default: daemon.log_level of the file, else info")
     p.add_argument("--rescan-interval", type=float, default=5.0,
                    help="seconds between UIO rescans (default %(default)s)")
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
-                   help="durable mirror state (default %(default)s)")
-    p.add_argument("--control-socket", default=DEFAULT_SOCKET,
-                   help="control API socket (default %(default)s)")
+    p.add_argument("--state-dir", default=None,
+                   help=f"durable mirror state (default: the file's, else {DEFAULT_STATE_DIR})")
+    p.add_argument("--control-socket", default=None,
+                   help=f"control API socket (default: the file's, else {DEFAULT_SOCKET})")
     p.add_argument("--stuck-after", type=float, default=DEFAULT_THRESHOLD, metavar="SECONDS",
                    help="log a command still unanswered after this long, once (0: never; "
                    "default %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``targetmirrord``."""
+    from targetmirror.daemon import restore
+
+    p = build_parser()
     args = p.parse_args(argv)
-    logs.setup(args.log_level)
+    config, problem = restore.load(args.config)
+    d = config.daemon if config is not None else None
+    logs.setup(args.log_level or (d.log_level if d else "info"))
+    if problem:
+        log.error("%s", problem)
     if args.workers < 0:
         p.error("--workers must be 0 or more")
     if args.stuck_after < 0:
         p.error("--stuck-after must be 0 or more")
     daemon = Daemon(workers=args.workers, rescan_interval=args.rescan_interval,
-                    state_dir=args.state_dir, control_socket=args.control_socket,
+                    state_dir=args.state_dir or (d.state_dir if d else DEFAULT_STATE_DIR),
+                    control_socket=args.control_socket or (d.control_socket if d
+                                                           else DEFAULT_SOCKET),
                     stuck_after=args.stuck_after)
+    if config is not None:
+        restore.apply_at_start(config, daemon.groups, args.state_dir)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing in-flight commands", signal.Signals(signum).name)

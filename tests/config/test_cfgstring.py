@@ -13,6 +13,9 @@ def test_parse_and_roundtrip():
     assert spec == MirrorSpec("/srv/a.img", "/srv/b.img", False)
     assert parse(spec.to_cfgstring()) == spec
     assert parse("mirror/a=/x/a;b=/x/b;direct=1").direct is True
+    region = parse("a=/x/a;b=/x/b;region=131072")
+    assert region.region_size == 131072 and parse(region.to_cfgstring()) == region
+    assert parse("a=/x/a;b=/x/b").region_size is None
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -28,6 +31,9 @@ def test_parse_and_roundtrip():
     ("a=/x/a;a=/x/c;b=/x/b", "twice"),
     ("a=/x/a;b=/x/b;direct=yes", "expected 0 or 1"),
     ("a=/x/a;bogus;b=/x/b", "key=value"),
+    ("a=/x/a;b=/x/b;region=3000", "power of two"),
+    ("a=/x/a;b=/x/b;region=2048", "power of two"),
+    ("a=/x/a;b=/x/b;region=-4096", "power of two"),
     ("a=/" + "x" * 300 + ";b=/x/b", "255"),
 ])
 def test_bad_cfgstrings(text, reason):

@@ -1,0 +1,634 @@
+"""The YAML configuration file: load it over documented defaults and validate all of it.
+
+``/etc/targetmirror/targetmirror.yaml`` (or ``--config F`` / ``$TARGETMIRROR_CONFIG``) describes
+the mirrors, consistency groups, iSCSI exports and daemon settings of one host.  It is read with
+``yaml.safe_load`` (no arbitrary objects), laid over :data:`DEFAULTS`, and checked *completely*
+before anything on the host changes: every problem found is collected, and :func:`load` raises
+one :class:`~targetmirror.errors.ConfigFileError` listing them all, each naming the file, the key
+path (``mirrors[1].image_b``) and what was expected.  Admins fix a file in one pass instead of
+one error per run (the complaint behind ceph-iscsi #65 and #198).
+
+Validation reads the host (does an image exist, where does a symlink point) but never writes.
+Image paths are resolved (symlinks and ``..``) before they are compared with the allowed image
+directories, so a link inside an allowed directory that points elsewhere is refused; the
+resolved path is what the backstore's cfgstring carries, so a symlink swapped later cannot
+redirect a running mirror.
+
+The result is a :class:`Config` of frozen dataclasses; a mirror maps onto the cfgstring of its
+``user:mirror`` backstore through :meth:`MirrorConfig.spec`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from targetmirror.config.cfgstring import MirrorSpec, parse
+from targetmirror.errors import ConfigError, ConfigFileError
+
+DEFAULT_PATH = "/etc/targetmirror/targetmirror.yaml"
+ENV_VAR = "TARGETMIRROR_CONFIG"
+
+#: Every key of the file: (key path, default, meaning).  ``[]`` marks a list item; a default
+#: of ``None`` means the key is required.  docs/operations.md documents exactly these rows
+#: (tests/config/test_docs.py checks it), so the reference cannot drift from the code.
+DEFAULTS: tuple[tuple[str, Any, str], ...] = (
+    ("daemon.control_socket", "/run/targetmirror/control.sock",
+     "Unix socket of targetmirrord's control API (root only)"),
+    ("daemon.state_dir", "/var/lib/targetmirror",
+     "durable mirror state, change bitmaps, groups and apply's ownership manifest"),
+    ("daemon.metrics_address", "",
+     "HOST:PORT of the Prometheus endpoint; empty turns it off"),
+    ("daemon.log_level", "info", "one of debug, info, warning, error"),
+    ("image_dirs", ["/var/lib/targetmirror/images"],
+     "directories images must resolve into (after symlinks and ..)"),
+    ("mirrors", [], "the mirrored LUNs"),
+    ("mirrors[].name", None,
+     "backstore name: letters, digits, '_', '.', '-' (at most 64 characters)"),
+    ("mirrors[].size", None, "LUN size in bytes or with a unit (512M, 10G); a multiple of 512"),
+    ("mirrors[].image_a", None, "absolute path of image A, the leg that is split off"),
+    ("mirrors[].image_b", None, "absolute path of image B, the live leg"),
+    ("mirrors[].region_size", "64K",
+     "change-bitmap region: a power of two of at least 4K; fixed once the mirror exists"),
+    ("mirrors[].direct", False, "open the images with O_DIRECT"),
+    ("mirrors[].create_images", False,
+     "create missing image files (sparse, of size); existing ones are never touched"),
+    ("groups", [], "consistency groups: mirrors split at one instant"),
+    ("groups[].name", None, "group name: letters, digits, '_', '.', '-'"),
+    ("groups[].mirrors", None, "two or more mirror names; a mirror is in at most one group"),
+    ("exports", [], "iSCSI targets"),
+    ("exports[].target", None, "target IQN, e.g. iqn.2026-01.com.example:db (lower case)"),
+    ("exports[].portals", ["0.0.0.0:3260"], "IP:PORT list ([IPv6]:PORT for IPv6)"),
+    ("exports[].luns", None, "LUNs of the target"),
+    ("exports[].luns[].lun", None, "LUN number, 0-255, unique within the target"),
+    ("exports[].luns[].mirror", None, "a mirror named under mirrors"),
+    ("exports[].acls", None, "initiators allowed to log in (at least one); each sees every LUN"),
+    ("exports[].acls[].initiator", None, "initiator IQN"),
+    ("exports[].acls[].chap_user", "", "CHAP user name; set it on all ACLs of a target or none"),
+    ("exports[].acls[].chap_password", "", "CHAP secret, 12-255 characters"),
+    ("exports[].acls[].mutual_chap_user", "",
+     "mutual CHAP: the name the target answers with"),
+    ("exports[].acls[].mutual_chap_password", "",
+     "mutual CHAP secret, 12-255 characters, different from chap_password"),
+)
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SECTOR = 512
+MIN_REGION = 4096
+DEFAULT_REGION = 64 * 1024
+CHAP_MIN, CHAP_MAX = 12, 255
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_IQN = re.compile(rf"^iqn\.\d{{4}}-(?:0[1-9]|1[0-2])\.{_LABEL}(?:\.{_LABEL})*"
+                  r"(?::[a-z0-9.:-]+)?$")
+_EUI = re.compile(r"^eui\.[0-9a-f]{16}$")
+_NAA = re.compile(r"^naa\.[0-9a-f]{16}(?:[0-9a-f]{16})?$")
+_CHAP_TEXT = re.compile(r"^[!-~]+$")  # printable ASCII, no blanks
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+IQN_EXPECTED = ("an iSCSI name: iqn.YYYY-MM.reversed.domain[:suffix] in lower case "
+                "(no '_' or blanks), eui.<16 hex> or naa.<16 or 32 hex>")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    control_socket: str
+    state_dir: str
+    metrics_address: str
+    log_level: str
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorConfig:
+    """One mirror; image paths are resolved (absolute, no symlinks)."""
+
+    name: str
+    size: int
+    image_a: str
+    image_b: str
+    region_size: int
+    direct: bool
+    create_images: bool
+
+    def spec(self) -> MirrorSpec:
+        """The cfgstring content the ``user:mirror`` backstore carries."""
+        region = None if self.region_size == DEFAULT_REGION else self.region_size
+        return MirrorSpec(self.image_a, self.image_b, self.direct, region)
+
+    def cfgstring(self) -> str:
+        return self.spec().to_cfgstring()
+
+
+@dataclass(frozen=True, slots=True)
+class GroupConfig:
+    name: str
+    mirrors: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Chap:
+    """CHAP credentials of one ACL (``mutual_*`` empty: one-way CHAP)."""
+
+    user: str
+    password: str = field(repr=False)
+    mutual_user: str = ""
+    mutual_password: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AclConfig:
+    initiator: str
+    chap: Chap | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    target: str
+    portals: tuple[tuple[str, int], ...]
+    luns: tuple[tuple[int, str], ...]
+    """(LUN number, mirror name), sorted by number."""
+    acls: tuple[AclConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    daemon: DaemonSettings
+    image_dirs: tuple[str, ...]
+    mirrors: tuple[MirrorConfig, ...] = ()
+    groups: tuple[GroupConfig, ...] = ()
+    exports: tuple[ExportConfig, ...] = ()
+
+    def mirror(self, name: str) -> MirrorConfig:
+        for m in self.mirrors:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def default_path() -> str:
+    """``$TARGETMIRROR_CONFIG`` if set, else :data:`DEFAULT_PATH`."""
+    return os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
+def default(key: str) -> Any:
+    for k, value, _ in DEFAULTS:
+        if k == key:
+            return value
+    raise KeyError(key)
+
+
+def parse_size(value: object) -> int | None:
+    """An int, or ``512M`` / ``1G`` / ``2TiB`` (binary units); None if neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE.fullmatch(value)
+        if m:
+            return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    return None
+
+
+def valid_iscsi_name(name: str) -> bool:
+    return len(name.encode()) <= 223 and bool(
+        _IQN.match(name) or _EUI.match(name) or _NAA.match(name))
+
+
+class _Checker:
+    """Collects problems as ``file: key.path: expected ..., got ...`` lines."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.problems: list[str] = []
+
+    def error(self, key: str, expected: str, got: object = None, *, show: bool = True) -> None:
+        text = f"{self.path}: {key}: expected {expected}"
+        if show:
+            text += f", got {_show(got)}"
+        self.problems.append(text)
+
+    def mapping(self, value: object, key: str, allowed: tuple[str, ...],
+                required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+        if not isinstance(value, dict):
+            self.error(key or "(top level)", "a mapping of " + ", ".join(allowed), value)
+            return None
+        for k in value:
+            if k not in allowed:
+                self.error(_join(key, str(k)), f"no such key (known keys here: "
+                           f"{', '.join(allowed)})", show=False)
+        for k in required:
+            if k not in value:
+                self.error(_join(key, k), "this key (it is required)", show=False)
+        return value
+
+    def seq(self, value: object, key: str, what: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.error(key, f"a list of {what}", value)
+            return []
+        return value
+
+    def text(self, value: object, key: str, expected: str,
+             ok: Callable[[str], bool] = lambda s: bool(s)) -> str | None:
+        if not isinstance(value, str) or not ok(value):
+            self.error(key, expected, value)
+            return None
+        return value
+
+    def boolean(self, value: object, key: str) -> bool:
+        if not isinstance(value, bool):
+            self.error(key, "true or false", value)
+            return False
+        return value
+
+
+def _join(base: str, key: str) -> str:
+    return f"{base}.{key}" if base else key
+
+
+def _show(value: object) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing (null)"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def load(path: str | None = None) -> Config:
+    """Read, parse and validate the file at ``path`` (default :func:`default_path`)."""
+    path = path or default_path()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: "
+                          f"{exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: expected UTF-8 text: {exc}") from exc
+    return loads(text, path)
+
+
+def loads(text: str, path: str = "<string>") -> Config:
+    """Parse and validate YAML ``text``; ``path`` names the file in messages."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigFileError(path, [f"{path}: {where}expected valid YAML: {problem}"]) \
+            from exc
+    return validate(data if data is not None else {}, path)
+
+
+def validate(data: object, path: str) -> Config:
+    """Check a parsed document completely; raise one error listing every problem."""
+    c = _Checker(path)
+    top = c.mapping(data, "", ("daemon", "image_dirs", "mirrors", "groups", "exports")) or {}
+    daemon = _daemon(c, top.get("daemon", {}))
+    dirs = _image_dirs(c, top.get("image_dirs", default("image_dirs")))
+    raw_mirrors = c.seq(top.get("mirrors"), "mirrors", "mirrors")
+    mirrors = _mirrors(c, raw_mirrors, dirs)
+    # Groups and exports are checked against every mirror the file declares, valid or not, so
+    # one bad image gives one message, not one more per reference to its mirror.
+    names = {m["name"] for m in raw_mirrors if isinstance(m, dict) and isinstance(
+        m.get("name"), str)}
+    groups = _groups(c, c.seq(top.get("groups"), "groups", "groups"), names)
+    exports = _exports(c, c.seq(top.get("exports"), "exports", "exports"), names)
+    if c.problems:
+        raise ConfigFileError(path, c.problems)
+    assert daemon is not None
+    return Config(path, daemon, tuple(dirs), tuple(mirrors), tuple(groups), tuple(exports))
+
+
+def _daemon(c: _Checker, raw: object) -> DaemonSettings | None:
+    keys = ("control_socket", "state_dir", "metrics_address", "log_level")
+    d = c.mapping({} if raw is None else raw, "daemon", keys)
+    if d is None:
+        return None
+    values = {k: d.get(k, default(f"daemon.{k}")) for k in keys}
+    for k in ("control_socket", "state_dir"):
+        c.text(values[k], f"daemon.{k}", "an absolute path",
+               lambda s: s.startswith("/") and "\0" not in s)
+    addr = values["metrics_address"]
+    if c.text(addr, "daemon.metrics_address", "HOST:PORT or an empty string",
+              lambda s: s == "" or _split_hostport(s) is not None) is None:
+        pass
+    c.text(values["log_level"], "daemon.log_level", "one of " + ", ".join(LOG_LEVELS),
+           lambda s: s in LOG_LEVELS)
+    if any(not isinstance(v, str) for v in values.values()):
+        return None
+    return DaemonSettings(**values)
+
+
+def _split_hostport(text: str) -> tuple[str, int] | None:
+    """``1.2.3.4:3260`` / ``[::1]:3260`` / ``name:9100`` -> (host, port), or None."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    elif ":" in host:
+        return None
+    return host, int(port)
+
+
+def _portal(text: str) -> tuple[str, int] | None:
+    hp = _split_hostport(text)
+    if hp is None:
+        return None
+    try:
+        ipaddress.ip_address(hp[0])
+    except ValueError:
+        return None
+    return hp
+
+
+def _image_dirs(c: _Checker, raw: object) -> list[str]:
+    out = []
+    for i, d in enumerate(c.seq(raw, "image_dirs", "absolute directory paths")):
+        key = f"image_dirs[{i}]"
+        if c.text(d, key, "an absolute path", lambda s: s.startswith("/")) is None:
+            continue
+        real = os.path.realpath(d)
+        if not os.path.isdir(real):
+            c.error(key, "an existing directory", d)
+        out.append(real)
+    return out
+
+
+def _inside(path: str, dirs: list[str]) -> bool:
+    return any(os.path.commonpath([path, d]) == d for d in dirs)
+
+
+def _mirrors(c: _Checker, raw: list[Any], dirs: list[str]) -> list[MirrorConfig]:
+    keys = ("name", "size", "image_a", "image_b", "region_size", "direct", "create_images")
+    out: list[MirrorConfig] = []
+    seen_names: dict[str, str] = {}
+    seen_images: dict[object, str] = {}
+    for i, item in enumerate(raw):
+        key = f"mirrors[{i}]"
+        m = c.mapping(item, key, keys, ("name", "size", "image_a", "image_b"))
+        if m is None:
+            continue
+        n_before = len(c.problems)
+        name = c.text(m.get("name"), f"{key}.name", "a name of letters, digits, '_', '.', "
+                      "'-' (1-64 characters, starting with a letter or digit)",
+                      lambda s: bool(_NAME.match(s))) if "name" in m else None
+        if name is not None:
+            if name in seen_names:
+                c.error(f"{key}.name", f"a name not used before ({seen_names[name]}.name "
+                        "has it too)", name)
+            seen_names.setdefault(name, key)
+        size = parse_size(m.get("size"))
+        if "size" in m and (size is None or size <= 0 or size % SECTOR):
+            c.error(f"{key}.size", f"a positive size in bytes or with a unit (512M, 10G), a "
+                    f"multiple of {SECTOR}", m.get("size"))
+        region = parse_size(m.get("region_size", default("mirrors[].region_size")))
+        if region is None or region < MIN_REGION or region & (region - 1):
+            c.error(f"{key}.region_size", f"a power of two of at least {MIN_REGION} (e.g. 64K)",
+                    m.get("region_size"))
+        direct = c.boolean(m.get("direct", False), f"{key}.direct")
+        create = c.boolean(m.get("create_images", False), f"{key}.create_images")
+        images = []
+        for leg in ("image_a", "image_b"):
+            if leg not in m:
+                continue
+            images.append(_image(c, m[leg], f"{key}.{leg}", dirs, create,
+                                 size if size and size > 0 else None, seen_images))
+        if len(c.problems) > n_before or len(images) != 2 or None in images:
+            continue
+        assert name is not None and size is not None and region is not None
+        a, b = images
+        assert a is not None and b is not None
+        mc = MirrorConfig(name, size, a, b, region, direct, create)
+        try:
+            parse(mc.cfgstring())
+        except ConfigError as exc:
+            c.error(key, f"image paths the kernel's dev_config can carry ({exc})", show=False)
+            continue
+        out.append(mc)
+    return out
+
+
+def _image(c: _Checker, raw: object, key: str, dirs: list[str], create: bool,
+           size: int | None, seen: dict[object, str]) -> str | None:
+    path = c.text(raw, key, "an absolute path", lambda s: s.startswith("/") and "\0" not in s)
+    if path is None:
+        return None
+    real = os.path.realpath(path)
+    if not _inside(real, dirs):
+        via = "" if real == os.path.normpath(path) else f" (it resolves to {real})"
+        c.error(key, "a path inside image_dirs (" + (", ".join(dirs) or "none usable") + ")"
+                + via, path)
+        return None
+    ident: object = real
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        if not create:
+            c.error(key, "an existing image file or block device (or create_images: true)",
+                    path)
+            return None
+        if not os.path.isdir(os.path.dirname(real)):
+            c.error(key, "an image whose directory exists (create_images makes files, not "
+                    "directories)", path)
+            return None
+    except OSError as exc:
+        c.error(key, f"an accessible image ({exc.strerror})", path)
+        return None
+    else:
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            c.error(key, "a regular file or block device", path)
+            return None
+        if size is not None and stat.S_ISREG(st.st_mode) and st.st_size < size:
+            c.error(key, f"an image of at least {size} bytes (the mirror's size); it has "
+                    f"{st.st_size}", path)
+            return None
+        ident = (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else ("blk", st.st_rdev)
+    if ident in seen:
+        c.error(key, f"an image no other leg uses ({seen[ident]} names the same image)", path)
+        return None
+    seen[ident] = key
+    return real
+
+
+def _groups(c: _Checker, raw: list[Any], mirrors: set[str]) -> list[GroupConfig]:
+    out = []
+    names: set[str] = set()
+    member_of: dict[str, str] = {}
+    for i, item in enumerate(raw):
+        key = f"groups[{i}]"
+        g = c.mapping(item, key, ("name", "mirrors"), ("name", "mirrors"))
+        if g is None:
+            continue
+        n_before = len(c.problems)
+        name = c.text(g.get("name"), f"{key}.name", "a group name of letters, digits, '_', "
+                      "'.', '-'", lambda s: bool(_NAME.match(s))) if "name" in g else None
+        if name is not None and name in names:
+            c.error(f"{key}.name", "a group name not used before", name)
+        members = g.get("mirrors")
+        if "mirrors" in g:
+            if (not isinstance(members, list) or len(members) < 2
+                    or not all(isinstance(x, str) for x in members)
+                    or len(set(members)) != len(members)):
+                c.error(f"{key}.mirrors", "a list of two or more distinct mirror names", members)
+            else:
+                for j, mname in enumerate(members):
+                    if mname not in mirrors:
+                        c.error(f"{key}.mirrors[{j}]", "the name of a mirror under mirrors",
+                                mname)
+                    elif mname in member_of:
+                        c.error(f"{key}.mirrors[{j}]", f"a mirror in no other group "
+                                f"({mname} is in {member_of[mname]} already)", mname)
+                    else:
+                        member_of[mname] = key
+        if len(c.problems) > n_before or name is None or not isinstance(members, list):
+            continue
+        names.add(name)
+        out.append(GroupConfig(name, tuple(members)))
+    return out
+
+
+def _exports(c: _Checker, raw: list[Any], mirrors: set[str]) -> list[ExportConfig]:
+    out = []
+    targets: dict[str, str] = {}
+    for i, item in enumerate(raw):
+        key = f"exports[{i}]"
+        e = c.mapping(item, key, ("target", "portals", "luns", "acls"),
+                      ("target", "luns", "acls"))
+        if e is None:
+            continue
+        n_before = len(c.problems)
+        target = c.text(e.get("target"), f"{key}.target", IQN_EXPECTED,
+                        valid_iscsi_name) if "target" in e else None
+        if target is not None:
+            if target in targets:
+                c.error(f"{key}.target", f"a target not exported before ({targets[target]} "
+                        "has it)", target)
+            targets.setdefault(target, key)
+        portals: list[tuple[str, int]] = []
+        raw_portals = e.get("portals", default("exports[].portals"))
+        if not isinstance(raw_portals, list) or not raw_portals:
+            c.error(f"{key}.portals", "a non-empty list of IP:PORT", raw_portals)
+        else:
+            for j, p in enumerate(raw_portals):
+                pk = f"{key}.portals[{j}]"
+                hp = _portal(p) if isinstance(p, str) else None
+                if hp is None:
+                    c.error(pk, "IP:PORT with a numeric IP and a port 1-65535 "
+                            "(e.g. 192.0.2.10:3260 or [2001:db8::1]:3260)", p)
+                elif hp in portals:
+                    c.error(pk, "a portal not listed before", p)
+                else:
+                    portals.append(hp)
+        luns: dict[int, str] = {}
+        for j, item_l in enumerate(c.seq(e.get("luns"), f"{key}.luns", "LUNs")):
+            lk = f"{key}.luns[{j}]"
+            lu = c.mapping(item_l, lk, ("lun", "mirror"), ("lun", "mirror"))
+            if lu is None:
+                continue
+            num = lu.get("lun")
+            if "lun" in lu:
+                if isinstance(num, bool) or not isinstance(num, int) or not 0 <= num <= 255:
+                    c.error(f"{lk}.lun", "a LUN number 0-255", num)
+                    num = None
+                elif num in luns:
+                    c.error(f"{lk}.lun", f"a LUN number not used before in this target "
+                            f"(LUN {num} is {luns[num]})", num)
+                    num = None
+            mname = lu.get("mirror")
+            if "mirror" in lu and mname not in mirrors:
+                c.error(f"{lk}.mirror", "the name of a mirror under mirrors", mname)
+                mname = None
+            if isinstance(num, int) and isinstance(mname, str):
+                luns[num] = mname
+        if "luns" in e and isinstance(e.get("luns"), list) and not e["luns"]:
+            c.error(f"{key}.luns", "at least one LUN", e["luns"])
+        acls = _acls(c, e, key)
+        if len(c.problems) > n_before or target is None:
+            continue
+        out.append(ExportConfig(target, tuple(portals), tuple(sorted(luns.items())),
+                                tuple(acls)))
+    return out
+
+
+def _acls(c: _Checker, e: dict[str, Any], key: str) -> list[AclConfig]:
+    keys = ("initiator", "chap_user", "chap_password", "mutual_chap_user",
+            "mutual_chap_password")
+    acls: list[AclConfig] = []
+    seen: set[str] = set()
+    raw = c.seq(e.get("acls"), f"{key}.acls", "ACLs")
+    if "acls" in e and isinstance(e.get("acls"), list) and not raw:
+        c.error(f"{key}.acls", "at least one ACL (targetmirror never exports in demo mode)",
+                raw)
+    for j, item in enumerate(raw):
+        ak = f"{key}.acls[{j}]"
+        a = c.mapping(item, ak, keys, ("initiator",))
+        if a is None:
+            continue
+        n_before = len(c.problems)
+        ini = c.text(a.get("initiator"), f"{ak}.initiator", IQN_EXPECTED,
+                     valid_iscsi_name) if "initiator" in a else None
+        if ini is not None and ini in seen:
+            c.error(f"{ak}.initiator", "an initiator not listed before in this target", ini)
+        vals: dict[str, str] = {}
+        for k in keys[1:]:
+            v = a.get(k, "")
+            if not isinstance(v, str):
+                c.error(f"{ak}.{k}", "a string", v)
+                v = ""
+            vals[k] = v
+        for k in ("chap_password", "mutual_chap_password"):
+            v = vals[k]
+            if v and not (CHAP_MIN <= len(v) <= CHAP_MAX and _CHAP_TEXT.match(v)):
+                c.error(f"{ak}.{k}", f"{CHAP_MIN}-{CHAP_MAX} printable characters without "
+                        f"blanks (got {len(v)} characters; the secret is not shown)",
+                        show=False)
+        for k in ("chap_user", "mutual_chap_user"):
+            v = vals[k]
+            if v and not _CHAP_TEXT.match(v):
+                c.error(f"{ak}.{k}", "printable characters without blanks", v)
+        if bool(vals["chap_user"]) != bool(vals["chap_password"]):
+            c.error(ak, "both chap_user and chap_password, or neither", show=False)
+        if bool(vals["mutual_chap_user"]) != bool(vals["mutual_chap_password"]):
+            c.error(ak, "both mutual_chap_user and mutual_chap_password, or neither",
+                    show=False)
+        if vals["mutual_chap_user"] and not vals["chap_user"]:
+            c.error(ak, "chap_user and chap_password as well (mutual CHAP adds to CHAP)",
+                    show=False)
+        if vals["chap_password"] and vals["chap_password"] == vals["mutual_chap_password"]:
+            c.error(f"{ak}.mutual_chap_password", "a secret different from chap_password "
+                    "(RFC 3720 forbids reusing it)", show=False)
+        if len(c.problems) > n_before or ini is None:
+            continue
+        seen.add(ini)
+        chap = Chap(vals["chap_user"], vals["chap_password"], vals["mutual_chap_user"],
+                    vals["mutual_chap_password"]) if vals["chap_user"] else None
+        acls.append(AclConfig(ini, chap))
+    if acls and len({a.chap is None for a in acls}) > 1:
+        c.error(f"{key}.acls", "CHAP on every ACL of the target or on none (LIO switches "
+                "authentication per target portal group)", show=False)
+    return acls
+
+
+__all__ = ["DEFAULTS", "DEFAULT_PATH", "ENV_VAR", "AclConfig", "Chap", "Config",
+           "DaemonSettings", "ExportConfig", "GroupConfig", "MirrorConfig", "default_path", "load",
+           "loads", "validate"]

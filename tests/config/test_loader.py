@@ -1,0 +1,279 @@
+"""The YAML loader: defaults, the example file, and a table of bad files.
+
+Every bad file must give a message naming the file, the key path and what was expected -- and
+``targetmirror apply`` on it must not touch LIO (the recording seam sees no call, not even a
+read) nor the daemon's groups.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from targetmirror import cli
+from targetmirror.config import loader
+from targetmirror.errors import ConfigError, ConfigFileError
+from tests.config.fakelio import FakeGroups, FakeLio
+
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+
+def good(tmp: Path) -> dict[str, Any]:
+    """A valid document: two mirrors, a group, one export (images exist, 1 MiB each)."""
+    images = tmp / "images"
+    images.mkdir(exist_ok=True)
+    for n in ("m1-a", "m1-b", "m2-a", "m2-b"):
+        with open(images / f"{n}.img", "wb") as f:
+            f.truncate(MiB)
+    return {
+        "daemon": {"state_dir": str(tmp / "state"), "control_socket": str(tmp / "ctl.sock")},
+        "image_dirs": [str(images)],
+        "mirrors": [
+            {"name": "m1", "size": "1M", "image_a": f"{images}/m1-a.img",
+             "image_b": f"{images}/m1-b.img"},
+            {"name": "m2", "size": MiB, "image_a": f"{images}/m2-a.img",
+             "image_b": f"{images}/m2-b.img", "region_size": "128K"},
+        ],
+        "groups": [{"name": "g", "mirrors": ["m1", "m2"]}],
+        "exports": [{
+            "target": "iqn.2026-01.org.example:t1",
+            "portals": ["127.0.0.1:3260"],
+            "luns": [{"lun": 0, "mirror": "m1"}, {"lun": 1, "mirror": "m2"}],
+            "acls": [{"initiator": "iqn.2026-01.org.example:host1"}],
+        }],
+    }
+
+
+def write(tmp: Path, doc: Any, name: str = "tm.yaml") -> Path:
+    path = tmp / name
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_good_file_loads(tmp_path: Path) -> None:
+    cfg = loader.load(str(write(tmp_path, good(tmp_path))))
+    assert [m.name for m in cfg.mirrors] == ["m1", "m2"]
+    assert cfg.mirrors[0].size == MiB and cfg.mirrors[0].region_size == 64 * 1024
+    # the default region size stays out of the cfgstring (same string as `targetmirror create`)
+    assert cfg.mirrors[0].cfgstring() == \
+        f"a={tmp_path}/images/m1-a.img;b={tmp_path}/images/m1-b.img"
+    assert cfg.mirrors[1].cfgstring().endswith(";region=131072")
+    assert cfg.groups[0].mirrors == ("m1", "m2")
+    e = cfg.exports[0]
+    assert e.portals == (("127.0.0.1", 3260),) and e.luns == ((0, "m1"), (1, "m2"))
+    assert cfg.daemon.log_level == "info" and cfg.daemon.metrics_address == ""
+
+
+def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
+    cfg = loader.loads("daemon: {log_level: debug}\nimage_dirs: []\n", "x.yaml")
+    assert cfg.mirrors == () and cfg.exports == () and cfg.daemon.log_level == "debug"
+    assert cfg.daemon.state_dir == loader.default("daemon.state_dir")
+
+
+def test_example_file_is_valid(tmp_path: Path) -> None:
+    """etc/targetmirror.yaml, with its image directory pointed at a scratch one."""
+    text = (REPO / "etc" / "targetmirror.yaml").read_text()
+    assert "/var/lib/targetmirror/images" in text
+    images = tmp_path / "images"
+    images.mkdir()
+    cfg = loader.loads(text.replace("/var/lib/targetmirror/images", str(images)), "example")
+    assert {m.name for m in cfg.mirrors} == {"db", "logs"}
+    assert cfg.exports[0].acls[0].chap is not None
+    assert cfg.exports[0].acls[0].chap.mutual_user == "target1"
+    assert "change-me" not in repr(cfg), "CHAP secrets must not appear in reprs (logs)"
+
+
+def test_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, good(tmp_path))
+    monkeypatch.setenv(loader.ENV_VAR, str(path))
+    assert loader.load().path == str(path)
+    monkeypatch.delenv(loader.ENV_VAR)
+    assert loader.default_path() == "/etc/targetmirror/targetmirror.yaml"
+
+
+def _set(path: str, value: Any) -> Any:
+    """A mutation setting ``a.b[1].c`` to ``value`` (``DELETE`` removes the key)."""
+    def mutate(doc: dict[str, Any], tmp: Path) -> None:
+        obj: Any = doc
+        parts = path.replace("]", "").replace("[", ".").split(".")
+        for p in parts[:-1]:
+            obj = obj[int(p)] if p.isdigit() else obj[p]
+        v = value(tmp) if callable(value) else value
+        if v is DELETE:
+            del obj[parts[-1]]
+        else:
+            obj[int(parts[-1]) if parts[-1].isdigit() else parts[-1]] = v
+    return mutate
+
+
+DELETE = object()
+
+
+def _symlink_out(tmp: Path) -> str:
+    outside = tmp / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "evil.img").write_bytes(bytes(MiB))
+    link = tmp / "images" / "link.img"
+    link.symlink_to(outside / "evil.img")
+    return str(link)
+
+
+def _add_mirror(doc: dict[str, Any], tmp: Path, name: str, images: str = "m3") -> None:
+    for leg in ("a", "b"):
+        with open(tmp / "images" / f"{images}-{leg}.img", "wb") as f:
+            f.truncate(MiB)
+    doc["mirrors"].append({"name": name, "size": "1M",
+                           "image_a": f"{tmp}/images/{images}-a.img",
+                           "image_b": f"{tmp}/images/{images}-b.img"})
+
+
+def _group2(doc: dict[str, Any], tmp: Path) -> None:
+    _add_mirror(doc, tmp, "m3")
+    doc["groups"].append({"name": "g2", "mirrors": ["m3", "m1"]})
+
+
+def _dup_name(doc: dict[str, Any], tmp: Path) -> None:
+    _add_mirror(doc, tmp, "m1")
+
+
+def _dup_lun(doc: dict[str, Any], tmp: Path) -> None:
+    doc["exports"][0]["luns"][1]["lun"] = 0
+
+
+BAD: list[tuple[str, Any, str, str]] = [
+    # (case, mutation, key path, expectation fragment)
+    ("wrong type", _set("mirrors.0.size", [1]), "mirrors[0].size", "expected a positive size"),
+    ("unknown key", _set("mirrors.0.colour", "red"), "mirrors[0].colour", "no such key"),
+    ("unknown top key", _set("mirror", []), "mirror:", "no such key"),
+    ("missing key", _set("mirrors.1.image_b", DELETE), "mirrors[1].image_b",
+     "it is required"),
+    ("missing image", _set("mirrors.1.image_b", lambda t: f"{t}/images/nope.img"),
+     "mirrors[1].image_b", "expected an existing image"),
+    ("duplicate image", _set("mirrors.1.image_a", lambda t: f"{t}/images/m1-b.img"),
+     "mirrors[1].image_a", "no other leg uses (mirrors[0].image_b"),
+    ("symlink escape", _set("mirrors.0.image_a", _symlink_out), "mirrors[0].image_a",
+     "expected a path inside image_dirs"),
+    ("dotdot escape", _set("mirrors.0.image_b", lambda t: f"{t}/images/../m1-b.img"),
+     "mirrors[0].image_b", "expected a path inside image_dirs"),
+    ("bad IQN", _set("exports.0.target", "iqn.2026-13.org.example:t1"), "exports[0].target",
+     "expected an iSCSI name"),
+    ("bad initiator", _set("exports.0.acls.0.initiator", "iqn.2026-01.org.Example_x"),
+     "exports[0].acls[0].initiator", "expected an iSCSI name"),
+    ("duplicate LUN", _dup_lun, "exports[0].luns[1].lun", "not used before"),
+    ("group names unknown mirror", _set("groups.0.mirrors.1", "m9"), "groups[0].mirrors[1]",
+     "the name of a mirror under mirrors"),
+    ("mirror in two groups", _group2, "groups[1].mirrors[1]", "in no other group"),
+    ("bad region size", _set("mirrors.0.region_size", 3000), "mirrors[0].region_size",
+     "power of two of at least 4096"),
+    ("size not sectors", _set("mirrors.0.size", 1000), "mirrors[0].size", "multiple of 512"),
+    ("bad portal", _set("exports.0.portals.0", "127.0.0.1"), "exports[0].portals[0]",
+     "expected IP:PORT"),
+    ("bad portal port", _set("exports.0.portals.0", "10.0.0.1:70000"), "exports[0].portals[0]",
+     "port 1-65535"),
+    ("half CHAP", _set("exports.0.acls.0.chap_user", "u"), "exports[0].acls[0]",
+     "both chap_user and chap_password"),
+    ("short CHAP secret", lambda d, t: d["exports"][0]["acls"][0].update(
+        chap_user="u", chap_password="short"), "exports[0].acls[0].chap_password",
+     "12-255 printable"),
+    ("bad log level", _set("daemon.log_level", "loud"), "daemon.log_level", "one of debug"),
+    ("relative state dir", _set("daemon.state_dir", "var/lib"), "daemon.state_dir",
+     "an absolute path"),
+    ("duplicate mirror name", _dup_name, "mirrors[2].name",
+     "a name not used before"),
+    ("LUN of unknown mirror", _set("exports.0.luns.0.mirror", "zz"),
+     "exports[0].luns[0].mirror", "a mirror under mirrors"),
+    ("no ACL", _set("exports.0.acls", []), "exports[0].acls", "at least one ACL"),
+    ("bool as direct", _set("mirrors.0.direct", "yes"), "mirrors[0].direct", "true or false"),
+]
+
+
+@pytest.mark.parametrize("case, mutate, key, expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                  capsys: pytest.CaptureFixture[str], case: str, mutate: Any, key: str,
+                  expected: str) -> None:
+    doc = good(tmp_path)
+    mutate(doc, tmp_path)
+    path = write(tmp_path, doc)
+    with pytest.raises(ConfigFileError) as info:
+        loader.load(str(path))
+    msg = str(info.value)
+    assert str(path) in msg and key in msg and expected in msg, msg
+    assert all(p.startswith(f"{path}: ") for p in info.value.problems)
+    assert len(info.value.problems) == 1, f"one mistake, one message: {info.value.problems}"
+    _assert_apply_changes_nothing(tmp_path, path, monkeypatch, capsys, key)
+
+
+def _assert_apply_changes_nothing(tmp: Path, path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str], key: str) -> None:
+    fake = FakeLio()
+    groups = FakeGroups()
+    monkeypatch.setattr(cli, "_lio_seam", lambda: fake)
+    monkeypatch.setattr(cli, "_DaemonGroups", lambda socket: groups)
+    before = sorted(p.name for p in (tmp / "images").iterdir())
+    rc = cli.main(["apply", "--config", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "targetmirror: config: " in err and key in err, err
+    assert fake.calls == [] and fake.reads == 0, "a bad file must not touch LIO"
+    assert groups.calls == []
+    assert sorted(p.name for p in (tmp / "images").iterdir()) == before
+    assert not (tmp / "state").exists(), "no manifest may be written"
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    good(tmp_path)
+    path = write(tmp_path, "mirrors:\n  - name: m1\n    size: [1M\n    image_a: /x\n")
+    with pytest.raises(ConfigFileError) as info:
+        loader.load(str(path))
+    msg = str(info.value)
+    assert str(path) in msg and "line 4" in msg and "expected valid YAML" in msg, msg
+    _assert_apply_changes_nothing(tmp_path, path, monkeypatch, capsys, "line 4")
+
+
+def test_top_level_must_be_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigFileError, match=r"\(top level\): expected a mapping"):
+        loader.loads("- 1\n- 2\n", "list.yaml")
+
+
+def test_every_problem_is_reported(tmp_path: Path) -> None:
+    """Several mistakes: all of them in one error, each with its own key path."""
+    doc = good(tmp_path)
+    doc["mirrors"][0]["size"] = "lots"
+    doc["exports"][0]["target"] = "IQN.bad"
+    doc["daemon"]["log_level"] = 3
+    doc["groups"][0]["mirrors"] = ["m1"]
+    with pytest.raises(ConfigFileError) as info:
+        loader.load(str(write(tmp_path, doc)))
+    keys = ["mirrors[0].size", "exports[0].target", "daemon.log_level", "groups[0].mirrors"]
+    assert len(info.value.problems) == len(keys), info.value.problems
+    for k, p in zip(keys, sorted(info.value.problems, key=lambda p: [
+            k in p for k in keys].index(True)), strict=True):
+        assert k in p
+    assert str(info.value).startswith(f"4 problems in {tmp_path}/tm.yaml:")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
+        loader.load(str(tmp_path / "nope.yaml"))
+
+
+def test_create_images_allows_missing(tmp_path: Path) -> None:
+    doc = good(tmp_path)
+    doc["mirrors"][1]["image_b"] = f"{tmp_path}/images/new-b.img"
+    doc["mirrors"][1]["create_images"] = True
+    cfg = loader.load(str(write(tmp_path, doc)))
+    assert cfg.mirrors[1].image_b == f"{tmp_path}/images/new-b.img"
+    assert not (tmp_path / "images" / "new-b.img").exists(), "loading never writes"
+
+
+def test_symlink_inside_resolves(tmp_path: Path) -> None:
+    """A link that stays inside the allowed directory is fine; the cfgstring names the target."""
+    doc = good(tmp_path)
+    (tmp_path / "images" / "alias.img").symlink_to(tmp_path / "images" / "m1-a.img")
+    doc["mirrors"][0]["image_a"] = f"{tmp_path}/images/alias.img"
+    cfg = loader.load(str(write(tmp_path, doc)))
+    assert cfg.mirrors[0].image_a == f"{tmp_path}/images/m1-a.img"

@@ -1,0 +1,42 @@
+"""dev/manpages.sh builds the man pages from the argparse definitions: every subcommand and
+option is there, and the exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from targetmirror.cli import build_parser
+from targetmirror.daemon.main import build_parser as daemon_parser
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _options(p: argparse.ArgumentParser) -> set[str]:
+    return {s for a in p._actions for s in a.option_strings
+            if s.startswith("--") and s != "--help"}
+
+
+def test_manpages_generated_from_parsers(tmp_path: Path) -> None:
+    venv = Path(sys.executable).parent.parent
+    proc = subprocess.run(["bash", str(REPO / "dev" / "manpages.sh"), str(tmp_path)],
+                          capture_output=True, text=True, check=False,
+                          env={"PATH": "/usr/bin:/bin", "TARGETMIRROR_VENV": str(venv)})
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "targetmirror.1").read_text()
+    roff = page.replace("\\-", "-")
+    sub = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    assert len(sub.choices) >= 14
+    for name, parser in sub.choices.items():
+        assert f"targetmirror {name}" in roff.replace("\\fR \\fI\\,", " ").replace(
+            "\\fB", "").replace("\\/\\fR", ""), f"subcommand {name} missing"
+        for opt in _options(parser):
+            assert opt in roff, f"{name} {opt} missing"
+    assert "exit status" in roff and "backup --exec" in roff
+    daemon = (tmp_path / "targetmirrord.1").read_text().replace("\\-", "-")
+    for opt in _options(daemon_parser()):
+        assert opt in daemon
+    assert daemon.startswith(".TH TARGETMIRRORD")
