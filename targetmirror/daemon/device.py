@@ -13,16 +13,18 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import perf_counter_ns
 
 from targetmirror import __version__
 from targetmirror.config.cfgstring import SnapshotSpec, parse, parse_any
+from targetmirror.daemon.metrics import OTHER, READ, WRITE, CommandStats
 from targetmirror.daemon.runner import Admit, DeviceRunner, Job, PlainJob
 from targetmirror.errors import MirrorError, TargetMirrorError
 from targetmirror.mirror.mirror import Mirror, MirrorIO
 from targetmirror.mirror.snapshot import SnapshotVolume, owning_split_mirror
-from targetmirror.mirror.state import StateStore
+from targetmirror.mirror.state import State, StateStore
 from targetmirror.scsi import constants as C
-from targetmirror.scsi.cdb import ParsedCdb
+from targetmirror.scsi.cdb import ParsedCdb, ReadCdb
 from targetmirror.scsi.extent import classify
 from targetmirror.scsi.handler import ScsiDevice, ScsiResult
 from targetmirror.scsi.identity import DeviceIdentity
@@ -47,6 +49,8 @@ class ServedDevice:
     mirror: Mirror | None
     reason: str | None = None
     snapshot: SnapshotVolume | None = None
+    stats: CommandStats | None = None
+    """Per-command counters for the metrics endpoint (mirrors only)."""
 
     def close(self) -> None:
         """Stop the ring loop (finishing in-flight commands), then close ring and images."""
@@ -127,6 +131,7 @@ class MirrorCommands:
         self._mirror = mirror
         self._scsi: ScsiDevice | None = None
         self._lock = threading.Lock()
+        self.stats = CommandStats()
 
     def _device(self) -> ScsiDevice:
         scsi = self._scsi
@@ -140,27 +145,50 @@ class MirrorCommands:
     def admit(self, cdb: bytes, iov: list[memoryview], tag: int) -> Job:
         mirror = self._mirror
         parsed, extent = classify(cdb, iov, mirror.block_size)
-        return _MirrorJob(self._device(), cdb, iov, mirror.admit(tag, extent), parsed)
+        return _MirrorJob(self._device(), cdb, iov, mirror.admit(tag, extent), parsed, extent,
+                          self.stats)
 
 
 class _MirrorJob:
     """One admitted command: run it through SCSI on its mirror view, then release the view."""
 
-    __slots__ = ("cdb", "io", "iov", "parsed", "scsi")
+    __slots__ = ("cdb", "extent", "io", "iov", "parsed", "scsi", "stats")
 
     def __init__(self, scsi: ScsiDevice, cdb: bytes, iov: list[memoryview], io: MirrorIO,
-                 parsed: ParsedCdb | SenseError) -> None:
+                 parsed: ParsedCdb | SenseError, extent: tuple[int, int] | None,
+                 stats: CommandStats) -> None:
         self.scsi = scsi
         self.cdb = cdb
         self.iov = iov
         self.io = io
         self.parsed = parsed
+        self.extent = extent
+        self.stats = stats
 
     def __call__(self) -> ScsiResult:
+        t0 = perf_counter_ns()
         try:
-            return self.scsi.execute(self.cdb, self.iov, self.io, self.parsed)
+            res = self.scsi.execute(self.cdb, self.iov, self.io, self.parsed)
         finally:
             self.io.finish()
+        self._count(res, perf_counter_ns() - t0)
+        return res
+
+    def _count(self, res: ScsiResult, elapsed_ns: int) -> None:
+        """Metrics: integer additions into this thread's shard (see daemon/metrics.py)."""
+        ext = self.extent
+        ok = res.status == C.Status.GOOD
+        if ext is not None:
+            n = ext[1] - ext[0] if ok else 0
+            self.stats.record(WRITE, elapsed_ns, n if self.io.both else 0, n)
+        elif type(self.parsed) is ReadCdb:
+            n = self.parsed.blocks * self.io.block_size if ok else 0
+            if self.io._m.st.state == State.SYNCING:  # reads come from A while B fills
+                self.stats.record(READ, elapsed_ns, n, 0)
+            else:
+                self.stats.record(READ, elapsed_ns, 0, n)
+        else:
+            self.stats.record(OTHER, elapsed_ns)
 
     def cancel(self) -> None:
         self.io.finish()
@@ -173,6 +201,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     mirror: Mirror | None = None
     snapshot: SnapshotVolume | None = None
     reason: str | None = None
+    stats: CommandStats | None = None
     admit: Admit
     try:
         spec = parse_any(info.cfgstring)
@@ -181,7 +210,9 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
             admit = snapshot_admit(snapshot, lambda: read_identity(info, cfs))
         else:
             mirror = build_mirror(info, cfs, store)
-            admit = MirrorCommands(mirror, lambda: read_identity(info, cfs)).admit
+            commands = MirrorCommands(mirror, lambda: read_identity(info, cfs))
+            admit = commands.admit
+            stats = commands.stats
     except (TargetMirrorError, OSError) as exc:
         reason = str(exc)
         log.error("cannot serve %s: %s; answering NOT READY until it is fixed", info.dev_name,
@@ -208,7 +239,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     if snapshot is not None:
         log.info("serving %s: read-only snapshot of %s (%s)", info.dev_name, snapshot.mirror,
                  snapshot.image.path, extra={"device": info.dev_name})
-    return ServedDevice(info, uio, runner, mirror, reason, snapshot)
+    return ServedDevice(info, uio, runner, mirror, reason, snapshot, stats)
 
 
 def snapshot_admit(volume: SnapshotVolume, identity: Callable[[], DeviceIdentity]) -> Admit:

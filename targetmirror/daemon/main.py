@@ -47,8 +47,10 @@ class Daemon:
     def __init__(self, *, workers: int = 2, rescan_interval: float = 5.0,
                  state_dir: str = DEFAULT_STATE_DIR, control_socket: str | None = None,
                  sysfs_root: str = "/sys", dev_root: str = "/dev",
-                 configfs_root: str = "/sys/kernel/config") -> None:
+                 configfs_root: str = "/sys/kernel/config",
+                 metrics_address: str | None = None) -> None:
         self.workers = workers
+        self.metrics_address = metrics_address
         self.store = StateStore(os.path.join(state_dir, "mirrors"))
         self.groups = GroupStore(os.path.join(state_dir, "groups.json"))
         self.control_socket = control_socket
@@ -285,6 +287,12 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped; return the exit status."""
+        metrics = None
+        if self.metrics_address:
+            from targetmirror.daemon.metrics import MetricsServer
+
+            # bound first: a taken port fails the start before any device is touched
+            metrics = MetricsServer(self, self.metrics_address)
         nl: TcmuNetlink | None
         try:
             nl = TcmuNetlink.open()
@@ -297,6 +305,8 @@ class Daemon:
         if self.control_socket:
             control = ControlServer(self.control_socket, self.handlers())
             control.start()
+        if metrics is not None:
+            metrics.start()
         log.info("targetmirrord %s serving %d device(s)", __version__, len(self.devices))
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
         try:
@@ -319,6 +329,8 @@ class Daemon:
             sdnotify.notify("STOPPING=1")
             if control is not None:
                 control.close()
+            if metrics is not None:
+                metrics.close()
             for _, _, timer in self._timers.values():
                 timer.cancel()
             for name in list(self.devices):
@@ -350,12 +362,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="durable mirror state (default %(default)s)")
     p.add_argument("--control-socket", default=DEFAULT_SOCKET,
                    help="control API socket (default %(default)s)")
+    p.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
     args = p.parse_args(argv)
     logs.setup(args.log_level)
+    if args.metrics_address:
+        from targetmirror.daemon.metrics import parse_address
+
+        try:
+            parse_address(args.metrics_address)
+        except TargetMirrorError as exc:
+            p.error(str(exc))
     if args.workers < 0:
         p.error("--workers must be 0 or more")
     daemon = Daemon(workers=args.workers, rescan_interval=args.rescan_interval,
-                    state_dir=args.state_dir, control_socket=args.control_socket)
+                    state_dir=args.state_dir, control_socket=args.control_socket,
+                    metrics_address=args.metrics_address)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing in-flight commands", signal.Signals(signum).name)
@@ -363,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return daemon.run()
+    try:
+        return daemon.run()
+    except TargetMirrorError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
 
 
 if __name__ == "__main__":
