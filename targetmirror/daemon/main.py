@@ -48,8 +48,9 @@ class Daemon:
                  state_dir: str = DEFAULT_STATE_DIR, control_socket: str | None = None,
                  sysfs_root: str = "/sys", dev_root: str = "/dev",
                  configfs_root: str = "/sys/kernel/config",
-                 metrics_address: str | None = None) -> None:
+                 metrics_address: str | None = None, dbus: bool = False) -> None:
         self.workers = workers
+        self.dbus = dbus
         self.metrics_address = metrics_address
         self.store = StateStore(os.path.join(state_dir, "mirrors"))
         self.groups = GroupStore(os.path.join(state_dir, "groups.json"))
@@ -307,6 +308,13 @@ class Daemon:
             control.start()
         if metrics is not None:
             metrics.start()
+        bus = None
+        if self.dbus:
+            from targetmirror.daemon.dbus_service import HandlerService
+
+            bus = HandlerService()
+            if not bus.start():
+                bus = None
         log.info("targetmirrord %s serving %d device(s)", __version__, len(self.devices))
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
         try:
@@ -331,6 +339,8 @@ class Daemon:
                 control.close()
             if metrics is not None:
                 metrics.close()
+            if bus is not None:
+                bus.close()
             for _, _, timer in self._timers.values():
                 timer.cancel()
             for name in list(self.devices):
@@ -364,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="control API socket (default %(default)s)")
     p.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+    p.add_argument("--no-dbus", action="store_true",
+                   help="do not offer user:mirror to targetcli on the D-Bus system bus")
     args = p.parse_args(argv)
     logs.setup(args.log_level)
     if args.metrics_address:
@@ -377,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be 0 or more")
     daemon = Daemon(workers=args.workers, rescan_interval=args.rescan_interval,
                     state_dir=args.state_dir, control_socket=args.control_socket,
-                    metrics_address=args.metrics_address)
+                    metrics_address=args.metrics_address, dbus=not args.no_dbus)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing in-flight commands", signal.Signals(signum).name)
