@@ -203,9 +203,11 @@ class HandlerService:
                 msg = self._conn.receive(timeout=0.5)
             except TimeoutError:
                 continue
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # EOFError when the bus goes away, OSError, parse errors
                 if not self._stop.is_set():
-                    log.warning("D-Bus connection lost: %s", exc)
+                    log.warning("D-Bus connection lost (%s: %s); targetcli will not list "
+                                "user:%s until targetmirrord restarts", type(exc).__name__,
+                                exc, self.subtype)
                 return
             try:
                 if msg.header.message_type == MessageType.method_call:

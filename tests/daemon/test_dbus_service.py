@@ -177,3 +177,22 @@ def test_check_config_refuses_other_subtypes_and_bad_strings(images):
     assert check_config("rbd/pool/img")[0] is False
     assert check_config("mirror/")[0] is False
     assert check_config(f"mirror/a={a},b={b}")[0] is False
+
+
+def test_bus_going_away_is_logged_not_a_traceback(tmp_path, caplog):
+    sock = tmp_path / "bus.sock"
+    conf = tmp_path / "bus.conf"
+    conf.write_text(POLICY.format(path=sock))
+    proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork",
+                             "--print-address=1"], stdout=subprocess.PIPE, text=True)
+    address = proc.stdout.readline().strip()
+    svc = HandlerService(bus=address)
+    try:
+        assert svc.start() and svc.mode == "owner"
+        proc.terminate()
+        proc.wait(10)
+        svc._thread.join(10)                          # the loop ends by itself
+        assert not svc._thread.is_alive()
+        assert "D-Bus connection lost" in caplog.text
+    finally:
+        svc.close()
