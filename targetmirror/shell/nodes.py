@@ -161,12 +161,14 @@ class RootNode(Node):
         return f"targetmirrord {self.snapshot.get('version', '?')}", True
 
     def ui_command_refresh(self) -> None:
-        """Read the daemon's state again (every command that changes something does this
+        """
+        Read the daemon's state again (every command that changes something does this
         itself)."""
         self.refresh()
 
     def ui_command_status(self) -> None:
-        """Show every mirror as ``targetmirror status`` does: state, epoch, writes in flight,
+        """
+        Show every mirror as ``targetmirror status`` does: state, epoch, writes in flight,
         pre-split writes, the last split instant, its drain time and what A is."""
         self.refresh()
         for row in status_rows(self.snapshot.get("mirrors", [])):
@@ -198,7 +200,9 @@ class MirrorsNode(Node):
         return [n for n in self.names() if n.startswith(text)]
 
     def ui_command_status(self, *names: str) -> None:
-        """status [NAME...]: the status table of the named mirrors (all when none)."""
+        """
+        status [NAME...]: the status table of the named mirrors (all when none).
+        """
         res = _run(lambda: self.client.status(list(names)))
         for row in status_rows(res["mirrors"]):
             self.say(row)
@@ -208,7 +212,8 @@ class MirrorsNode(Node):
         return self._complete_names(parameters, text)
 
     def ui_command_split(self, *names: str, timeout: str = "300") -> None:
-        """split NAME [NAME...] [timeout=SECONDS]: split the named mirrors at one instant and
+        """
+        split NAME [NAME...] [timeout=SECONDS]: split the named mirrors at one instant and
         wait until every A is complete (as ``targetmirror split``)."""
         if not names:
             raise ExecutionError("name at least one mirror (or use /groups/<name> split)")
@@ -224,7 +229,8 @@ class MirrorsNode(Node):
 
     def ui_command_rejoin(self, *names: str, full: str = "false", rate: str | None = None,
                           timeout: str = "3600") -> None:
-        """rejoin NAME [NAME...] [full=true] [rate=MB/s] [timeout=SECONDS]: copy what changed
+        """
+        rejoin NAME [NAME...] [full=true] [rate=MB/s] [timeout=SECONDS]: copy what changed
         since the split back to A, online, and wait until mirrored again."""
         if not names:
             raise ExecutionError("name at least one mirror (or use /groups/<name> rejoin)")
@@ -259,7 +265,8 @@ class MirrorNode(Node):
         return mirror_summary(self.status())
 
     def ui_command_status(self, json: str = "false") -> None:
-        """status [json=true]: this mirror's state, epoch, last split and progress (the same
+        """
+        status [json=true]: this mirror's state, epoch, last split and progress (the same
         data as ``targetmirror status --json NAME`` with json=true)."""
         st = _run(lambda: self.client.mirror(self.mirror))
         if _bool(json, "json"):
@@ -271,7 +278,8 @@ class MirrorNode(Node):
         self.say(text)
 
     def ui_command_split(self, timeout: str = "300") -> None:
-        """split [timeout=SECONDS]: split this mirror now: A becomes the point-in-time copy of
+        """
+        split [timeout=SECONDS]: split this mirror now: A becomes the point-in-time copy of
         this instant, writes go on to B only.  Waits until A is complete."""
         t = _number(timeout, "timeout") or 300.0
         res = _run(lambda: self.client.split([self.mirror], wait=True, timeout=t))
@@ -281,7 +289,8 @@ class MirrorNode(Node):
 
     def ui_command_rejoin(self, full: str = "false", rate: str | None = None,
                           timeout: str = "3600") -> None:
-        """rejoin [full=true] [rate=MB/s] [timeout=SECONDS]: copy the regions B changed since
+        """
+        rejoin [full=true] [rate=MB/s] [timeout=SECONDS]: copy the regions B changed since
         the split back to A, online (full=true copies everything), and wait until mirrored."""
         f, r, t = _bool(full, "full"), _number(rate, "rate"), _number(timeout, "timeout")
         res = _run(lambda: self.client.rejoin([self.mirror], full=f, rate_mbps=r, wait=True,
@@ -295,7 +304,8 @@ class MirrorNode(Node):
         return [f"{p}=" for p in ("full", "rate", "timeout") if p.startswith(text)]
 
     def ui_command_verify(self, repair: str = "false", rate: str | None = None) -> None:
-        """verify [repair=true] [rate=MB/s]: compare A and B online; regions changed since a
+        """
+        verify [repair=true] [rate=MB/s]: compare A and B online; regions changed since a
         split are skipped.  repair=true copies B over A where a mirrored mirror differs."""
         rp, r = _bool(repair, "repair"), _number(rate, "rate")
         res = _run(lambda: self.client.verify(self.mirror, repair=rp, rate_mbps=r))
@@ -304,7 +314,8 @@ class MirrorNode(Node):
             raise ExecutionError(f"{self.mirror}: A and B differ where they should not")
 
     def ui_command_sync(self, rate: str | None = None, wait: str = "true") -> None:
-        """sync [rate=MB/s] [wait=false]: initial sync, copy A to B online (A holds the data,
+        """
+        sync [rate=MB/s] [wait=false]: initial sync, copy A to B online (A holds the data,
         B is new)."""
         r, w = _number(rate, "rate"), _bool(wait, "wait")
         res = _run(lambda: self.client.sync(self.mirror, rate_mbps=r, wait=w))
@@ -312,7 +323,8 @@ class MirrorNode(Node):
         self.say(describe_sync(res))
 
     def ui_command_backup(self, to: str, rejoin: str = "false", timeout: str = "300") -> None:
-        """backup to=FILE [rejoin=true] [timeout=SECONDS]: split (unless split already) and copy
+        """
+        backup to=FILE [rejoin=true] [timeout=SECONDS]: split (unless split already) and copy
         image A to the new sparse FILE; rejoin=true rejoins afterwards.  (Handing A to a
         command is ``targetmirror backup --exec``.)"""
         rj, t = _bool(rejoin, "rejoin"), _number(timeout, "timeout") or 300.0
@@ -361,7 +373,8 @@ class GroupsNode(Node):
         return f"{n} group{'s' if n != 1 else ''}", None
 
     def ui_command_create(self, name: str, *members: str) -> None:
-        """create NAME MIRROR MIRROR [MIRROR...]: a consistency group of two or more mirrors
+        """
+        create NAME MIRROR MIRROR [MIRROR...]: a consistency group of two or more mirrors
         (split and rejoined together)."""
         _run(lambda: self.client.group_create(name, list(members)))
         self.changed()
@@ -374,7 +387,9 @@ class GroupsNode(Node):
         return [n for n in self.root.mirrors.names() if n.startswith(text)]
 
     def ui_command_delete(self, name: str) -> None:
-        """delete NAME: forget a consistency group (its mirrors are not touched)."""
+        """
+        delete NAME: forget a consistency group (its mirrors are not touched).
+        """
         _run(lambda: self.client.group_delete(name))
         self.changed()
         self.say(f"deleted group {name}")
@@ -402,13 +417,17 @@ class GroupNode(Node):
                       True if len(set(states)) == 1 and states[0] in _HEALTHY else None)
 
     def ui_command_status(self) -> None:
-        """status: the status table of this group's mirrors."""
+        """
+        status: the status table of this group's mirrors.
+        """
         res = _run(lambda: self.client.status(self.members()))
         for row in status_rows(res["mirrors"]):
             self.say(row)
 
     def ui_command_split(self, timeout: str = "300") -> None:
-        """split [timeout=SECONDS]: split every mirror of the group at one instant."""
+        """
+        split [timeout=SECONDS]: split every mirror of the group at one instant.
+        """
         t = _number(timeout, "timeout") or 300.0
         res = _run(lambda: self.client.split(group=self.group, wait=True, timeout=t))
         self.changed()
@@ -417,7 +436,9 @@ class GroupNode(Node):
 
     def ui_command_rejoin(self, full: str = "false", rate: str | None = None,
                           timeout: str = "3600") -> None:
-        """rejoin [full=true] [rate=MB/s]: rejoin every mirror of the group."""
+        """
+        rejoin [full=true] [rate=MB/s]: rejoin every mirror of the group.
+        """
         f, r, t = _bool(full, "full"), _number(rate, "rate"), _number(timeout, "timeout")
         res = _run(lambda: self.client.rejoin(group=self.group, full=f, rate_mbps=r,
                                               wait=True, timeout=t or 3600.0))
@@ -445,7 +466,9 @@ class ExportsNode(Node):
         return f"{n} LUN{'s' if n != 1 else ''}", None
 
     def ui_command_status(self) -> None:
-        """status: each exporting target IQN, LUN and backstore."""
+        """
+        status: each exporting target IQN, LUN and backstore.
+        """
         for iqn, lun, so in _run(self._exports):
             self.say(f"{iqn} lun{lun} -> user:mirror/{so}")
 
