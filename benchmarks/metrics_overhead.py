@@ -19,7 +19,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from targetmirror.daemon.metrics import READ, WRITE, CommandStats, MetricsServer  # noqa: E402
+from targetmirror.daemon.metrics import READ, WRITE, CommandStats, MetricsServer
 
 
 def per_command(calls: int, threads: int) -> float:
