@@ -178,3 +178,27 @@ def test_completion_of_names_and_parameters(rig):
 ])
 def test_ls_health_colours(status, health):
     assert mirror_summary(status)[1] is health
+
+
+def test_verify_and_sync_from_the_shell(rig, capfd):
+    (m0, m1), daemon, sock = rig
+    rc, out, err = sh(capfd, sock, "/mirrors/m0", "verify")
+    assert rc == 0, err
+    assert "m0 (mirrored):" in out and "0 mismatching" in out
+    # A differs from B behind the mirror's back: verify says where, exit 1
+    with open(m0.a.path, "r+b") as f:
+        f.seek(5 * BS)
+        f.write(b"\xee" * BS)
+    rc, out, err = sh(capfd, sock, "/mirrors/m0", "verify")
+    assert rc == 1
+    assert "1 mismatching (first at LBA 5)" in out
+    assert "A and B differ" in err
+    # initial sync copies A over B, online (B starts out different: a new, unfilled leg)
+    with open(m1.b.path, "r+b") as f:
+        f.write(b"\x55" * (8 * BS))
+    assert m1.image_bytes("a") != m1.image_bytes("b")
+    rc, out, err = sh(capfd, sock, "/mirrors/m1", "sync")
+    assert rc == 0, err
+    assert "m1: initial sync complete" in out
+    assert m1.image_bytes("a") == m1.image_bytes("b")
+    assert daemon.op_status({"names": ["m1"]})["mirrors"][0]["state"] == "mirrored"
