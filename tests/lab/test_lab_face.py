@@ -66,6 +66,8 @@ def start_system_bus() -> int:
     """A system dbus-daemon (the guest has no systemd), with our policy installed."""
     guest.run(["dbus-uuidgen", "--ensure"])
     Path("/run/dbus").mkdir(parents=True, exist_ok=True)
+    for stale in (Path("/run/dbus/pid"), SYSTEM_BUS):  # left by an earlier bus in this boot
+        stale.unlink(missing_ok=True)
     policy_dir = Path("/etc/dbus-1/system.d")
     policy_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "etc" / "dbus-1" / "targetmirror.conf", policy_dir / "targetmirror.conf")
@@ -97,7 +99,15 @@ def test_face_shell_metrics_targetcli(mirrord: Mirrord, tmp_path: Path) -> None:
     try:
         _run(mirrord, tmp_path)
     finally:
-        os.kill(bus_pid, 15)
+        stop_system_bus(bus_pid)
+
+
+def stop_system_bus(pid: int) -> None:
+    os.kill(pid, 15)
+    guest.wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=30,
+                   what="dbus-daemon to exit")
+    for path in (Path("/run/dbus/pid"), SYSTEM_BUS):
+        path.unlink(missing_ok=True)
 
 
 def _run(mirrord: Mirrord, tmp_path: Path) -> None:
