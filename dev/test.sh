@@ -8,5 +8,6 @@ bash dev/bootstrap.sh
 VENV=${TARGETMIRROR_VENV:-.venv}
 "$VENV/bin/ruff" check targetmirror tests lab
 "$VENV/bin/mypy" targetmirror/tcmu targetmirror/scsi targetmirror/store targetmirror/mirror \
-    targetmirror/config targetmirror/daemon
+    targetmirror/config targetmirror/daemon targetmirror/lio targetmirror/shell \
+    targetmirror/client.py
 exec "$VENV/bin/python" -m pytest -v -rA "$@"

@@ -92,6 +92,7 @@ PACKAGES: tuple[str, ...] = (
     "python3-pyroute2",
     "python3-prometheus-client",
     "python3-dbus",
+    "python3-jeepney",  # targetmirrord's D-Bus face (targetcli lists user:mirror)
     "dbus",
     "targetcli-fb",
     "tcmu-runner",

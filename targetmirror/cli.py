@@ -20,13 +20,22 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from datetime import datetime
 from typing import Any
 
 from targetmirror import __version__
+from targetmirror.client import (
+    BackupCommandFailed,
+    Client,
+    describe_backup,
+    describe_rejoin,
+    describe_sync,
+    describe_verify,
+    status_rows,
+    when,
+)
 from targetmirror.config.cfgstring import MirrorSpec, VolumeSpec, check_images, parse, parse_any
 from targetmirror.daemon.control import DEFAULT_SOCKET
 from targetmirror.errors import ConfigError, MirrorError, TargetMirrorError
@@ -271,39 +280,27 @@ def cmd_list(args: argparse.Namespace) -> int:
                      r["image_b"] or "-"))
     _table(rows)
     return 0
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.socket)
 
 
 def _call(args: argparse.Namespace, op: str, **kw: Any) -> dict[str, Any]:
-    from targetmirror.daemon.control import call
-
-    return call(args.socket, op, **kw)
-
-
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + \
-        f".{int(ts * 1000) % 1000:03d}"
+    return _client(args).call(op, **kw)
 
 
 def _print_status(mirrors: list[dict[str, Any]]) -> None:
-    rows = [("NAME", "STATE", "EPOCH", "WRITES", "PRE-SPLIT", "SPLIT INSTANT", "DRAIN", "A")]
-    for m in mirrors:
-        sp = m.get("split") or {}
-        drain = sp.get("drain_seconds")
-        rows.append((
-            m["name"], m["state"], str(m.get("epoch", "-")), str(m.get("writes_in_flight", "-")),
-            str(m.get("pre_split_in_flight", "-")), _when(sp.get("instant_wall")),
-            "-" if drain is None else f"{drain * 1000:.3f} ms", sp.get("a_status", "-")))
-    _table(rows)
+    for row in status_rows(mirrors):
+        print(row)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    res = _call(args, "status", names=args.names)
+    res = _client(args).status(args.names)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
     _print_status(res["mirrors"])
     for s in res.get("scheduled", []):
-        print(f"scheduled split {s['id']}: {', '.join(s['names'])} at {_when(s['at'])}")
+        print(f"scheduled split {s['id']}: {', '.join(s['names'])} at {when(s['at'])}")
     return 0
 
 
@@ -325,109 +322,53 @@ def _parse_at(text: str) -> float:
 def cmd_split(args: argparse.Namespace) -> int:
     if args.one_way and (args.group or args.at is not None):
         raise MirrorError("--one-way splits named mirrors now (no --group, no --at)")
-    res = _call(args, "split", names=args.names, group=args.group, at=args.at,
-                wait=not args.no_wait, timeout=args.timeout, one_way=args.one_way)
+    res = _client(args).split(args.names, group=args.group, at=args.at, wait=not args.no_wait,
+                              timeout=args.timeout, one_way=args.one_way)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
     if "scheduled" in res:
         s = res["scheduled"]
-        print(f"split {s['id']} of {', '.join(s['names'])} scheduled at {_when(s['at'])}")
+        print(f"split {s['id']} of {', '.join(s['names'])} scheduled at {when(s['at'])}")
         return 0
     _print_status(res["split"])
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    _call(args, "cancel", id=args.id)
+    _client(args).cancel(args.id)
     print(f"cancelled scheduled split {args.id}")
     return 0
 
 
 def cmd_group(args: argparse.Namespace) -> int:
+    client = _client(args)
     if args.action == "create":
-        res = _call(args, "group-create", group=args.group, names=args.names)
+        groups = client.group_create(args.group, args.names)
     elif args.action == "delete":
-        res = _call(args, "group-delete", group=args.group)
+        groups = client.group_delete(args.group)
     else:
-        res = _call(args, "status")
+        groups = client.status()["groups"]
     if args.json:
-        print(json.dumps(res["groups"], indent=1))
+        print(json.dumps(groups, indent=1))
     else:
-        for g, names in sorted(res["groups"].items()):
+        for g, names in sorted(groups.items()):
             print(f"{g}: {' '.join(names)}")
     return 0
 
 
-def _copy_image(src: str, dst: str, size: int) -> int:
-    """Copy ``size`` bytes of ``src`` to ``dst``, leaving all-zero chunks as holes."""
-    from tqdm import tqdm
-
-    chunk = 4 << 20
-    copied = 0
-    fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd_out, size)
-            buf = bytearray(chunk)
-            view = memoryview(buf)
-            with tqdm(total=size, unit="B", unit_scale=True, desc="backup",
-                      disable=not sys.stderr.isatty()) as bar:
-                pos = 0
-                while pos < size:
-                    n = os.preadv(fd_in, [view[: min(chunk, size - pos)]], pos)
-                    if n <= 0:
-                        break
-                    if buf.count(0, 0, n) != n:
-                        os.pwritev(fd_out, [view[:n]], pos)
-                        copied += n
-                    pos += n
-                    bar.update(n)
-            os.fsync(fd_out)
-        finally:
-            os.close(fd_out)
-    finally:
-        os.close(fd_in)
-    return copied
-
-
 def cmd_backup(args: argparse.Namespace) -> int:
     """Split (unless already split), then back up image A: copy it or hand it to a command."""
-    st = _call(args, "status", names=[args.name])["mirrors"][0]
-    if st["state"] == "mirrored":
-        st = _call(args, "split", names=[args.name], wait=True, timeout=args.timeout)["split"][0]
-    elif st["state"] != "split":
-        raise MirrorError(f"mirror {args.name} is {st['state']}; wait for the split to finish")
-    sp = st["split"]
-    if sp["a_status"] not in ("consistent", "crash-consistent"):
-        raise MirrorError(f"image A of {args.name} is not a usable copy: {sp['a_status']}")
-    result = {"name": args.name, "epoch": sp["epoch"], "image_a": st["image_a"],
-              "instant_wall": sp["instant_wall"], "a_status": sp["a_status"]}
-    if args.to:
-        result["copied_bytes"] = _copy_image(st["image_a"], args.to, st["size"])
-        result["to"] = args.to
-    else:
-        env = dict(os.environ, TARGETMIRROR_MIRROR=args.name, TARGETMIRROR_IMAGE=st["image_a"],
-                   TARGETMIRROR_EPOCH=str(sp["epoch"]),
-                   TARGETMIRROR_INSTANT=str(sp["instant_wall"]))
-        rc = subprocess.run(args.exec, env=env, check=False).returncode
-        result["exec_status"] = rc
-        if rc != 0:
-            print(f"targetmirror: backup command exited with {rc}; the mirror stays split",
-                  file=sys.stderr)
-            return 3
-    if args.rejoin:
-        done = _call(args, "rejoin", names=[args.name], wait=True,
-                     timeout=args.timeout)["rejoin"][0]
-        result["rejoin"] = done.get("last_rejoin")
+    try:
+        result = _client(args).backup(args.name, to=args.to, command=args.exec,
+                                      rejoin=args.rejoin, timeout=args.timeout)
+    except BackupCommandFailed as exc:
+        print(f"targetmirror: {exc}", file=sys.stderr)
+        return 3
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"backed up {args.name} epoch {sp['epoch']} (split at "
-              f"{_when(sp['instant_wall'])}, A {sp['a_status']})"
-              + (f" to {args.to}" if args.to else "")
-              + ("; rejoined" if args.rejoin else "; the mirror stays split"))
+        print(describe_backup(result))
     return 0
 
 
@@ -435,10 +376,11 @@ def _follow_rejoin(args: argparse.Namespace, names: list[str]) -> None:
     """A progress bar (bytes copied, ETA) until every named mirror is mirrored again."""
     from tqdm import tqdm
 
+    client = _client(args)
     bar = None
     try:
         while True:
-            mirrors = _call(args, "status", names=names)["mirrors"]
+            mirrors = client.status(names)["mirrors"]
             pending = [m for m in mirrors if m["state"] == "rejoining"]
             failed = [m for m in pending if (m.get("resync") or {}).get("error")]
             if failed:
@@ -461,59 +403,34 @@ def _follow_rejoin(args: argparse.Namespace, names: list[str]) -> None:
 
 def cmd_rejoin(args: argparse.Namespace) -> int:
     """Copy what changed since the split back to A, online; mirrored again afterwards."""
-    rate = None if args.rate is None else args.rate * 1e6
+    client = _client(args)
     attached = not args.json and sys.stderr.isatty() and not args.no_wait
-    res = _call(args, "rejoin", names=args.names, group=args.group, full=args.full, rate=rate,
-                wait=not args.no_wait and not attached, timeout=args.timeout)
+    res = client.rejoin(args.names, group=args.group, full=args.full, rate_mbps=args.rate,
+                        wait=not args.no_wait and not attached, timeout=args.timeout)
     if attached:
         _follow_rejoin(args, args.names or [m["name"] for m in res["rejoin"]])
-        res = {"rejoin": _call(args, "status", names=[m["name"] for m in res["rejoin"]])
-               ["mirrors"]}
+        res = {"rejoin": client.status([m["name"] for m in res["rejoin"]])["mirrors"]}
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
     for m in res["rejoin"]:
-        lr = m.get("last_rejoin") or {}
-        if m["state"] == "mirrored":
-            print(f"{m['name']}: mirrored again (epoch {m['epoch']}), {lr.get('bytes_copied', 0)}"
-                  f" bytes copied in {lr.get('seconds', 0):.3f} s")
-        else:
-            print(f"{m['name']}: {m['state']} (rejoin running in the background)")
+        print(describe_rejoin(m))
     return 0
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Initial sync (claim 2): fill B from A online, for a mirror made from an existing A."""
-    rate = None if args.rate is None else args.rate * 1e6
-    res = _call(args, "sync", name=args.name, rate=rate, wait=not args.no_wait,
-                timeout=args.timeout)["sync"]
-    if args.json:
-        print(json.dumps(res, indent=1))
-    elif res["state"] == "mirrored":
-        ls = res.get("last_sync") or {}
-        print(f"{res['name']}: initial sync complete, {ls.get('bytes_copied', 0)} bytes in "
-              f"{ls.get('seconds', 0):.2f} s")
-    else:
-        print(f"{res['name']}: initial sync running in the background "
-              "(see 'targetmirror status')")
+    res = _client(args).sync(args.name, rate_mbps=args.rate, wait=not args.no_wait,
+                             timeout=args.timeout)
+    print(json.dumps(res, indent=1) if args.json else describe_sync(res))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Compare A and B online; exit 1 when they differ where they should not."""
-    rate = None if args.rate is None else args.rate * 1e6
-    res = _call(args, "verify", name=args.name, repair=args.repair, offset=args.offset,
-                length=args.length, rate=rate, timeout=args.timeout)
-    if args.json:
-        print(json.dumps(res, indent=1))
-    else:
-        print(f"{res['name']} ({res['state']}): {res['regions_checked']} regions compared "
-              f"({res['bytes_compared']} bytes, {res['seconds']:.2f} s), "
-              f"{res['regions_skipped_changed']} skipped as changed since the split, "
-              f"{res['mismatches']} mismatching"
-              + (f" (first at LBA {', '.join(map(str, res['first_mismatch_lbas']))})"
-                 if res["mismatches"] else "")
-              + (f", {res['repaired']} repaired" if res["repaired"] else ""))
+    res = _client(args).verify(args.name, repair=args.repair, offset=args.offset,
+                               length=args.length, rate_mbps=args.rate, timeout=args.timeout)
+    print(json.dumps(res, indent=1) if args.json else describe_verify(res))
     return 1 if res["mismatches"] and not res["repaired"] else 0
 
 

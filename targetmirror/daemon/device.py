@@ -13,17 +13,19 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import perf_counter_ns
 from typing import Protocol
 
 from targetmirror import __version__
 from targetmirror.config.cfgstring import SnapshotSpec, VolumeSpec, parse, parse_any
+from targetmirror.daemon.metrics import OTHER, READ, WRITE, CommandStats
 from targetmirror.daemon.runner import Admit, DeviceRunner, Job, PlainJob
 from targetmirror.errors import MirrorError, TargetMirrorError
 from targetmirror.mirror.mirror import Mirror, MirrorIO
 from targetmirror.mirror.snapshot import SnapshotVolume, owning_split_mirror
-from targetmirror.mirror.state import StateStore
+from targetmirror.mirror.state import State, StateStore
 from targetmirror.scsi import constants as C
-from targetmirror.scsi.cdb import ParsedCdb
+from targetmirror.scsi.cdb import ParsedCdb, ReadCdb
 from targetmirror.scsi.extent import classify
 from targetmirror.scsi.fastpath import decode_rw
 from targetmirror.scsi.handler import ScsiDevice, ScsiResult
@@ -56,6 +58,8 @@ class ServedDevice:
     volume: int = 1
     """2 for a second LUN of a mirror served by another device (one-way cut-over): it shares
     that device's Mirror and never closes it."""
+    stats: CommandStats | None = None
+    """Per-command counters for the metrics endpoint (mirrors only)."""
 
     def close(self) -> None:
         """Stop the ring loop (finishing in-flight commands), then close ring and images."""
@@ -140,6 +144,7 @@ class MirrorCommands:
         self._scsi: ScsiDevice | None = None
         self._max_blocks = 0
         self._lock = threading.Lock()
+        self.stats = CommandStats()
 
     def _device(self) -> ScsiDevice:
         scsi = self._scsi
@@ -166,32 +171,55 @@ class MirrorCommands:
             # on the ring thread than to hand to a worker (see DeviceRunner).
             inline = (length <= INLINE_MAX and not fua and io.ready
                       and mirror.a.fast and mirror.b.fast)
-            return _PlainJob(scsi, cdb, write, offset, iov, fua, io, inline)
+            return _PlainJob(scsi, cdb, write, offset, length, iov, fua, io, inline,
+                             self.stats)
         parsed, extent = classify(cdb, iov, bs)
         io = (mirror.admit(tag, extent) if volume == 1
               else mirror.admit(tag, extent, volume))
-        return _MirrorJob(scsi, cdb, iov, io, parsed)
+        return _MirrorJob(scsi, cdb, iov, io, parsed, extent, self.stats)
 
 
 class _MirrorJob:
     """One admitted command: run it through SCSI on its mirror view, then release the view."""
 
-    __slots__ = ("cdb", "io", "iov", "parsed", "scsi")
+    __slots__ = ("cdb", "extent", "io", "iov", "parsed", "scsi", "stats")
     inline = False
 
     def __init__(self, scsi: ScsiDevice, cdb: bytes, iov: list[memoryview], io: MirrorIO,
-                 parsed: ParsedCdb | SenseError) -> None:
+                 parsed: ParsedCdb | SenseError, extent: tuple[int, int] | None,
+                 stats: CommandStats) -> None:
         self.scsi = scsi
         self.cdb = cdb
         self.iov = iov
         self.io = io
         self.parsed = parsed
+        self.extent = extent
+        self.stats = stats
 
     def __call__(self) -> ScsiResult:
+        t0 = perf_counter_ns()
         try:
-            return self.scsi.execute(self.cdb, self.iov, self.io, self.parsed)
+            res = self.scsi.execute(self.cdb, self.iov, self.io, self.parsed)
         finally:
             self.io.finish()
+        self._count(res, perf_counter_ns() - t0)
+        return res
+
+    def _count(self, res: ScsiResult, elapsed_ns: int) -> None:
+        """Metrics: integer additions into this thread's shard (see daemon/metrics.py)."""
+        ext = self.extent
+        ok = res.status == C.Status.GOOD
+        if ext is not None:
+            n = ext[1] - ext[0] if ok else 0
+            self.stats.record(WRITE, elapsed_ns, n if self.io.both else 0, n)
+        elif type(self.parsed) is ReadCdb:
+            n = self.parsed.blocks * self.io.block_size if ok else 0
+            if self.io._m.st.state == State.SYNCING:  # reads come from A while B fills
+                self.stats.record(READ, elapsed_ns, n, 0)
+            else:
+                self.stats.record(READ, elapsed_ns, 0, n)
+        else:
+            self.stats.record(OTHER, elapsed_ns)
 
     def cancel(self) -> None:
         self.io.finish()
@@ -277,24 +305,39 @@ def _no_reset(name: str, ring: Ring, idle: bool, exc: BaseException) -> str:
 class _PlainJob:
     """A plain READ/WRITE admitted by the fast path; same contract as :class:`_MirrorJob`."""
 
-    __slots__ = ("cdb", "fua", "inline", "io", "iov", "offset", "scsi", "write")
+    __slots__ = ("cdb", "fua", "inline", "io", "iov", "length", "offset", "scsi", "stats",
+                 "write")
 
-    def __init__(self, scsi: ScsiDevice, cdb: bytes, write: bool, offset: int,
-                 iov: list[memoryview], fua: bool, io: MirrorIO, inline: bool) -> None:
+    def __init__(self, scsi: ScsiDevice, cdb: bytes, write: bool, offset: int, length: int,
+                 iov: list[memoryview], fua: bool, io: MirrorIO, inline: bool,
+                 stats: CommandStats) -> None:
         self.scsi = scsi
         self.cdb = cdb
         self.write = write
         self.offset = offset
+        self.length = length
         self.iov = iov
         self.fua = fua
         self.io = io
         self.inline = inline
+        self.stats = stats
 
     def __call__(self) -> ScsiResult:
+        t0 = perf_counter_ns()
+        io = self.io
         try:
-            return self.scsi.execute_plain(self.write, self.offset, self.iov, self.fua, self.io)
+            res = self.scsi.execute_plain(self.write, self.offset, self.iov, self.fua, io)
         finally:
-            self.io.finish()
+            io.finish()
+        # metrics: integer additions into this thread's shard (see daemon/metrics.py)
+        n = self.length if res.status == C.Status.GOOD else 0
+        if self.write:
+            self.stats.record(WRITE, perf_counter_ns() - t0, n if io.both else 0, n)
+        elif io._m.st.state == State.SYNCING:  # reads come from A while B fills
+            self.stats.record(READ, perf_counter_ns() - t0, n, 0)
+        else:
+            self.stats.record(READ, perf_counter_ns() - t0, 0, n)
+        return res
 
     def cancel(self) -> None:
         self.io.finish()
@@ -317,6 +360,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     snapshot: SnapshotVolume | None = None
     reason: str | None = None
     volume = 1
+    stats: CommandStats | None = None
     admit: Admit
     try:
         spec = parse_any(info.cfgstring)
@@ -329,13 +373,17 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
                 raise MirrorError(f"volume 2 of mirror {spec.mirror} must have its size and "
                                   "block size")
             volume = 2
-            admit = MirrorCommands(mirror, lambda: read_identity(info, cfs), volume=2).admit
+            commands = MirrorCommands(mirror, lambda: read_identity(info, cfs), volume=2)
+            admit = commands.admit
+            stats = commands.stats
         elif isinstance(spec, SnapshotSpec):
             snapshot = build_snapshot(info, cfs, spec, store)
             admit = snapshot_admit(snapshot, lambda: read_identity(info, cfs))
         else:
             mirror = build_mirror(info, cfs, store)
-            admit = MirrorCommands(mirror, lambda: read_identity(info, cfs)).admit
+            commands = MirrorCommands(mirror, lambda: read_identity(info, cfs))
+            admit = commands.admit
+            stats = commands.stats
     except (TargetMirrorError, OSError) as exc:
         reason = str(exc)
         log.error("cannot serve %s: %s; answering NOT READY until it is fixed", info.dev_name,
@@ -374,7 +422,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     if snapshot is not None:
         log.info("serving %s: read-only snapshot of %s (%s)", info.dev_name, snapshot.mirror,
                  snapshot.image.path, extra={"device": info.dev_name})
-    return ServedDevice(info, uio, runner, mirror, reason, snapshot, volume)
+    return ServedDevice(info, uio, runner, mirror, reason, snapshot, volume, stats)
 
 
 def volume_of(info: UioInfo) -> str | None:

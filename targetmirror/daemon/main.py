@@ -50,8 +50,11 @@ class Daemon:
                  state_dir: str = DEFAULT_STATE_DIR, control_socket: str | None = None,
                  sysfs_root: str = "/sys", dev_root: str = "/dev",
                  configfs_root: str = "/sys/kernel/config",
-                 stuck_after: float = DEFAULT_THRESHOLD) -> None:
+                 stuck_after: float = DEFAULT_THRESHOLD,
+                 metrics_address: str | None = None, dbus: bool = False) -> None:
         self.workers = workers
+        self.dbus = dbus
+        self.metrics_address = metrics_address
         self.store = StateStore(os.path.join(state_dir, "mirrors"))
         self.groups = GroupStore(os.path.join(state_dir, "groups.json"))
         self.control_socket = control_socket
@@ -336,6 +339,12 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped; return the exit status."""
+        metrics = None
+        if self.metrics_address:
+            from targetmirror.daemon.metrics import MetricsServer
+
+            # bound first: a taken port fails the start before any device is touched
+            metrics = MetricsServer(self, self.metrics_address)
         nl: TcmuNetlink | None
         try:
             nl = TcmuNetlink.open()
@@ -350,6 +359,15 @@ class Daemon:
             control.start()
         if self.watchdog is not None:
             self.watchdog.start()
+        if metrics is not None:
+            metrics.start()
+        bus = None
+        if self.dbus:
+            from targetmirror.daemon.dbus_service import HandlerService
+
+            bus = HandlerService()
+            if not bus.start():
+                bus = None
         log.info("targetmirrord %s serving %d device(s)", __version__, len(self.devices))
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
         try:
@@ -374,6 +392,10 @@ class Daemon:
                 self.watchdog.stop()
             if control is not None:
                 control.close()
+            if metrics is not None:
+                metrics.close()
+            if bus is not None:
+                bus.close()
             for _, _, timer in self._timers.values():
                 timer.cancel()
             # every ring stops fetching at once and drains in parallel; detach then waits
@@ -419,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stuck-after", type=float, default=DEFAULT_THRESHOLD, metavar="SECONDS",
                    help="log a command still unanswered after this long, once (0: never; "
                    "default %(default)s)")
+    p.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: the "
+                   "file's daemon.metrics_address, else off)")
+    p.add_argument("--no-dbus", action="store_true",
+                   help="do not offer user:mirror to targetcli on the D-Bus system bus")
     return p
 
 
@@ -433,6 +460,14 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level or (d.log_level if d else "info"))
     if problem:
         log.error("%s", problem)
+    metrics_address = args.metrics_address or (d.metrics_address if d else None)
+    if metrics_address:
+        from targetmirror.daemon.metrics import parse_address
+
+        try:
+            parse_address(metrics_address)
+        except TargetMirrorError as exc:
+            p.error(str(exc))
     if args.workers < 0:
         p.error("--workers must be 0 or more")
     if args.stuck_after < 0:
@@ -441,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                     state_dir=args.state_dir or (d.state_dir if d else DEFAULT_STATE_DIR),
                     control_socket=args.control_socket or (d.control_socket if d
                                                            else DEFAULT_SOCKET),
-                    stuck_after=args.stuck_after)
+                    stuck_after=args.stuck_after, metrics_address=metrics_address,
+                    dbus=not args.no_dbus)
     if config is not None:
         restore.apply_at_start(config, daemon.groups, args.state_dir)
 
@@ -451,7 +487,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return daemon.run()
+    try:
+        return daemon.run()
+    except TargetMirrorError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
 
 
 if __name__ == "__main__":

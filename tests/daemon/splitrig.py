@@ -282,7 +282,8 @@ def make_device(directory: str, name: str, nblocks: int, *, workers: int,
     info = UioInfo(name=f"tcm-user/0/{name}/mirror/{pa}|{pb}", minor=0, hba=0, dev_name=name,
                    subtype="mirror", cfgstring=f"{pa}|{pb}", map_size=producer.map_size,
                    dev_path="/dev/null")
-    served = ServedDevice(info, uio, runner, mirror)  # type: ignore[arg-type]
+    served = ServedDevice(info, uio, runner, mirror,  # type: ignore[arg-type]
+                          stats=commands.stats)
     return RigDevice(served, uio, producer, a, b)
 
 

@@ -45,6 +45,8 @@ class Mirrord:
     def __init__(self, log_path: Path, *, workers: int = 2) -> None:
         self.log_path = log_path
         self.workers = workers
+        self.extra_args: list[str] = []
+        """More targetmirrord arguments for the next :meth:`start` (e.g. --metrics-address)."""
         self.state_dir = log_path.parent / "mirrord-state"
         self.socket = str(log_path.parent / "mirrord-run" / "control.sock")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -56,7 +58,8 @@ class Mirrord:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "targetmirror.daemon.main", "--log-level", "debug",
              "--workers", str(self.workers), "--rescan-interval", "1",
-             "--state-dir", str(self.state_dir), "--control-socket", self.socket],
+             "--state-dir", str(self.state_dir), "--control-socket", self.socket,
+             *self.extra_args],
             cwd=REPO, env=python_env(), stdout=self.log, stderr=subprocess.STDOUT)
         # only this run's lines count (a restart appends to the same log)
         self._mark = mark
