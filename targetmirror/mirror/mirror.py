@@ -276,6 +276,17 @@ class Mirror:
             if self.store:
                 self.store.save(st)
             return st
+        for leg in ("a", "b"):
+            img = self.a if leg == "a" else self.b
+            saved_path = st.image_a if leg == "a" else st.image_b
+            if img.path != saved_path and st.replaced.get(img.path) == saved_path:
+                # repair --replace put another image in this leg's place: open that one
+                new = Image(saved_path, direct=img.direct)
+                img.close()
+                if leg == "a":
+                    self.a = new
+                else:
+                    self.b = new
         if (st.image_a, st.image_b) != (self.a.path, self.b.path):
             raise MirrorError(f"mirror {self.name}: its saved state is for images "
                               f"a={st.image_a} b={st.image_b}, not a={self.a.path} "
@@ -1003,6 +1014,10 @@ class Mirror:
         if full:
             self.bitmap.sync(self.bitmap.mark_all())
         with self._mu:
+            if path != old.path:
+                configured = next((k for k, v in self.st.replaced.items() if v == old.path),
+                                  old.path)
+                self.st.replaced[configured] = path
             if bit == LEG_A:
                 self.a = new
                 self.st.image_a = path

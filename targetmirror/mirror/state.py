@@ -90,6 +90,9 @@ class MirrorState:
     """While rejoining: "rejoin", "repair" or "recovery" (after an unclean stop)."""
     last_repair: dict[str, Any] | None = None
     last_recovery: dict[str, Any] | None = None
+    replaced: dict[str, str] = field(default_factory=dict)
+    """Configured image path -> the image ``repair --replace`` put in its place (the
+    cfgstring still names the old one until the backstore is recreated)."""
     schema: int = SCHEMA
 
     def to_json(self) -> dict[str, Any]:
@@ -118,6 +121,7 @@ class MirrorState:
                 resync_kind=str(data.get("resync_kind", "rejoin")),
                 last_repair=data.get("last_repair"),
                 last_recovery=data.get("last_recovery"),
+                replaced={str(k): str(v) for k, v in (data.get("replaced") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MirrorError(f"{origin}: malformed mirror state: {exc}") from exc

@@ -180,6 +180,14 @@ def test_repair_replace_does_a_full_copy_to_a_new_image(rig, tmp_path):
     assert m.st.last_repair is not None and m.st.last_repair["bytes_copied"] == SIZE
     assert state_doc(StateStore(rig.dir))["image_a"] == new
     assert m.verify()["mismatches"] == 0
+    m.close()
+    # a restart with the configured (old) path opens the replacement
+    m2 = Mirror("m", FaultyImage(rig.pa), FaultyImage(rig.pb), size=SIZE, block_size=BS,
+                store=StateStore(rig.dir), region_size=RS, wi_interval=None, leg_timeout=None)
+    try:
+        assert m2.a.path == new and m2.health == "ok" and m2.state == State.MIRRORED
+    finally:
+        m2.close()
 
 
 def test_a_hung_leg_is_failed_by_its_timeout_and_new_commands_complete(tmp_path):
