@@ -232,6 +232,8 @@ class Mirror:
         """Admitted writes not yet finished: key -> (first region, last region)."""
         self._touched: set[int] = set()
         """Regions whose writes finished since the last clear pass."""
+        self._commit_touched: set[int] | None = None
+        """While a copier commits a batch: regions whose writes finished meanwhile."""
         self._wi_lock = threading.Lock()
         self.wi_clears = 0
         self.wi_cleared = 0
@@ -452,6 +454,8 @@ class Mirror:
                     self._touched.add(r0)
                 else:
                     self._touched.update(range(r0, r1 + 1))
+                if self._commit_touched is not None:
+                    self._commit_touched.update(range(r0, r1 + 1))
             if not both:
                 self._b_only -= 1
                 if not self._b_only:
@@ -797,9 +801,16 @@ class Mirror:
         region with a write in flight: they stay, as write-intent bits)."""
         bm = self.bitmap
         assert bm is not None
-        self._both_flush()
         with self._mu:
-            busy = self._busy_regions_locked()
+            # a write that finishes after the fdatasyncs began may be on one leg's disk only
+            self._commit_touched = set()
+        try:
+            self._both_flush()
+        finally:
+            with self._mu:
+                late, self._commit_touched = self._commit_touched, None
+        with self._mu:
+            busy = self._busy_regions_locked() | late
             gen = bm.clear([r for r in batch if r not in busy])
         bm.sync(gen)
         done = progress["regions_done"] = progress["regions_done"] + len(batch)
