@@ -7,8 +7,11 @@ rule).  Setting a bit that is already set costs nothing, so only the first write
 after a split pays for a bitmap sync, and concurrent writers share one sync (group commit): a
 caller waits for a sync that started after its bits were set, never for more.
 
-Bits are cleared only by the resync that made the region equal on both legs, and only after A is
-durable, so a crash during a rejoin forgets nothing either.
+Bits are cleared only when the region is equal and durable on both legs with no write to it in
+flight: by a resync after fdatasyncs of both legs, or by the mirror's lazy write-intent clear
+pass (see ``targetmirror.mirror.mirror``), so a crash at any point forgets nothing.  The file
+primitives are small methods so the crash-point test can put the file on a simulated page
+cache.
 
 The file is a small header (magic, version, region size, region count) followed by the bits;
 it is rewritten in place per dirty 4 KiB page and fdatasync'ed.
