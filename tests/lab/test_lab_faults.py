@@ -125,8 +125,12 @@ def test_leg_a_fails_under_fio_then_repair(mirrord: Mirrord, tmp_path: Path) -> 
 
         # the admin fixes the device; repair copies what A missed, online
         leg.restore()
-        rep = mirrord.ctl_json("repair", name)
-        assert rep["state"] == "mirrored" and rep["health"] == "ok", rep
+        started = mirrord.ctl_json("repair", name, "--no-wait")
+        assert started["health"] == "ok" and started["state"] in ("rejoining", "mirrored")
+        guest.wait_for(lambda: mirrord.ctl_json("status", name)["mirrors"][0]["state"]
+                       == "mirrored", timeout=900, interval=1, what="the repair to finish")
+        rep = mirrord.ctl_json("status", name)["mirrors"][0]
+        assert rep["health"] == "ok" and rep["last_repair"] is not None, rep
         copied = rep["last_repair"]["bytes_copied"]
         print(f"repair: {copied} bytes copied of {SIZE} "
               f"({rep['last_repair']['regions']} regions) in "
