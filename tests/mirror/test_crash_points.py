@@ -155,7 +155,7 @@ def trial(seed: int) -> dict[str, int]:
     rng = random.Random(seed)
     stats = dict.fromkeys(("writes", "splits", "rejoins", "clear_passes", "durable_checked",
                            "blocks_checked", "resync_bytes", "crashed_in_workload",
-                           "recovery_resyncs"), 0)
+                           "recovery_resyncs", "recoveries", "recovery_bytes"), 0)
     fs = SimFS(rng)
     m = open_mirror(fs)
     fs.crash_at = fs.ops + rng.randint(1, MAX_TICK)
@@ -185,6 +185,9 @@ def trial(seed: int) -> dict[str, int]:
             assert rec is not None
             stats["resync_bytes"] += rec["bytes_copied"]
             stats["recovery_resyncs"] += 1
+            if m2.st.last_recovery is not None:  # mirrored at the crash: write-intent resync
+                stats["recoveries"] += 1
+                stats["recovery_bytes"] += m2.st.last_recovery["bytes_copied"]
         a, b = m2.a.bytes(), m2.b.bytes()  # type: ignore[attr-defined]
         # every acknowledged-and-flushed write is on the live leg, and nothing else is there
         for blk in range(NBLK):
@@ -249,7 +252,9 @@ def test_no_flushed_write_is_lost_at_any_crash_point() -> None:
           f"(recovery or resumed rejoin) copied "
           f"{totals['resync_bytes']} bytes in all = "
           f"{totals['resync_bytes'] / max(1, totals['recovery_resyncs']) / SIZE:.1%} of the "
-          f"image per resync")
+          f"image per resync; of them {totals['recoveries']} write-intent recoveries (mirrored "
+          f"at the crash) copied {totals['recovery_bytes'] / max(1, totals['recoveries']):.0f} "
+          f"bytes each on average of a {SIZE}-byte image")
     assert totals["crashed_in_workload"] >= min(len(seeds), 1000) * 0.5
 
 
