@@ -26,6 +26,13 @@ SIZE = 64 * MiB
 SECTORS = SIZE // 512
 
 
+def _block_modules() -> None:
+    """loop (a block device over a file) and device-mapper; devtmpfs makes the nodes."""
+    guest.run(["modprobe", "-a", "loop", "dm_mod"], check=False)
+    if not os.path.exists("/dev/loop-control"):
+        raise guest.GuestError("no /dev/loop-control after modprobe loop")
+
+
 class DmLeg:
     """A loop device over a file, under a dm ``linear`` device whose table can be switched."""
 
@@ -79,7 +86,7 @@ def _create(name: str, a: str, b: str) -> str:
 
 
 def test_leg_a_fails_under_fio_then_repair(mirrord: Mirrord, tmp_path: Path) -> None:
-    guest.run(["modprobe", "dm_mod"], check=False)
+    _block_modules()
     leg = DmLeg("tm_faults_a", tmp_path / "a-backing.img")
     b = tmp_path / "f_dm-b.img"
     with b.open("wb") as f:
@@ -149,7 +156,7 @@ def test_leg_a_fails_under_fio_then_repair(mirrord: Mirrord, tmp_path: Path) -> 
 
 def test_both_legs_failing_is_an_io_error_at_the_initiator(mirrord: Mirrord,
                                                            tmp_path: Path) -> None:
-    guest.run(["modprobe", "dm_mod"], check=False)
+    _block_modules()
     la = DmLeg("tm_faults_2a", tmp_path / "2a.img")
     lb = DmLeg("tm_faults_2b", tmp_path / "2b.img")
     name = "f_both"
