@@ -418,6 +418,27 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    """Bring a failed leg back: copy to it what changed while it was failed (or everything,
+    for a new image given by --replace), online."""
+    rate = None if args.rate is None else args.rate * 1e6
+    replace = None if args.replace is None else os.path.abspath(args.replace)
+    res = _call(args, "repair", name=args.name, leg=args.leg, replace=replace, rate=rate,
+                wait=not args.no_wait, timeout=args.timeout)["repair"]
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    rep = res.get("last_repair") or {}
+    if res["state"] == "mirrored" and res.get("health") == "ok":
+        print(f"{res['name']}: repaired, mirrored again: {rep.get('bytes_copied', 0)} bytes "
+              f"copied of {rep.get('image_size', res.get('size'))} in "
+              f"{rep.get('seconds', 0):.3f} s")
+    else:
+        print(f"{res['name']}: {res['state']}, {res.get('health')} (repair running in the "
+              "background)")
+    return 0
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     """Initial sync (claim 2): fill B from A online, for a mirror made from an existing A."""
     res = _client(args).sync(args.name, rate_mbps=args.rate, wait=not args.no_wait,
@@ -604,6 +625,18 @@ def build_parser() -> argparse.ArgumentParser:
     rj.add_argument("--no-wait", action="store_true", help="return once the copy has started")
     rj.add_argument("--timeout", type=float, default=3600.0)
     rj.set_defaults(func=cmd_rejoin)
+
+    rp = daemon_cmd("repair", "bring a failed leg back (incremental resync, or full with "
+                    "--replace)")
+    rp.add_argument("name")
+    rp.add_argument("--leg", choices=["a", "b"], default=None,
+                    help="the leg to repair (default: the failed one)")
+    rp.add_argument("--replace", metavar="PATH", default=None,
+                    help="a new image for the leg: every region is copied to it")
+    rp.add_argument("--rate", type=float, default=None, help="limit in MB/s")
+    rp.add_argument("--no-wait", action="store_true", help="return once the copy has started")
+    rp.add_argument("--timeout", type=float, default=3600.0)
+    rp.set_defaults(func=cmd_repair)
 
     sy = daemon_cmd("sync", "initial sync: copy A to B online (A has data, B is new)")
     sy.add_argument("name")

@@ -38,8 +38,17 @@ def status_rows(mirrors: Sequence[dict[str, Any]]) -> list[str]:
             str(m.get("pre_split_in_flight", "-")), when(sp.get("instant_wall")),
             "-" if drain is None else f"{drain * 1000:.3f} ms", sp.get("a_status", "-")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    for m in mirrors:  # a failed leg is said loudly, under the table
+        health = m.get("health", "ok")
+        if health != "ok":
+            word = "DEGRADED" if health == "degraded" else "FAILED (no complete leg)"
+            lines.append(f"{m['name']}: {word}")
+            for leg, f in sorted((m.get("failed_legs") or {}).items()):
+                lines.append(f"  leg {leg.upper()} failed at {when(f.get('wall'))}: "
+                             f"{f.get('reason')}")
+    return lines
 
 
 def describe_rejoin(m: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from targetmirror.config.cfgstring import SnapshotSpec, VolumeSpec, parse, parse
 from targetmirror.daemon.metrics import OTHER, READ, WRITE, CommandStats
 from targetmirror.daemon.runner import Admit, DeviceRunner, Job, PlainJob
 from targetmirror.errors import MirrorError, TargetMirrorError
+from targetmirror.mirror.bitmap import DEFAULT_REGION
 from targetmirror.mirror.mirror import Mirror, MirrorIO
 from targetmirror.mirror.snapshot import SnapshotVolume, owning_split_mirror
 from targetmirror.mirror.state import State, StateStore
@@ -105,7 +106,8 @@ def build_mirror(info: UioInfo, cfs: ConfigfsDevice, store: StateStore | None) -
     try:
         mirror = Mirror(info.dev_name, a, b, size=size, block_size=block_size,
                         write_cache=True, store=store,
-                        **({} if spec.region_size is None else {"region_size": spec.region_size}))
+                        region_size=(DEFAULT_REGION if spec.region_size is None
+                                     else spec.region_size))
     except BaseException:
         a.close()
         b.close()

@@ -305,6 +305,29 @@ class Daemon:
                                   "(it goes on in the background)")
         return {"sync": m.status()}
 
+    def op_repair(self, req: dict[str, Any]) -> dict[str, Any]:
+        m = self._mirror(str(req["name"]))
+        rate = req.get("rate")
+        leg = req.get("leg")
+        replace = req.get("replace")
+        if replace is not None and not os.path.isabs(str(replace)):
+            raise MirrorError(f"--replace {replace}: expected an absolute path")
+        m.repair(leg=None if leg is None else str(leg),
+                 replace=None if replace is None else str(replace),
+                 rate=None if rate is None else float(rate))
+        if req.get("wait", False):
+            timeout = float(req.get("timeout", 3600))
+            done = m.sync_complete if m.state == "syncing" else m.rejoin_complete
+            deadline = time.monotonic() + timeout
+            while not done.wait(0.2):  # also watching for a copy that failed
+                progress = m.resync
+                if progress is not None and progress.get("error"):
+                    raise MirrorError(f"repair of {m.name} failed: {progress['error']}")
+                if time.monotonic() > deadline:
+                    raise MirrorError(f"repair of {m.name} did not finish within {timeout} s "
+                                      "(it goes on in the background)")
+        return {"repair": m.status()}
+
     def op_verify(self, req: dict[str, Any]) -> dict[str, Any]:
         m = self._mirror(str(req["name"]))
         rate = req.get("rate")
@@ -329,6 +352,7 @@ class Daemon:
     def handlers(self) -> dict[str, Handler]:
         return {"status": self.op_status, "split": self.op_split, "cancel": self.op_cancel,
                 "rejoin": self.op_rejoin, "verify": self.op_verify, "sync": self.op_sync,
+                "repair": self.op_repair,
                 "group-create": self.op_group_create, "group-delete": self.op_group_delete,
                 "ping": lambda req: {"version": __version__}}
 

@@ -7,8 +7,11 @@ rule).  Setting a bit that is already set costs nothing, so only the first write
 after a split pays for a bitmap sync, and concurrent writers share one sync (group commit): a
 caller waits for a sync that started after its bits were set, never for more.
 
-Bits are cleared only by the resync that made the region equal on both legs, and only after A is
-durable, so a crash during a rejoin forgets nothing either.
+Bits are cleared only when the region is equal and durable on both legs with no write to it in
+flight: by a resync after fdatasyncs of both legs, or by the mirror's lazy write-intent clear
+pass (see ``targetmirror.mirror.mirror``), so a crash at any point forgets nothing.  The file
+primitives are small methods so the crash-point test can put the file on a simulated page
+cache.
 
 The file is a small header (magic, version, region size, region count) followed by the bits;
 it is rewritten in place per dirty 4 KiB page and fdatasync'ed.
@@ -53,15 +56,14 @@ class Bitmap:
         self._synced_gen = 0   # the generation the file is known to hold
         self._syncing = False
         self.syncs = 0         # how many fdatasyncs (for status and benchmarks)
-        exists = os.path.exists(path)
         self.created = False
         """True when no usable bitmap was found and an empty one was made: the caller must not
         trust it for a mirror that is already split (see ``Mirror``)."""
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        exists = self._open()
         try:
-            if exists and os.fstat(self.fd).st_size >= HEADER_SIZE + len(self.bits):
+            if exists and self._file_size() >= HEADER_SIZE + len(self.bits):
                 self._load()
-            elif exists and os.fstat(self.fd).st_size >= HEADER_SIZE:
+            elif exists and self._file_size() >= HEADER_SIZE:
                 self._load()  # checks the header; a short body is not trusted
                 self.created = True
                 self._init_file()
@@ -69,26 +71,48 @@ class Bitmap:
                 self.created = True
                 self._init_file()
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
+
+    # -- file primitives (overridden by the crash-point test's simulated page cache) -----------
+    def _open(self) -> bool:
+        """Open (creating) the file; True if it existed."""
+        exists = os.path.exists(self.path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return exists
+
+    def _file_size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        return os.pread(self.fd, n, offset)
+
+    def _pwrite(self, data: bytes, offset: int) -> None:
+        os.pwrite(self.fd, data, offset)
+
+    def _truncate(self, n: int) -> None:
+        os.ftruncate(self.fd, n)
+
+    def _fdatasync(self) -> None:
+        os.fdatasync(self.fd)
 
     # -- file ------------------------------------------------------------------------------------
     def _init_file(self) -> None:
         header = HEADER.pack(MAGIC, VERSION, self.region_size, self.regions)
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, header.ljust(HEADER_SIZE, b"\0"), 0)
-        os.ftruncate(self.fd, HEADER_SIZE + len(self.bits))
-        os.fsync(self.fd)
+        self._truncate(0)
+        self._pwrite(header.ljust(HEADER_SIZE, b"\0"), 0)
+        self._truncate(HEADER_SIZE + len(self.bits))
+        self._fdatasync()
 
     def _load(self) -> None:
-        magic, version, region, regions = HEADER.unpack(os.pread(self.fd, HEADER.size, 0))
+        magic, version, region, regions = HEADER.unpack(self._pread(HEADER.size, 0))
         if magic != MAGIC or version != VERSION:
             raise MirrorError(f"{self.path}: not a targetmirror bitmap (or an unknown version)")
         if region != self.region_size or regions != self.regions:
             raise MirrorError(f"{self.path}: bitmap is for {regions} regions of {region} bytes, "
                               f"the mirror has {self.regions} of {self.region_size}; refusing "
                               "to guess (use a full rejoin)")
-        data = os.pread(self.fd, len(self.bits), HEADER_SIZE)
+        data = self._pread(len(self.bits), HEADER_SIZE)
         self.bits[: len(data)] = data
         extra = self.regions & 7
         if extra and self.bits:
@@ -177,8 +201,8 @@ class Bitmap:
                 ok = False
                 try:
                     for p, data in snapshot:
-                        os.pwrite(self.fd, data, HEADER_SIZE + p * PAGE)
-                    os.fdatasync(self.fd)
+                        self._pwrite(data, HEADER_SIZE + p * PAGE)
+                    self._fdatasync()
                     ok = True
                 finally:
                     self._mu.acquire()

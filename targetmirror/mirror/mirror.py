@@ -17,16 +17,34 @@ Reads come from B, the leg that stays live, so a split changes nothing a reader 
 Small writes go to the legs one after the other in the calling worker; large ones in parallel,
 because handing 4 KiB to another thread costs more than the second ``pwritev`` (measured by
 ``benchmarks/host_mirror.py``: 41k vs 5k mirrored 4 KiB writes/s on this machine's page cache).
+
+**One bitmap, one rule** (see ``docs/lifecycle.md``).  Every write marks its regions in the
+persistent bitmap, durably, before it is issued to any leg; a bit is cleared only when the
+region is known equal *and durable* on both legs with no write to it in flight.  That one rule
+is the split's change tracking (B-only writes), md's write-intent log while mirrored (a crash
+can tear a mirrored write between the legs; after an unclean stop the marked regions are copied
+B -> A), and the tracking of a failed leg (writes to the survivor only).  While mirrored, a
+marked region costs nothing more until a lazy clear pass (every ``wi_interval`` seconds: both
+legs fdatasync'ed, then the bits of regions idle since the previous pass are cleared), so hot
+regions pay one bitmap sync, not one per write.
+
+**Leg failure.**  An I/O error, ENOSPC, short transfer, vanished device or timeout on one leg
+marks that leg failed (persisted with reason and time) and the command completes on the other
+when that one holds a complete copy for the mirror's state; when no complete leg is left the
+error goes up and the SCSI layer answers MEDIUM ERROR.  See :meth:`Mirror._leg_io` for how
+timeouts are enforced without a thread hand-off per write.
 """
 
 from __future__ import annotations
 
+import errno as errno_mod
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 from targetmirror.errors import MirrorError, StoreError
@@ -39,6 +57,12 @@ T = TypeVar("T")
 log = logging.getLogger("targetmirror.mirror")
 
 PARALLEL_THRESHOLD = 64 * 1024
+LEG_A, LEG_B, BOTH = 1, 2, 3
+_LEG_NAMES = {LEG_A: "a", LEG_B: "b"}
+WI_INTERVAL = 5.0
+"""Seconds between write-intent clear passes (md's bitmap daemon uses a few seconds too)."""
+LEG_TIMEOUT = 20.0
+"""A leg call older than this fails the leg (below LIO's default 30 s cmd_time_out)."""
 
 
 class MirrorIO:
@@ -48,16 +72,20 @@ class MirrorIO:
     must be called exactly once when the command is done, whatever happened.
     """
 
-    __slots__ = ("_extent", "_granted", "_m", "_ticket", "a_done", "b_done", "both", "tag")
+    __slots__ = ("_extent", "_granted", "_key", "_m", "_ticket", "a_done", "b_done", "both",
+                 "legs", "tag")
 
-    def __init__(self, m: Mirror, tag: int, both: bool, extent: tuple[int, int] | None,
-                 ticket: int | None, granted: bool = False) -> None:
+    def __init__(self, m: Mirror, tag: int, legs: int, extent: tuple[int, int] | None,
+                 ticket: int | None, key: int = 0, granted: bool = False) -> None:
         self._m = m
         self.tag = tag
-        self.both = both
+        self.legs = legs
+        """The legs this command may write (LEG_A | LEG_B), decided at admission."""
+        self.both = legs == BOTH
         self._extent = extent
         self._ticket = ticket
         self._granted = granted
+        self._key = key
         self.a_done = False
         """Set when this command's write reached leg A (for the stuck-command watchdog)."""
         self.b_done = False
@@ -102,50 +130,55 @@ class MirrorIO:
             yield
 
     def read(self, offset: int, iov: Sequence[memoryview]) -> None:
-        self._m.b.readv(offset, iov)
+        self._m.read(offset, iov)
 
     def _mark(self, offset: int, length: int) -> None:
-        """A B-only change: its regions are durably marked *before* B is written, so a crash
-        can never leave B changed in a region the bitmap calls clean."""
-        bm = self._m.bitmap
-        if bm is not None and not self.both:
-            bm.sync(bm.mark(offset, length))
+        """Every write's regions are durably marked *before* any leg is written, so a crash
+        can never leave the legs different in a region the bitmap calls clean (a B-only write
+        after a split, a write torn between the legs, a write a failed leg missed).  A region
+        already marked costs a bit test; concurrent first touches share one sync."""
+        m = self._m
+        bm = m.bitmap
+        if bm is not None and (m.write_intent or self.legs != BOTH):
+            gen = bm.mark(offset, length)
+            if gen:
+                bm.sync(gen)
 
     def write(self, offset: int, iov: Sequence[memoryview], fua: bool) -> None:
         length = sum(len(v) for v in iov)
         with self._range(offset, offset + length):
             self._mark(offset, length)
-            self._m._write_legs(self.both, offset, iov, fua or not self._m.write_cache, length,
+            self._m._write_legs(self.legs, offset, iov, fua or not self._m.write_cache, length,
                                 self)
 
     def flush(self) -> None:
         m = self._m
-        if self.both and not m.a.frozen:
-            m._both(m.a.flush, m.b.flush, parallel=True)
-        else:
-            m.b.flush()
+        legs = self.legs if not m.a.frozen else LEG_B
+        m._on_legs(legs, "flush", lambda img: img.flush(), parallel=True)
 
     def unmap(self, offset: int, length: int) -> None:
         with self._range(offset, offset + length):
             self._mark(offset, length)
-            self._m._legs_call(self.both, lambda img: img.discard(offset, length))
+            self._m._on_legs(self.legs, "discard", lambda img: img.discard(offset, length),
+                             parallel=True)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         with self._range(offset, offset + length):
             self._mark(offset, length)
-            self._m._legs_call(self.both, lambda img: img.write_zeroes(offset, length))
+            self._m._on_legs(self.legs, "zeroing",
+                             lambda img: img.write_zeroes(offset, length), parallel=True)
 
     def compare_and_write(self, offset: int, verify: memoryview, data: memoryview) -> int | None:
         length = len(verify)
         with self._range(offset, offset + length):
             current = bytearray(length)
-            self._m._read_leg().readv(offset, [memoryview(current)])
+            self._m.read(offset, [memoryview(current)])
             if current != verify:
                 for i in range(length):
                     if current[i] != verify[i]:
                         return i
             self._mark(offset, len(data))
-            self._m._write_legs(self.both, offset, [data], not self._m.write_cache, len(data))
+            self._m._write_legs(self.legs, offset, [data], not self._m.write_cache, len(data))
             return None
 
     def waiting_on(self) -> str:
@@ -165,7 +198,7 @@ class MirrorIO:
             self._ticket = None
         if self._extent is not None:
             self._extent = None
-            self._m._finished(self.tag, self.both)
+            self._m._finished(self.tag, self.both, self._key)
 
 
 class Mirror:
@@ -173,7 +206,9 @@ class Mirror:
 
     def __init__(self, name: str, a: Image, b: Image, *, size: int, block_size: int = 512,
                  write_cache: bool = True, parallel_threshold: int = PARALLEL_THRESHOLD,
-                 store: StateStore | None = None, region_size: int = DEFAULT_REGION) -> None:
+                 store: StateStore | None = None, region_size: int = DEFAULT_REGION,
+                 write_intent: bool = True, wi_interval: float | None = WI_INTERVAL,
+                 leg_timeout: float | None = LEG_TIMEOUT) -> None:
         if size <= 0 or size % block_size:
             raise MirrorError(f"mirror {name}: size {size} is not a positive multiple of the "
                               f"block size {block_size}")
@@ -208,13 +243,39 @@ class Mirror:
         self.split_complete = threading.Event()
         self.rejoin_complete = threading.Event()
         self.sync_complete = threading.Event()
+        self.write_intent = write_intent
+        """Mark mirrored writes too (md's write-intent log); off only to measure its cost."""
+        self.wi_interval = wi_interval
+        self.leg_timeout = leg_timeout
+        # write-intent bookkeeping, all under self._mu (taken per command anyway)
+        self._wi_keys = itertools.count(1)
+        self._busy: dict[int, tuple[int, int]] = {}
+        """Admitted writes not yet finished: key -> (first region, last region)."""
+        self._touched: set[int] = set()
+        """Regions whose writes finished since the last clear pass."""
+        self._commit_touched: set[int] | None = None
+        """While a copier commits a batch: regions whose writes finished meanwhile."""
+        self._wi_lock = threading.Lock()
+        self.wi_clears = 0
+        self.wi_cleared = 0
+        # per-leg calls in progress (for timeouts, and so repair can wait for late calls)
+        self._calls: dict[int, dict[int, tuple[float, str]]] = {LEG_A: {}, LEG_B: {}}
+        self._call_keys = itertools.count(1)
+        self._failed_mask = 0
+        self._hk_stop = threading.Event()
+        self._hk_thread: threading.Thread | None = None
+        self.unclean_start = False
+        """The previous daemon did not close this mirror cleanly (crash, kill -9, power)."""
         self.bitmap: Bitmap | None = None
         if store is not None:
             saved = store.load(name)
             rs = saved.region_size if saved is not None else region_size
-            self.bitmap = Bitmap(store.bitmap_path(name), size, rs)
+            self.bitmap = store.open_bitmap(name, size, rs)
         self.st = self._load_state()
         self.st.region_size = self.bitmap.region_size if self.bitmap else region_size
+        for bit, leg_name in _LEG_NAMES.items():
+            if leg_name in self.st.failed:
+                self._failed_mask |= bit
         if (self.bitmap is not None and self.bitmap.created
                 and self.st.state in (State.SPLIT, State.ONE_WAY, State.REJOINING)):
             # B may differ from A anywhere: without its bitmap a rejoin must copy everything.
@@ -222,6 +283,11 @@ class Mirror:
                         "region, so the rejoin will copy the whole image", self.name,
                         self.st.state)
             self.bitmap.sync(self.bitmap.mark_all())
+        self._open_recovery()
+        if store is not None and (wi_interval or leg_timeout):
+            self._hk_thread = threading.Thread(target=self._housekeeping,
+                                               name=f"{name}-hk", daemon=True)
+            self._hk_thread.start()
 
     # -- state ---------------------------------------------------------------------------------
     def _load_state(self) -> MirrorState:
@@ -233,6 +299,17 @@ class Mirror:
             if self.store:
                 self.store.save(st)
             return st
+        for leg in ("a", "b"):
+            img = self.a if leg == "a" else self.b
+            saved_path = st.image_a if leg == "a" else st.image_b
+            if img.path != saved_path and st.replaced.get(img.path) == saved_path:
+                # repair --replace put another image in this leg's place: open that one
+                new = Image(saved_path, direct=img.direct)
+                img.close()
+                if leg == "a":
+                    self.a = new
+                else:
+                    self.b = new
         if (st.image_a, st.image_b) != (self.a.path, self.b.path):
             raise MirrorError(f"mirror {self.name}: its saved state is for images "
                               f"a={st.image_a} b={st.image_b}, not a={self.a.path} "
@@ -264,21 +341,92 @@ class Mirror:
             self.split_complete.set()
         return st
 
+    def _open_recovery(self) -> None:
+        """Note an unclean stop and make the bitmap safe to serve from; persist clean=False.
+
+        After an unclean stop a mirrored write may be torn between the legs; its region is
+        marked (the bit was durable before the write was issued).  A mirrored mirror with marked
+        regions becomes ``rejoining`` from B (kind "recovery") *before* anything is served, so
+        reads come from B and a split is refused until A has the marked regions again.
+        """
+        if self.store is None or self.bitmap is None:
+            return
+        st = self.st
+        self.unclean_start = not st.clean
+        bm = self.bitmap
+        if self.unclean_start:
+            log.warning("%s: the last stop was unclean (crash or kill); %d region(s) marked",
+                        self.name, bm.count)
+            if bm.created and st.state in (State.MIRRORED, State.SYNCING) and self.write_intent:
+                log.warning("%s: the write-intent bitmap is missing after an unclean stop: "
+                            "every region will be resynced", self.name)
+                bm.sync(bm.mark_all())
+        if (st.state == State.MIRRORED and bm.count and not self._failed_mask):
+            st.state = State.REJOINING
+            st.resync_from = "b"
+            st.resync_kind = "recovery"
+            self.rejoin_complete.clear()
+            log.warning("%s: resyncing %d marked region(s) B -> A before A is trusted again",
+                        self.name, bm.count)
+        st.clean = False
+        self.store.save(st)
+
+    def _read_legs(self) -> list[int]:
+        """The legs a read may come from, preferred first: complete copies only."""
+        s = self.st.state
+        if s == State.MIRRORED:
+            order = [LEG_B, LEG_A]
+        elif s == State.SYNCING:
+            order = [LEG_A]
+        elif s == State.REJOINING:
+            order = [LEG_A if self.st.resync_from == "a" else LEG_B]
+        else:
+            order = [LEG_B]
+        return [leg for leg in order if not self._failed_mask & leg]
+
+    def _complete_mask(self) -> int:
+        """Legs holding a complete copy of the LUN in this state (and not failed)."""
+        s = self.st.state
+        if s == State.MIRRORED:
+            mask = BOTH
+        elif s == State.SYNCING:
+            mask = LEG_A
+        elif s == State.REJOINING:
+            mask = LEG_A if self.st.resync_from == "a" else LEG_B
+        else:
+            mask = LEG_B
+        return mask & ~self._failed_mask
+
     def _read_leg(self) -> Image:
-        """B, the live leg -- except during an initial sync, when only A is complete."""
-        return self.a if self.st.state == State.SYNCING else self.b
+        """The first leg reads come from (tools and tests)."""
+        legs = self._read_legs()
+        if not legs:
+            raise StoreError(f"mirror {self.name}: no complete leg is left", kind="read")
+        return self._img(legs[0])
+
+    def _img(self, leg: int) -> Image:
+        return self.a if leg == LEG_A else self.b
 
     def resume(self) -> None:
         """After start-up: finish a rejoin or initial sync the daemon was doing when it
         stopped."""
+        if self.st.state == State.SYNCING and self._failed_mask:
+            log.error("%s: %s failed during the initial sync; repair it to resume", self.name,
+                      "B" if self._failed_mask & LEG_B else "A")
+            return
+        if self.st.state == State.REJOINING and self._failed_mask:
+            log.error("%s: a leg is failed while %s; repair it to resume the copy", self.name,
+                      self.st.resync_kind)
+            return
         if self.st.state == State.SYNCING:
             log.warning("%s: resuming the initial sync at byte %d of %d", self.name,
                         self.st.sync_cursor, self.size)
             self._start_copier(self._sync_run, None, True)
             return
         if self.st.state == State.REJOINING:
-            log.warning("%s: resuming the rejoin that was running when the daemon stopped "
-                        "(%d regions left)", self.name, self.bitmap.count if self.bitmap else 0)
+            log.warning("%s: resuming the %s that was running when the daemon stopped "
+                        "(%d regions left)", self.name, self.st.resync_kind,
+                        self.bitmap.count if self.bitmap else 0)
             self._start_rejoin(resumed=True, rate=None)
 
     @property
@@ -303,29 +451,44 @@ class Mirror:
         go to both legs and only volume 2's post-split writes go to B alone (claim 4).
         """
         ticket = None
+        key = 0
         with self._mu:
-            # decided under the lock that rejoin() takes, so a command is never sent to B only
-            # once a rejoin has started (it would be missed by the copy)
+            # decided under the lock that rejoin() and repair() take, so a command is never
+            # sent to one leg only once a copy has started (it would be missed by the copy)
             split_epoch = self._split_epoch()
             both = (split_epoch is None or tag < split_epoch
                     or self.st.state == State.REJOINING
                     or (volume == 1 and self.st.split is not None and self.st.split.one_way))
+            legs = (BOTH if both else LEG_B) & ~self._failed_mask
             if extent is not None:
                 self._inflight[tag] = self._inflight.get(tag, 0) + 1
-                if not both:
+                if legs != BOTH:
                     self._b_only += 1
+                bm = self.bitmap
+                if bm is not None:
+                    key = next(self._wi_keys)
+                    self._busy[key] = (extent[0] >> bm.shift,
+                                       (max(extent[1], extent[0] + 1) - 1) >> bm.shift)
         granted = False
         if extent is not None:
             ticket, granted = self.locks.take(extent[0], extent[1])
-        return MirrorIO(self, tag, both, extent, ticket, granted)
+        return MirrorIO(self, tag, legs, extent, ticket, key, granted)
 
-    def _finished(self, tag: int, both: bool = True) -> None:
+    def _finished(self, tag: int, both: bool = True, key: int = 0) -> None:
         with self._mu:
             n = self._inflight[tag] - 1
             if n:
                 self._inflight[tag] = n
             else:
                 del self._inflight[tag]
+            if key:
+                r0, r1 = self._busy.pop(key)
+                if r0 == r1:
+                    self._touched.add(r0)
+                else:
+                    self._touched.update(range(r0, r1 + 1))
+                if self._commit_touched is not None:
+                    self._commit_touched.update(range(r0, r1 + 1))
             if not both:
                 self._b_only -= 1
                 if not self._b_only:
@@ -409,11 +572,14 @@ class Mirror:
         rec = self.st.split
         assert rec is not None
         try:
-            self.a.flush()
+            if self._failed_mask & LEG_A:
+                raise StoreError(self.st.failed.get("a", {}).get("reason", "A failed"))
+            self._leg_io(LEG_A, "flush", self.a.flush)
             rec.a_status = "one-way" if rec.one_way else "consistent"
         except StoreError as exc:
-            rec.a_status = f"flush failed: {exc}"
-            log.error("%s: fdatasync of A after the split failed: %s", self.name, exc)
+            rec.a_status = f"lost: {exc}"
+            log.error("%s: A failed while the split drained (%s): the point-in-time copy is "
+                      "LOST", self.name, exc)
         if not rec.one_way:
             self.a.freeze()
         with self._mu:
@@ -443,6 +609,9 @@ class Mirror:
         if self.st.state not in (State.SPLIT, State.ONE_WAY):
             raise MirrorError(f"mirror {self.name} is {self.st.state}; only a split mirror "
                               "can be rejoined")
+        if self._failed_mask:
+            raise MirrorError(f"mirror {self.name} has a failed leg "
+                              f"({', '.join(sorted(self.st.failed))}); use repair")
         if full:
             # durable before the state says rejoining: a crash in between must not resume as
             # a partial rejoin
@@ -453,6 +622,8 @@ class Mirror:
                                   "can be rejoined")
             self.a.thaw()
             self.st.state = State.REJOINING
+            self.st.resync_from = "b"
+            self.st.resync_kind = "rejoin"
             self.rejoin_complete.clear()
             if self.store:
                 self.store.save(self.st)
@@ -501,11 +672,29 @@ class Mirror:
         copied = 0
         pos = start
         try:
+            bm = self.bitmap
+            if bm is not None and bm.count and start:
+                # regions below the cursor marked by writes that may have been torn (unclean
+                # stop) or that B missed (B failed and was repaired): copy them again first
+                with self._cv:
+                    self._cv.wait_for(lambda: self._b_only == 0)
+                below = [r for r in bm.dirty_regions() if (r << bm.shift) < start]
+                for r in below:
+                    off = r << bm.shift
+                    n = min(rs, self.size - off)
+                    with self.locks.locked(off, off + n):
+                        self._leg_io(LEG_A, "read", self.a.readv, off, [view[:n]])
+                        self._leg_io(LEG_B, "write", self.b.writev, off, [view[:n]])
+                    copied += n
+                if below:
+                    self._leg_io(LEG_B, "flush", self.b.flush)
+                    log.info("%s: re-copied %d marked region(s) below the sync cursor",
+                             self.name, len(below))
             while pos < self.size and not self._resync_stop.is_set():
                 n = min(len(buf), self.size - pos)
                 with self.locks.locked(pos, pos + n):
-                    self.a.readv(pos, [view[:n]])
-                    self.b.writev(pos, [view[:n]])
+                    self._leg_io(LEG_A, "read", self.a.readv, pos, [view[:n]])
+                    self._leg_io(LEG_B, "write", self.b.writev, pos, [view[:n]])
                 pos += n
                 copied += n
                 if rate:
@@ -513,7 +702,7 @@ class Mirror:
                     if ahead > 0:
                         self._resync_stop.wait(ahead)  # throttle, not synchronisation
                 if copied % (4 * len(buf)) == 0 or pos >= self.size:
-                    self.b.flush()
+                    self._leg_io(LEG_B, "flush", self.b.flush)
                     with self._mu:
                         self.st.sync_cursor = pos
                         if self.store:
@@ -523,7 +712,7 @@ class Mirror:
                 if elapsed > 0 and copied:
                     progress["eta_seconds"] = (self.size - pos) * elapsed / copied
             if self._resync_stop.is_set():
-                self.b.flush()
+                self._leg_io(LEG_B, "flush", self.b.flush)
                 with self._mu:
                     self.st.sync_cursor = pos
                     if self.store:
@@ -549,80 +738,363 @@ class Mirror:
             self.resync = None if self.sync_complete.is_set() else progress
 
     def _rejoin_run(self, rate: float | None, resumed: bool) -> None:
+        """Copy every marked region from the complete leg to the other, online.
+
+        Used by a rejoin (B -> A), a repair (from the surviving leg to the repaired one) and the
+        recovery after an unclean stop (B -> A).  Each region is copied under its range lock;
+        per batch *both* legs are fdatasync'ed (a mirrored write that finished after the copy
+        must be durable on both before its bit may go) and only regions with no write in
+        flight are cleared.  A region copied but busy at clear time keeps its bit as an
+        ordinary write-intent bit: it is equal on both legs but for writes in flight, which
+        the lazy clear pass handles once mirrored.
+        """
         bm = self.bitmap
         assert bm is not None
+        kind = self.st.resync_kind
+        src_leg = LEG_A if self.st.resync_from == "a" else LEG_B
+        dst_leg = BOTH & ~src_leg
+        src, dst = self._img(src_leg), self._img(dst_leg)
         t0 = time.monotonic()
-        progress: dict[str, Any] = {"kind": "rejoin", "regions_total": None, "regions_done": 0,
+        progress: dict[str, Any] = {"kind": kind, "from": self.st.resync_from,
+                                    "regions_total": None, "regions_done": 0,
                                     "bytes_copied": 0, "rate_limit": rate, "resumed": resumed,
                                     "started_wall": time.time(), "eta_seconds": None}
         self.resync = progress
         try:
-            # Writes admitted before the rejoin may still go to B only: let them land (they
-            # mark their regions) before copying, so none is missed.
+            # Writes admitted to one leg only before the copy began (B-only after a split, or
+            # the survivor only while a leg was failed) must land -- they mark their regions
+            # -- before copying, so none is missed.
             with self._cv:
                 self._cv.wait_for(lambda: self._b_only == 0)
-            total = bm.count
+            # The regions to copy are those marked now.  Every write admitted from here on
+            # goes to both legs: a bit it sets is write-intent only, for the clear pass.
+            todo = list(bm.dirty_regions())
+            total = len(todo)
             progress["regions_total"] = total
             buf = bytearray(bm.region_size)
             view = memoryview(buf)
             copied = 0
-            while bm.count and not self._resync_stop.is_set():
-                batch: list[int] = []
-                for region in bm.dirty_regions():
-                    if self._resync_stop.is_set():
-                        break
-                    off = region << bm.shift
-                    n = min(bm.region_size, self.size - off)
-                    with self.locks.locked(off, off + n):
-                        self.b.readv(off, [view[:n]])
-                        self.a.writev(off, [view[:n]])
-                    batch.append(region)
-                    copied += n
-                    progress["bytes_copied"] = copied
-                    if rate:
-                        ahead = copied / rate - (time.monotonic() - t0)
-                        if ahead > 0:
-                            self._resync_stop.wait(ahead)  # throttle, not synchronisation
-                    if len(batch) >= 64:
-                        self._commit_batch(batch, progress, t0, total)
-                        batch = []
-                if batch:
+            regions = 0
+            batch: list[int] = []
+            for region in todo:
+                if self._resync_stop.is_set():
+                    break
+                off = region << bm.shift
+                n = min(bm.region_size, self.size - off)
+                with self.locks.locked(off, off + n):
+                    self._leg_io(src_leg, "read", src.readv, off, [view[:n]])
+                    self._leg_io(dst_leg, "write", dst.writev, off, [view[:n]])
+                batch.append(region)
+                copied += n
+                regions += 1
+                progress["bytes_copied"] = copied
+                if rate:
+                    ahead = copied / rate - (time.monotonic() - t0)
+                    if ahead > 0:
+                        self._resync_stop.wait(ahead)  # throttle, not synchronisation
+                if len(batch) >= 64:
                     self._commit_batch(batch, progress, t0, total)
+                    batch = []
+            if batch:
+                self._commit_batch(batch, progress, t0, total)
             if self._resync_stop.is_set():
-                log.info("%s: rejoin stopped with %d regions left; it resumes at the next start",
-                         self.name, bm.count)
+                log.info("%s: %s stopped with %d regions left; it resumes at the next start",
+                         self.name, kind, bm.count)
                 return
-            self.a.flush()
+            self._leg_io(dst_leg, "flush", dst.flush)
             with self._mu:
                 self.st.state = State.MIRRORED
-                self.st.epoch += 1
-                self.st.last_rejoin = {
-                    "completed_wall": time.time(), "seconds": time.monotonic() - t0,
-                    "bytes_copied": copied, "regions": total, "resumed": resumed}
+                record = {"completed_wall": time.time(), "seconds": time.monotonic() - t0,
+                          "bytes_copied": copied, "regions": regions, "resumed": resumed,
+                          "image_size": self.size, "from": self.st.resync_from}
+                if kind == "rejoin":
+                    self.st.epoch += 1
+                    self.st.last_rejoin = record
+                elif kind == "repair":
+                    self.st.last_repair = record
+                else:
+                    self.st.last_recovery = record
+                self.st.resync_from = "b"
+                self.st.resync_kind = "rejoin"
                 if self.store:
                     self.store.save(self.st)
-            log.info("%s: rejoin complete: %d regions, %d bytes copied in %.3f s; mirrored "
-                     "again (epoch %d)", self.name, total, copied, time.monotonic() - t0,
-                     self.st.epoch, extra={"device": self.name, "epoch": self.st.epoch})
+            log.info("%s: %s complete: %d regions, %d bytes copied in %.3f s; mirrored "
+                     "again (epoch %d)", self.name, kind, regions, copied,
+                     time.monotonic() - t0, self.st.epoch,
+                     extra={"device": self.name, "epoch": self.st.epoch})
             self.rejoin_complete.set()
         except (StoreError, OSError) as exc:
             progress["error"] = str(exc)
-            log.error("%s: rejoin failed: %s; the mirror stays %s and can be retried",
-                      self.name, exc, self.st.state)
+            log.error("%s: %s failed: %s; the mirror stays %s and can be repaired or retried",
+                      self.name, kind, exc, self.st.state)
         finally:
             self.resync = None if self.rejoin_complete.is_set() else progress
 
     def _commit_batch(self, batch: list[int], progress: dict[str, Any], t0: float,
                       total: int) -> None:
-        """A is durable for the batch; only now may its bits go."""
-        assert self.bitmap is not None
-        self.a.flush()
-        self.bitmap.sync(self.bitmap.clear(batch))
-        done = total - self.bitmap.count
-        progress["regions_done"] = done
+        """Both legs are durable for the batch; only now may its bits go (not those of a
+        region with a write in flight: they stay, as write-intent bits)."""
+        bm = self.bitmap
+        assert bm is not None
+        with self._mu:
+            # a write that finishes after the fdatasyncs began may be on one leg's disk only
+            self._commit_touched = set()
+        try:
+            self._both_flush()
+        finally:
+            with self._mu:
+                late, self._commit_touched = self._commit_touched, None
+        with self._mu:
+            busy = self._busy_regions_locked() | late
+            gen = bm.clear([r for r in batch if r not in busy])
+        bm.sync(gen)
+        done = progress["regions_done"] = progress["regions_done"] + len(batch)
         elapsed = time.monotonic() - t0
         if done and elapsed > 0:
-            progress["eta_seconds"] = (total - done) * elapsed / done
+            progress["eta_seconds"] = max(0, total - done) * elapsed / done
+
+    def _both_flush(self) -> None:
+        """fdatasync every live leg (in parallel); a failing leg is marked failed."""
+        self._on_legs(BOTH & ~self._failed_mask, "flush", lambda img: img.flush(),
+                      parallel=True, need=0)
+
+    def _busy_regions_locked(self) -> set[int]:
+        busy: set[int] = set()
+        for r0, r1 in self._busy.values():
+            if r0 == r1:
+                busy.add(r0)
+            else:
+                busy.update(range(r0, r1 + 1))
+        return busy
+
+    # -- write-intent ---------------------------------------------------------------------------
+    def clear_write_intent(self) -> int:
+        """One lazy clear pass (md's bitmap daemon): return how many bits were cleared.
+
+        Only while mirrored with both legs healthy.  The regions touched since the previous
+        pass are remembered and spared (hot regions keep their bit, so they pay no new bitmap
+        sync), then both legs are fdatasync'ed, then -- under the admission lock, so no write
+        can be admitted half-way -- every marked region that has no write in flight and was
+        not touched since the previous pass (nor during this one) is cleared.  A write that
+        finished before the fdatasyncs is durable on both legs; any other write to the region
+        is in flight or was touched, so its bit stays.
+        """
+        bm = self.bitmap
+        if bm is None or not self.write_intent:
+            return 0
+        with self._wi_lock:
+            with self._mu:
+                if self.st.state != State.MIRRORED or self._failed_mask or not bm.count:
+                    self._touched = set()
+                    return 0
+                spared = self._touched
+                self._touched = set()
+                gen0 = self.st.epoch
+            self._both_flush()
+            with self._mu:
+                if (self.st.state != State.MIRRORED or self._failed_mask
+                        or self.st.epoch != gen0):
+                    return 0
+                skip = spared | self._touched | self._busy_regions_locked()
+                victims = [r for r in bm.dirty_regions() if r not in skip]
+                gen = bm.clear(victims)
+            bm.sync(gen)
+            self.wi_clears += 1
+            self.wi_cleared += len(victims)
+            return len(victims)
+
+    def _housekeeping(self) -> None:
+        """Periodic: the write-intent clear pass, and the per-leg call deadlines."""
+        step = min(x for x in (self.wi_interval, (self.leg_timeout or 0) / 4 or None, 1.0)
+                   if x)
+        next_clear = time.monotonic() + (self.wi_interval or 0)
+        while not self._hk_stop.wait(step):
+            try:
+                if self.leg_timeout:
+                    self._check_deadlines()
+                if self.wi_interval and time.monotonic() >= next_clear:
+                    next_clear = time.monotonic() + self.wi_interval
+                    self.clear_write_intent()
+            except (StoreError, OSError) as exc:
+                log.error("%s: housekeeping failed: %s", self.name, exc)
+
+    def _check_deadlines(self) -> None:
+        assert self.leg_timeout is not None
+        now = time.monotonic()
+        for leg, calls in self._calls.items():
+            if self._failed_mask & leg:
+                continue
+            oldest = min(calls.values(), default=None)
+            if oldest is not None and now - oldest[0] > self.leg_timeout:
+                self._fail_leg(leg, StoreError(
+                    f"{oldest[1]} on {self._img(leg).path} has not returned after "
+                    f"{now - oldest[0]:.1f} s (leg timeout {self.leg_timeout:g} s)",
+                    kind="timeout", path=self._img(leg).path, errno=errno_mod.ETIMEDOUT))
+
+    # -- leg failure ----------------------------------------------------------------------------
+    def _leg_io(self, leg: int, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run one call on one leg; on failure mark the leg failed and re-raise.
+
+        Timeouts: the call runs in the calling thread (a hand-off to a per-leg thread would
+        cost more than the 4 KiB ``pwritev`` itself, see the module docstring), and is entered
+        in the leg's table of calls in progress (two dict operations).  The housekeeping
+        thread fails a leg whose oldest call is older than ``leg_timeout``: from that moment no
+        command is admitted to that leg and every new command completes on the survivor
+        within microseconds.  The commands already inside the hung syscall cannot be taken
+        back (a blocking ``pwritev``/``preadv`` in uninterruptible sleep cannot be abandoned,
+        and answering a read before its ``preadv`` returns would let a late transfer land in a
+        data area the kernel has reused); they complete when the call returns, or are aborted
+        by the kernel's own cmd_time_out and retried by the initiator onto the survivor.
+        ``repair`` waits until no call to the failed leg is left in progress.
+        """
+        calls = self._calls[leg]
+        key = next(self._call_keys)
+        calls[key] = (time.monotonic(), what)
+        try:
+            return fn(*args)
+        except StoreError as exc:
+            if not self._img(leg).frozen:
+                self._fail_leg(leg, exc)
+            raise
+        except OSError as exc:
+            err = StoreError(f"{what} on {self._img(leg).path} failed: {exc}", kind=what,
+                             path=self._img(leg).path, errno=exc.errno)
+            self._fail_leg(leg, err)
+            raise err from exc
+        finally:
+            del calls[key]
+
+    def _fail_leg(self, leg: int, exc: StoreError) -> None:
+        """Mark ``leg`` failed, durably, once; say so loudly."""
+        name = _LEG_NAMES[leg]
+        with self._mu:
+            if self._failed_mask & leg:
+                return
+            self._failed_mask |= leg
+            reason = str(exc)
+            if exc.errno is not None:
+                reason = f"{errno_mod.errorcode.get(exc.errno, exc.errno)}: {reason}"
+            self.st.failed[name] = {"reason": reason, "kind": exc.kind, "errno": exc.errno,
+                                    "wall": time.time(), "state": str(self.st.state)}
+            lost = (leg == LEG_A and self.st.state in (State.SPLITTING, State.SPLIT)
+                    and self.st.split is not None)
+            if lost and self.st.split is not None:
+                self.st.split.a_status = f"lost: {reason}"
+            dead = not self._complete_mask()
+            if self.store:
+                try:
+                    self.store.save(self.st)
+                except (OSError, MirrorError) as save_exc:
+                    log.error("%s: could not persist the failure of leg %s: %s", self.name,
+                              name.upper(), save_exc)
+        if dead:
+            log.error("%s: leg %s FAILED (%s) and no complete leg is left: I/O now fails "
+                      "with MEDIUM ERROR", self.name, name.upper(), reason,
+                      extra={"device": self.name})
+        else:
+            log.error("%s: leg %s FAILED (%s); DEGRADED, serving from %s; its changes are "
+                      "tracked for 'targetmirror repair'%s", self.name, name.upper(), reason,
+                      "B" if leg == LEG_A else "A",
+                      "; the split copy (A) is LOST" if lost else "",
+                      extra={"device": self.name})
+
+    @property
+    def health(self) -> str:
+        """"ok", "degraded" (a leg failed, a complete one serves) or "failed" (none left)."""
+        if not self._failed_mask:
+            return "ok"
+        return "degraded" if self._complete_mask() else "failed"
+
+    def repair(self, *, leg: str | None = None, replace: str | None = None,
+               rate: float | None = None, timeout: float = 30.0) -> None:
+        """Bring a failed leg back online: reopen it (or open ``replace``, a new image) and
+        copy to it, online, the regions marked since it failed (every region for a new
+        image).  While the copy runs reads come from the surviving leg and writes go to both.
+        """
+        if self.bitmap is None:
+            raise MirrorError(f"mirror {self.name} has no bitmap (no state directory)")
+        if leg is None:
+            failed = sorted(self.st.failed)
+            if not failed:
+                raise MirrorError(f"mirror {self.name}: no leg is failed (name one with --leg "
+                                  "to replace a healthy leg's image)")
+            if len(failed) > 1:
+                raise MirrorError(f"mirror {self.name}: both legs are failed; no complete "
+                                  "copy is left to repair from")
+            leg = failed[0]
+        if leg not in ("a", "b"):
+            raise MirrorError(f"leg {leg!r}: expected 'a' or 'b'")
+        bit = LEG_A if leg == "a" else LEG_B
+        state = self.st.state
+        if not self._failed_mask & bit and replace is None:
+            raise MirrorError(f"mirror {self.name}: leg {leg.upper()} is not failed")
+        if self._failed_mask & ~bit & BOTH:
+            raise MirrorError(f"mirror {self.name}: the other leg is failed too; no complete "
+                              "copy to repair from")
+        if state in (State.SPLITTING,):
+            raise MirrorError(f"mirror {self.name} is splitting; repair when the split is done")
+        if leg == "b" and state in (State.SPLIT, State.REJOINING) and \
+                self.st.resync_from != "a":
+            raise MirrorError(f"mirror {self.name}: B failed while {state}; B held the only "
+                              "complete copy of the live data, so there is nothing to repair "
+                              "it from")
+        if leg == "a" and state == State.SYNCING:
+            raise MirrorError(f"mirror {self.name}: A failed during the initial sync; A held "
+                              "the only complete copy")
+        if self._resync_thread is not None and self._resync_thread.is_alive():
+            raise MirrorError(f"mirror {self.name}: a copy is still running")
+        # late calls to the failed leg must be over before it is copied to
+        deadline = time.monotonic() + timeout
+        while self._calls[bit] and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling a table of calls in progress; not synchronisation
+        if self._calls[bit]:
+            raise MirrorError(f"mirror {self.name}: {len(self._calls[bit])} call(s) to leg "
+                              f"{leg.upper()} have still not returned; try again later")
+        old = self._img(bit)
+        path = replace or old.path
+        new = Image(path, direct=old.direct)
+        if new.size < self.size:
+            new.close()
+            raise MirrorError(f"image {path} has {new.size} bytes, the LUN needs {self.size}")
+        full = replace is not None or state == State.SPLIT
+        if full:
+            self.bitmap.sync(self.bitmap.mark_all())
+        with self._mu:
+            if path != old.path:
+                configured = next((k for k, v in self.st.replaced.items() if v == old.path),
+                                  old.path)
+                self.st.replaced[configured] = path
+            if bit == LEG_A:
+                self.a = new
+                self.st.image_a = path
+            else:
+                self.b = new
+                self.st.image_b = path
+            self._failed_mask &= ~bit
+            self.st.failed.pop(leg, None)
+            if state == State.SYNCING:
+                kind = None
+            else:
+                if state == State.SPLIT and self.st.split is not None:
+                    self.st.split.a_status = self.st.split.a_status if \
+                        self.st.split.a_status.startswith("lost") else "discarded by repair"
+                self.st.state = State.REJOINING
+                self.st.resync_from = "a" if leg == "b" else "b"
+                self.st.resync_kind = "repair"
+                self.rejoin_complete.clear()
+                kind = "repair"
+            if self.store:
+                self.store.save(self.st)
+        with suppress(OSError):
+            old.close()
+        log.warning("%s: repairing leg %s (%s): copying %d marked region(s) from %s", self.name,
+                    leg.upper(), path, self.bitmap.count, "A" if leg == "b" else "B",
+                    extra={"device": self.name})
+        if kind is None:
+            self.sync_complete.clear()
+            self._start_copier(self._sync_run, rate, True)
+        else:
+            self._start_copier(self._rejoin_run, rate, False)
 
     def stop_resync(self) -> None:
         """Stop a running rejoin (daemon shutdown); it resumes at the next start."""
@@ -647,6 +1119,10 @@ class Mirror:
         if state in (State.SPLITTING, State.REJOINING):
             raise MirrorError(f"mirror {self.name} is {state}; verify when it is mirrored or "
                               "split")
+        if self._failed_mask:
+            raise MirrorError(f"mirror {self.name} is DEGRADED (leg "
+                              f"{', '.join(sorted(self.st.failed)).upper()} failed); repair it "
+                              "first")
         rs = self.bitmap.region_size if self.bitmap else DEFAULT_REGION
         end = self.size if length is None else min(self.size, offset + length)
         a_buf, b_buf = bytearray(rs), bytearray(rs)
@@ -710,86 +1186,163 @@ class Mirror:
                 "resync": self.resync,
                 "last_rejoin": self.st.last_rejoin,
                 "last_sync": self.st.last_sync,
+                "health": self.health,
+                "failed_legs": {k: dict(v) for k, v in self.st.failed.items()},
+                "unclean_start": self.unclean_start,
+                "write_intent": {"enabled": self.write_intent and self.bitmap is not None,
+                                 "clear_passes": self.wi_clears, "cleared": self.wi_cleared,
+                                 "interval": self.wi_interval},
+                "leg_timeout": self.leg_timeout,
+                "last_repair": self.st.last_repair,
+                "last_recovery": self.st.last_recovery,
             }
 
     # -- leg helpers -------------------------------------------------------------------------
-    def _both(self, fn_a: Callable[[], T], fn_b: Callable[[], T], parallel: bool) -> None:
-        """Run one operation on each leg, in parallel if asked; raise the first failure."""
-        if not parallel:
-            fn_a()
-            fn_b()
-            return
-        fut: Future[T] = self._pool.submit(fn_a)
-        err: BaseException | None = None
-        try:
-            fn_b()
-        except BaseException as exc:
-            err = exc
-        fut.result()  # A's error wins: it is raised here
-        if err is not None:
-            raise err
+    def _on_legs(self, legs: int, what: str, op: Callable[[Image], None], *, parallel: bool,
+                 need: int | None = None) -> None:
+        """Run ``op`` on each leg in ``legs`` (in parallel if asked).
 
-    def _write_legs(self, both: bool, offset: int, iov: Sequence[memoryview], durable: bool,
-                    length: int, io: MirrorIO | None = None) -> None:
-        if not both:
-            self.b.writev(offset, iov)
-            if durable:
-                self.b.flush()
-            if io is not None:
-                io.b_done = True
-            return
-
-        def leg(image: Image) -> Callable[[], None]:
-            def run() -> None:
-                image.writev(offset, iov)
-                if durable:
-                    image.flush()
-                if io is not None:
-                    if image is self.a:
-                        io.a_done = True
-                    else:
-                        io.b_done = True
-            return run
-
-        self._both(leg(self.a), leg(self.b), length >= self.parallel_threshold or durable)
-
-    def _legs_call(self, both: bool, op: Callable[[Image], None]) -> None:
-        if both:
-            self._both(lambda: op(self.a), lambda: op(self.b), parallel=True)
+        A leg that fails is marked failed (:meth:`_leg_io`) and the call still succeeds if a
+        leg holding a complete copy for the mirror's state did it (``need``: the legs that
+        count, default the complete ones; 0 means "any outcome is fine").  Otherwise the last
+        error is raised, and the SCSI layer answers MEDIUM ERROR: never silent success.
+        """
+        legs &= ~self._failed_mask
+        err: StoreError | None = None
+        done = 0
+        if legs == BOTH and parallel:
+            fut: Future[None] = self._pool.submit(self._leg_io, LEG_A, what, op, self.a)
+            try:
+                self._leg_io(LEG_B, what, op, self.b)
+                done |= LEG_B
+            except StoreError as exc:
+                err = exc
+            try:
+                fut.result()
+                done |= LEG_A
+            except StoreError as exc:
+                err = exc
         else:
-            op(self.b)
+            for leg in (LEG_A, LEG_B):
+                if legs & leg and not self._failed_mask & leg:
+                    try:
+                        self._leg_io(leg, what, op, self._img(leg))
+                        done |= leg
+                    except StoreError as exc:
+                        err = exc
+        if err is not None and self._img(LEG_A).frozen and "frozen" in str(err):
+            raise err  # a bug guard (a write to the split copy), never a leg failure
+        if need == 0 or done & (self._complete_mask() if need is None else need):
+            return
+        if err is None:
+            reasons = "; ".join(f"{k.upper()}: {v.get('reason')}"
+                                for k, v in sorted(self.st.failed.items()))
+            err = StoreError(f"mirror {self.name}: {what}: no complete leg is left ({reasons})",
+                             kind="read" if what == "read" else "write")
+        raise err
+
+    def _write_legs(self, legs: int, offset: int, iov: Sequence[memoryview], durable: bool,
+                    length: int, io: MirrorIO | None = None) -> None:
+        a = self.a
+
+        def op(image: Image) -> None:
+            image.writev(offset, iov)
+            if durable:
+                image.flush()
+            if io is not None:  # what a stuck command still waits on (watchdog)
+                if image is a:
+                    io.a_done = True
+                else:
+                    io.b_done = True
+
+        self._on_legs(legs, "write", op,
+                      parallel=length >= self.parallel_threshold or durable)
 
     # -- BlockBackend on the mirror itself (tools and tests; the daemon uses admit) -----------
     def _io(self) -> MirrorIO:
         return self.admit(self.epoch, None)
 
     def read(self, offset: int, iov: Sequence[memoryview]) -> None:
-        self._read_leg().readv(offset, iov)
+        """Read from the preferred complete leg; on its failure (marked) from the next one."""
+        legs = self._read_legs()
+        for leg in legs:
+            try:
+                self._leg_io(leg, "read", self._img(leg).readv, offset, iov)
+                return
+            except StoreError as exc:
+                if leg == legs[-1]:
+                    raise
+                log.warning("%s: read of %d bytes at %d failed on %s (%s); retrying from %s",
+                            self.name, sum(len(v) for v in iov), offset, _LEG_NAMES[leg],
+                            exc, _LEG_NAMES[legs[-1]])
+        self._on_legs(0, "read", lambda img: None, parallel=False)  # raises: no leg left
+
+    @contextmanager
+    def _admitted(self, offset: int, length: int) -> Iterator[MirrorIO]:
+        io = self.admit(self.epoch, (offset, offset + max(length, 1)))
+        try:
+            yield io
+        finally:
+            io.finish()
 
     def write(self, offset: int, iov: Sequence[memoryview], fua: bool) -> None:
-        self._io().write(offset, iov, fua)
+        with self._admitted(offset, sum(len(v) for v in iov)) as io:
+            io.write(offset, iov, fua)
 
     def flush(self) -> None:
         self._io().flush()
 
     def unmap(self, offset: int, length: int) -> None:
-        self._io().unmap(offset, length)
+        with self._admitted(offset, length) as io:
+            io.unmap(offset, length)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self._io().write_zeroes(offset, length)
+        with self._admitted(offset, length) as io:
+            io.write_zeroes(offset, length)
 
     def compare_and_write(self, offset: int, verify: memoryview,
                           data: memoryview) -> int | None:
-        return self._io().compare_and_write(offset, verify, data)
+        with self._admitted(offset, len(verify)) as io:
+            return io.compare_and_write(offset, verify, data)
 
     def close(self) -> None:
-        """Close both legs (after in-flight commands are done)."""
+        """Close both legs (after in-flight commands are done).
+
+        A clean close: both live legs fdatasync'ed; while mirrored and healthy every
+        write-intent bit is cleared (nothing is in flight); then the state says clean, so the
+        next open resyncs nothing.
+        """
         if self._closed:
             return
         self._closed = True
         self.stop_resync()
+        self._hk_stop.set()
+        if self._hk_thread is not None:
+            self._hk_thread.join()
+        try:
+            self._shutdown_clean()
+        except (StoreError, OSError, MirrorError) as exc:
+            log.error("%s: could not close cleanly (%s); the next start resyncs the marked "
+                      "regions", self.name, exc)
         self._pool.shutdown(wait=True)
         if self.bitmap is not None:
             self.bitmap.close()
         self.a.close()
         self.b.close()
+
+    def _shutdown_clean(self) -> None:
+        if self.store is None:
+            return
+        self._both_flush()
+        bm = self.bitmap
+        with self._mu:
+            if (bm is not None and self.st.state == State.MIRRORED and not self._failed_mask
+                    and not self._busy and self.write_intent):
+                gen = bm.clear(list(bm.dirty_regions()))
+            else:
+                gen = 0
+        if bm is not None:
+            bm.sync(gen)
+        with self._mu:
+            self.st.clean = True
+            self.store.save(self.st)

@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from targetmirror.errors import ConfigError, MirrorError
+from targetmirror.mirror.bitmap import Bitmap
 
 SCHEMA = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -81,6 +82,23 @@ class MirrorState:
     last_rejoin: dict[str, Any] | None = None
     sync_cursor: int = 0
     last_sync: dict[str, Any] | None = None
+    clean: bool = True
+    """False from the moment a daemon opens the mirror until it closes it cleanly (legs
+    fdatasync'ed, write-intent bits cleared).  Found False at open: the last stop was unclean,
+    so mirrored writes may be torn between the legs; the marked regions are resynced."""
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Failed legs ("a", "b") with reason, errno and time.  A failed leg gets no I/O; every
+    write from then on marks its regions, so ``repair`` copies only those."""
+    resync_from: str = "b"
+    """While rejoining: the leg the copier reads (the complete one).  "b" for a rejoin, a
+    repair of A, or crash recovery; "a" for a repair of B."""
+    resync_kind: str = "rejoin"
+    """While rejoining: "rejoin", "repair" or "recovery" (after an unclean stop)."""
+    last_repair: dict[str, Any] | None = None
+    last_recovery: dict[str, Any] | None = None
+    replaced: dict[str, str] = field(default_factory=dict)
+    """Configured image path -> the image ``repair --replace`` put in its place (the
+    cfgstring still names the old one until the backstore is recreated)."""
     schema: int = SCHEMA
 
     def to_json(self) -> dict[str, Any]:
@@ -103,6 +121,13 @@ class MirrorState:
                 last_rejoin=data.get("last_rejoin"),
                 sync_cursor=int(data.get("sync_cursor", 0)),
                 last_sync=data.get("last_sync"),
+                clean=bool(data.get("clean", True)),
+                failed={str(k): dict(v) for k, v in (data.get("failed") or {}).items()},
+                resync_from=str(data.get("resync_from", "b")),
+                resync_kind=str(data.get("resync_kind", "rejoin")),
+                last_repair=data.get("last_repair"),
+                last_recovery=data.get("last_recovery"),
+                replaced={str(k): str(v) for k, v in (data.get("replaced") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MirrorError(f"{origin}: malformed mirror state: {exc}") from exc
@@ -135,6 +160,11 @@ class StateStore:
     def bitmap_path(self, name: str) -> str:
         """Where the region bitmap of ``name`` lives (beside its state)."""
         return self._path(name)[: -len(".json")] + ".bitmap"
+
+    def open_bitmap(self, name: str, size: int, region_size: int) -> Bitmap:
+        """The region bitmap of ``name`` (a seam: the crash-point test gives its own store a
+        bitmap whose writes go through a simulated page cache)."""
+        return Bitmap(self.bitmap_path(name), size, region_size)
 
     def all(self) -> list[MirrorState]:
         """Every saved mirror state (unreadable ones are skipped: they are reported on load)."""

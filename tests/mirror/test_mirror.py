@@ -88,12 +88,13 @@ def test_size_must_be_block_multiple(tmp_path):
         Mirror("m", a, b, size=1000)
 
 
-def test_leg_failure_is_raised(tmp_path):
+def test_a_write_failure_on_one_leg_degrades_and_completes_on_the_other(tmp_path):
     a, b = legs(tmp_path)
     a.close()
     a = Image(a.path, readonly=True)  # writes to A now fail
     m = Mirror("m", a, b, size=SIZE)
-    from targetmirror.errors import StoreError
-    with pytest.raises(StoreError):
-        m.write(0, [memoryview(b"x" * 512)], False)
+    m.write(0, [memoryview(b"x" * 512)], False)
+    assert m.health == "degraded" and "a" in m.st.failed
+    with open(b.path, "rb") as f:
+        assert f.read(512) == b"x" * 512
     m.close()
