@@ -169,10 +169,14 @@ class MirrorCommands:
             extent = (offset, offset + length) if write else None
             io = (mirror.admit(tag, extent) if volume == 1
                   else mirror.admit(tag, extent, volume))
-            # Small, no flush, not waiting for a range, legs in the page cache: cheaper to run
-            # on the ring thread than to hand to a worker (see DeviceRunner).
+            # Small, no flush, not waiting for a range, legs in the page cache, and (for a
+            # write) its regions marked already: cheaper to run on the ring thread than to hand
+            # to a worker (see DeviceRunner).  A write that must wait for a bitmap sync goes to
+            # the pool, where concurrent first writes share one sync.
+            bm = mirror.bitmap
             inline = (length <= INLINE_MAX and not fua and io.ready
-                      and mirror.a.fast and mirror.b.fast)
+                      and mirror.a.fast and mirror.b.fast
+                      and (not write or bm is None or bm.marked(offset, length)))
             return _PlainJob(scsi, cdb, write, offset, length, iov, fua, io, inline,
                              self.stats)
         parsed, extent = classify(cdb, iov, bs)

@@ -130,6 +130,13 @@ class Bitmap:
     def test(self, region: int) -> bool:
         return bool(self.bits[region >> 3] & (1 << (region & 7)))
 
+    def marked(self, offset: int, length: int) -> bool:
+        """Every region of ``[offset, offset+length)`` is marked already, so a write there
+        needs no bitmap sync (read without the lock: a bit cleared concurrently only means the
+        write pays the sync after all)."""
+        bits = self.bits
+        return all(bits[r >> 3] & (1 << (r & 7)) for r in self.span(offset, length))
+
     @property
     def count(self) -> int:
         """Regions marked."""

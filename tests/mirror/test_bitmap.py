@@ -351,3 +351,19 @@ def test_group_commit_exact(tmp_path, opened, monkeypatch):
     assert sorted(done) == list(range(n))
     assert not lost, f"sync() returned before these bits were in the file: {lost}"
     assert b.syncs == count["n"] == 2
+
+
+def test_marked_says_whether_a_write_would_need_a_bitmap_sync(tmp_path, opened):
+    """The ring thread runs a small write itself only if its regions are marked already."""
+    rs = 64 * 1024
+    b = opened(tmp_path / "m.bitmap", 16 * rs, rs)
+    assert not b.marked(0, 4096)
+    b.sync(b.mark(rs + 4096, 4096))                    # region 1
+    assert b.marked(rs, 4096) and b.marked(rs, rs)
+    assert not b.marked(rs - 512, 1024)                # straddles regions 0 and 1
+    assert not b.marked(rs, rs + 1)                    # reaches into region 2
+    b.sync(b.mark(0, 1))
+    assert b.marked(rs - 512, 1024)
+    assert b.marked(0, 0) and b.marked(99 * rs, 4096)  # nothing to write: nothing to sync
+    b.clear([1])
+    assert not b.marked(rs, 4096)
