@@ -18,4 +18,5 @@ while read -r name module description; do
 done <<'ROWS'
 targetmirror targetmirror.cli manage split mirrors of LIO/TCMU user:mirror backstores
 targetmirrord targetmirror.daemon.main serve user:mirror TCMU devices (the split-mirror daemon)
+targetmirror-shell targetmirror.shell.main targetcli-style shell over the targetmirrord control API
 ROWS

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from targetmirror.cli import build_parser
 from targetmirror.daemon.main import build_parser as daemon_parser
+from targetmirror.shell.main import build_parser as shell_parser
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,3 +41,7 @@ def test_manpages_generated_from_parsers(tmp_path: Path) -> None:
     for opt in _options(daemon_parser()):
         assert opt in daemon
     assert daemon.startswith(".TH TARGETMIRRORD")
+    shell = (tmp_path / "targetmirror-shell.1").read_text().replace("\\-", "-")
+    for opt in _options(shell_parser()):
+        assert opt in shell
+    assert shell.startswith(".TH TARGETMIRROR-SHELL")
