@@ -56,14 +56,18 @@ def test_one_way_split_routes_each_volume(mirrord: Mirrord, tmp_path: Path) -> N
     assert _at(lun.b, 20 * REGION) == d2
     assert _at(lun.a, 20 * REGION) == bytes(REGION), "a volume 2 write reached A"
     st = mirrord.ctl_json("status", "l_ow")["mirrors"][0]
-    assert st["state"] == "one-way" and st["bitmap"]["marked"] == 1, st
+    # marked: volume 2's change (region 20) and the write-intent bits of volume 1's write
+    # (region 10) and, unless a clear pass ran before the split, of the mirrored write to
+    # region 0 -- write-intent bits are cleared only while mirrored, so a rejoin copies them too
+    marked = st["bitmap"]["marked"]
+    assert st["state"] == "one-way" and marked in (2, 3), st
     ver = mirrord.ctl_json("verify", "l_ow")
-    assert ver["mismatches"] == 0 and ver["regions_skipped_changed"] == 1, ver
+    assert ver["mismatches"] == 0 and ver["regions_skipped_changed"] == marked, ver
     print(f"one-way split: {split['split']}; verify {ver}")
 
     # calling the cut-over off: rejoin copies volume 2's change to A
     rejoin = mirrord.ctl_json("rejoin", "l_ow")["rejoin"][0]
-    assert rejoin["state"] == "mirrored" and rejoin["last_rejoin"]["regions"] == 1, rejoin
+    assert rejoin["state"] == "mirrored" and rejoin["last_rejoin"]["regions"] == marked, rejoin
     guest.iscsi_logout(iqn2)
     lun.logout()
     assert lun.images_identical()
