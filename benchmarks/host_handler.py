@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from targetmirror.daemon.device import MirrorCommands
 from targetmirror.daemon.runner import DeviceRunner
 from targetmirror.mirror.mirror import Mirror
+from targetmirror.mirror.state import StateStore
 from targetmirror.scsi.identity import DeviceIdentity
 from targetmirror.store.image import Image
 from targetmirror.tcmu.ring import Ring
@@ -104,7 +105,8 @@ def drain_rounds(mirror: Mirror, workers: int, op: str, batch: int, rounds: int,
     uio = CountingUio(producer, batch)
     cmds = MirrorCommands(mirror, lambda: DeviceIdentity(serial="bench",
                                                          max_transfer_blocks=2048))
-    runner = DeviceRunner("bench", uio, Ring(producer.buf), cmds.admit, workers=workers)
+    runner = DeviceRunner("bench", uio, Ring(producer.buf), cmds.admit, workers=workers,
+                          before_dispatch=cmds.commit)
     ring_cpu = [0.0]
     target = runner.run
 
@@ -146,13 +148,13 @@ def drain_rounds(mirror: Mirror, workers: int, op: str, batch: int, rounds: int,
     return wall, cpu, uio.notifies, ring_cpu[0]
 
 
-def make_mirror(kind: str, d: str) -> Mirror:
+def make_mirror(kind: str, d: str, store: StateStore | None = None) -> Mirror:
     paths = [os.path.join(d, n) for n in ("a.img", "b.img")]
     for p in paths:
         with open(p, "wb") as f:
             f.truncate(SIZE)
     cls = NullImage if kind == "null" else Image
-    return Mirror("bench", cls(paths[0]), cls(paths[1]), size=SIZE)
+    return Mirror("bench", cls(paths[0]), cls(paths[1]), size=SIZE, store=store)
 
 
 def main() -> None:
@@ -164,18 +166,24 @@ def main() -> None:
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--state", action="store_true",
+                    help="give the mirror a state directory: bitmap and write-intent on, as in "
+                    "the daemon")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         if args.profile:
-            mirror = make_mirror(args.backends.split(",")[0], d)
+            mirror = make_mirror(args.backends.split(",")[0], d,
+                                 StateStore(os.path.join(d, "state")) if args.state else None)
             prof = cProfile.Profile()
             drain_rounds(mirror, 0, "write", args.batch, args.rounds, prof)
             mirror.close()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
             return
         for kind in args.backends.split(","):
-            mirror = make_mirror(kind, d)
+            mirror = make_mirror(kind, d,
+                                 StateStore(os.path.join(d, f"state-{kind}")) if args.state
+                                 else None)
             try:
                 for op in ("write", "read"):
                     for w in (int(x) for x in args.workers.split(",")):

@@ -148,6 +148,10 @@ class MirrorCommands:
         self._lock = threading.Lock()
         self.stats = CommandStats()
 
+    def commit(self) -> None:
+        """Once per ring batch, before it runs: one sync for the bits admission marked."""
+        self._mirror.commit_marks()
+
     def _device(self) -> ScsiDevice:
         scsi = self._scsi
         if scsi is None:
@@ -169,14 +173,11 @@ class MirrorCommands:
             extent = (offset, offset + length) if write else None
             io = (mirror.admit(tag, extent) if volume == 1
                   else mirror.admit(tag, extent, volume))
-            # Small, no flush, not waiting for a range, legs in the page cache, and (for a
-            # write) its regions marked already: cheaper to run on the ring thread than to hand
-            # to a worker (see DeviceRunner).  A write that must wait for a bitmap sync goes to
-            # the pool, where concurrent first writes share one sync.
-            bm = mirror.bitmap
+            # Small, no flush, not waiting for a range, legs in the page cache: cheaper to run
+            # on the ring thread than to hand to a worker (see DeviceRunner).  Its bitmap bits
+            # were marked at admission and are made durable once for the whole batch.
             inline = (length <= INLINE_MAX and not fua and io.ready
-                      and mirror.a.fast and mirror.b.fast
-                      and (not write or bm is None or bm.marked(offset, length)))
+                      and mirror.a.fast and mirror.b.fast)
             return _PlainJob(scsi, cdb, write, offset, length, iov, fua, io, inline,
                              self.stats)
         parsed, extent = classify(cdb, iov, bs)
@@ -367,6 +368,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     reason: str | None = None
     volume = 1
     stats: CommandStats | None = None
+    before_dispatch: Callable[[], None] | None = None
     admit: Admit
     try:
         spec = parse_any(info.cfgstring)
@@ -382,6 +384,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
             commands = MirrorCommands(mirror, lambda: read_identity(info, cfs), volume=2)
             admit = commands.admit
             stats = commands.stats
+            before_dispatch = commands.commit
         elif isinstance(spec, SnapshotSpec):
             snapshot = build_snapshot(info, cfs, spec, store)
             admit = snapshot_admit(snapshot, lambda: read_identity(info, cfs))
@@ -390,6 +393,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
             commands = MirrorCommands(mirror, lambda: read_identity(info, cfs))
             admit = commands.admit
             stats = commands.stats
+            before_dispatch = commands.commit
     except (TargetMirrorError, OSError) as exc:
         reason = str(exc)
         log.error("cannot serve %s: %s; answering NOT READY until it is fixed", info.dev_name,
@@ -416,7 +420,8 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
             snapshot.close()
         raise
     runner = DeviceRunner(info.dev_name, uio, uio.ring, admit, workers=workers,
-                          tag=mirror.epoch if mirror is not None else 0)
+                          tag=mirror.epoch if mirror is not None else 0,
+                          before_dispatch=before_dispatch)
     runner.start()
     if mirror is not None and volume == 2:
         log.info("serving %s: volume 2 of mirror %s", info.dev_name, mirror.name,

@@ -104,11 +104,15 @@ class DeviceRunner:
     """Serve one TCMU device until :meth:`stop` or until the device disappears."""
 
     def __init__(self, name: str, uio: UioLike, ring: Ring, admit: Admit, *,
-                 workers: int = 2, tag: int = 0) -> None:
+                 workers: int = 2, tag: int = 0,
+                 before_dispatch: Callable[[], None] | None = None) -> None:
         self.name = name
         self.uio = uio
         self.ring = ring
         self.admit = admit
+        self.before_dispatch = before_dispatch
+        """Called once per admitted batch, before any of it runs (outside the ring lock): the
+        mirror makes the batch's write-intent bits durable with one sync there."""
         self.workers = workers
         self.tag = tag
         """Given to each command at admission; switched at a split boundary."""
@@ -241,6 +245,13 @@ class DeviceRunner:
                 jobs += self._admit_all(self.ring.fetch())
         if not jobs:
             return
+        if self.before_dispatch is not None:
+            try:
+                self.before_dispatch()
+            except BaseException:
+                # Not fatal here: each write's own marking waits for (and fails on) the sync
+                # again, and answers its command with the error.
+                log.exception("batch preparation failed", extra={"device": self.name})
         self.batches += 1
         pool = self._pool
         self.commands += len(jobs)

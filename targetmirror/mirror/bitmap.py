@@ -130,13 +130,6 @@ class Bitmap:
     def test(self, region: int) -> bool:
         return bool(self.bits[region >> 3] & (1 << (region & 7)))
 
-    def marked(self, offset: int, length: int) -> bool:
-        """Every region of ``[offset, offset+length)`` is marked already, so a write there
-        needs no bitmap sync (read without the lock: a bit cleared concurrently only means the
-        write pays the sync after all)."""
-        bits = self.bits
-        return all(bits[r >> 3] & (1 << (r & 7)) for r in self.span(offset, length))
-
     @property
     def count(self) -> int:
         """Regions marked."""
@@ -144,7 +137,11 @@ class Bitmap:
 
     def mark(self, offset: int, length: int) -> int:
         """Set the bits for a byte range in memory; return a generation to :meth:`sync` to, or
-        0 when every bit was already set (nothing to persist)."""
+        0 when every bit was already set *and durable* (nothing to wait for).
+
+        A bit another thread (or the ring thread's batch marking) set but has not synced yet
+        is not durable: the caller gets the pending generation and waits for that sync, so
+        no leg is ever written before its bit is on disk."""
         newly = False
         with self._mu:
             bits = self.bits
@@ -156,7 +153,7 @@ class Bitmap:
                     self._dirty_pages.add(byte // PAGE)
                     newly = True
             if not newly:
-                return 0
+                return self._gen if self._synced_gen < self._gen else 0
             self._gen += 1
             return self._gen
 

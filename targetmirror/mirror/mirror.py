@@ -57,6 +57,9 @@ T = TypeVar("T")
 log = logging.getLogger("targetmirror.mirror")
 
 PARALLEL_THRESHOLD = 64 * 1024
+PREMARK_MAX = 1 << 20
+"""Writes up to this size are marked at admission and synced once per ring batch; larger
+extents (an UNMAP's hull may span the device) are marked exactly by the command itself."""
 LEG_A, LEG_B, BOTH = 1, 2, 3
 _LEG_NAMES = {LEG_A: "a", LEG_B: "b"}
 WI_INTERVAL = 5.0
@@ -251,6 +254,8 @@ class Mirror:
         self._wi_keys = itertools.count(1)
         self._busy: dict[int, tuple[int, int]] = {}
         """Admitted writes not yet finished: key -> (first region, last region)."""
+        self._pending_mark = 0
+        """Bitmap generation marked at admission and not yet committed (commit_marks)."""
         self._touched: set[int] = set()
         """Regions whose writes finished since the last clear pass."""
         self._commit_touched: set[int] | None = None
@@ -472,7 +477,28 @@ class Mirror:
         granted = False
         if extent is not None:
             ticket, granted = self.locks.take(extent[0], extent[1])
+            bm = self.bitmap
+            if (bm is not None and extent[1] - extent[0] <= PREMARK_MAX
+                    and (self.write_intent or legs != BOTH)):
+                # Mark now, in memory; the ring thread makes the whole batch's bits durable
+                # with one sync (commit_marks) before any of its commands runs.
+                gen = bm.mark(extent[0], extent[1] - extent[0])
+                if gen > self._pending_mark:
+                    self._pending_mark = gen
         return MirrorIO(self, tag, legs, extent, ticket, key, granted)
+
+    def commit_marks(self) -> None:
+        """Make the bits marked at admission durable: one bitmap sync per ring batch.
+
+        Called by the ring thread after admitting a batch and before running any of it.  Each
+        command's own :meth:`MirrorIO._mark` then finds its bits set and durable and costs a
+        bit test; were a sync still pending (a second ring on this mirror, a failed sync), it
+        waits for it there, so no leg is written before its bit is on disk either way.
+        """
+        gen = self._pending_mark
+        if gen and self.bitmap is not None:
+            self._pending_mark = 0
+            self.bitmap.sync(gen)
 
     def _finished(self, tag: int, both: bool = True, key: int = 0) -> None:
         with self._mu:

@@ -275,7 +275,8 @@ def make_device(directory: str, name: str, nblocks: int, *, workers: int,
         mirror, lambda: DeviceIdentity(serial=f"{name}0001"[:16], max_transfer_blocks=2048))
     producer = Producer(cmdr_size=cmdr_size, data_size=data_size)
     uio = RecordingUio(producer, clock)
-    runner = DeviceRunner(name, uio, Ring(producer.buf), commands.admit, workers=workers,
+    runner = DeviceRunner(name, uio, Ring(producer.buf), commands.admit,
+                          before_dispatch=commands.commit, workers=workers,
                           tag=mirror.epoch)
     if start:
         runner.start()

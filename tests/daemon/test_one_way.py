@@ -64,7 +64,8 @@ def add_volume2(mirror: Mirror, name: str) -> Volume2:
     uio = RecordingUio(producer)
     commands = MirrorCommands(mirror, lambda: DeviceIdentity(serial="v2", max_transfer_blocks=2048),
                               volume=2)
-    runner = DeviceRunner(name, uio, Ring(producer.buf), commands.admit, workers=2,
+    runner = DeviceRunner(name, uio, Ring(producer.buf), commands.admit,
+                          before_dispatch=commands.commit, workers=2,
                           tag=mirror.epoch)
     runner.start()
     info = UioInfo(name=f"tcm-user/1/{name}/mirror/mirror={mirror.name};volume=2", minor=1,

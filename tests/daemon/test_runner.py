@@ -89,7 +89,8 @@ def rig(request, tmp_path):
     producer = Producer(cmdr_size=64 * 1024 - 128, data_size=1 << 20)
     uio = FakeUio(producer)
     ring = Ring(producer.buf)
-    runner = DeviceRunner("t", uio, ring, commands.admit, workers=request.param)
+    runner = DeviceRunner("t", uio, ring, commands.admit, before_dispatch=commands.commit,
+                          workers=request.param)
     runner.start()
     yield uio, runner, paths
     runner.stop()
