@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -138,6 +139,7 @@ def main() -> int:
         guest.clear_lio()
         status = daemon.stop()
         runner.stop()
+        shutil.rmtree(work, ignore_errors=True)  # guest tmpfs: leave room for what runs next
         print(f"targetmirrord exit status {status}")
         tail = daemon.log_text()[-3000:]
         print(tail)

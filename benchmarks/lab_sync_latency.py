@@ -28,7 +28,7 @@ from tests.lab import guest
 from tests.lab.mirrord import Mirrord, cli
 
 MiB = 1 << 20
-SIZE = 512 * MiB
+SIZE = 256 * MiB  # two images on guest tmpfs (half the guest's RAM)
 
 
 def fio_randwrite(dev: str, seconds: int) -> dict[str, float]:
