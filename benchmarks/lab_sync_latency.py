@@ -42,8 +42,8 @@ def fio_randwrite(dev: str, seconds: int) -> dict[str, float]:
             "p99_ms": pct.get("99.000000", 0) / 1e6}
 
 
-def copied(name: str) -> int:
-    st = json.loads(cli("status", name, "--json").stdout)["mirrors"][0]
+def copied(daemon: Mirrord, name: str) -> int:
+    st = daemon.ctl_json("status", name)["mirrors"][0]
     running = st.get("resync") or {}
     if running.get("bytes_copied"):
         return int(running["bytes_copied"])
@@ -64,11 +64,11 @@ def one_case(daemon: Mirrord, work: Path, rate: float | None, seconds: int) -> d
                    "--bs=1M", "--iodepth=4", "--ioengine=libaio", f"--size={SIZE}"],
                   timeout=900)
         if rate is not None:
-            cli("sync", name, "--no-wait", *(["--rate", str(rate)] if rate > 0 else []))
+            daemon.ctl("sync", name, "--no-wait", *(["--rate", str(rate)] if rate > 0 else []))
         t0 = time.monotonic()
         res: dict[str, Any] = fio_randwrite(dev, seconds)
         elapsed = time.monotonic() - t0
-        res["copy_mb_s"] = copied(name) / 1e6 / elapsed if rate is not None else 0.0
+        res["copy_mb_s"] = copied(daemon, name) / 1e6 / elapsed if rate is not None else 0.0
         res["rate_limit"] = rate
         return res
     finally:
