@@ -24,7 +24,7 @@ from targetmirror.errors import MirrorError, TargetMirrorError
 from targetmirror.mirror.bitmap import DEFAULT_REGION
 from targetmirror.mirror.mirror import Mirror, MirrorIO
 from targetmirror.mirror.snapshot import SnapshotVolume, owning_split_mirror
-from targetmirror.mirror.state import State, StateStore
+from targetmirror.mirror.state import StateStore
 from targetmirror.scsi import constants as C
 from targetmirror.scsi.cdb import ParsedCdb, ReadCdb
 from targetmirror.scsi.extent import classify
@@ -221,7 +221,7 @@ class _MirrorJob:
             self.stats.record(WRITE, elapsed_ns, n if self.io.both else 0, n)
         elif type(self.parsed) is ReadCdb:
             n = self.parsed.blocks * self.io.block_size if ok else 0
-            if self.io._m.st.state == State.SYNCING:  # reads come from A while B fills
+            if self.io.reads_from_a:
                 self.stats.record(READ, elapsed_ns, n, 0)
             else:
                 self.stats.record(READ, elapsed_ns, 0, n)
@@ -340,7 +340,7 @@ class _PlainJob:
         n = self.length if res.status == C.Status.GOOD else 0
         if self.write:
             self.stats.record(WRITE, perf_counter_ns() - t0, n if io.both else 0, n)
-        elif io._m.st.state == State.SYNCING:  # reads come from A while B fills
+        elif io.reads_from_a:
             self.stats.record(READ, perf_counter_ns() - t0, n, 0)
         else:
             self.stats.record(READ, perf_counter_ns() - t0, 0, n)

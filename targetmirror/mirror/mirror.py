@@ -94,6 +94,11 @@ class MirrorIO:
         self.b_done = False
 
     @property
+    def reads_from_a(self) -> bool:
+        """Reads come from A while an initial sync fills B (metrics attribute bytes by leg)."""
+        return self._m.st.state == State.SYNCING
+
+    @property
     def ready(self) -> bool:
         """True if nothing this command may touch is locked by an earlier one: it can run at
         once without waiting (the ring thread may then run it itself)."""
