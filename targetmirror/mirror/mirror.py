@@ -64,6 +64,13 @@ LEG_A, LEG_B, BOTH = 1, 2, 3
 _LEG_NAMES = {LEG_A: "a", LEG_B: "b"}
 WI_INTERVAL = 5.0
 """Seconds between write-intent clear passes (md's bitmap daemon uses a few seconds too)."""
+WI_EXTENT = 4 << 20
+"""While mirrored (state MIRRORED, both legs healthy), a write marks the whole write-intent
+extent around it (DRBD's activity-log extents are 4 MiB too): a random writer over a working
+set pays one bitmap sync per extent, not per 64 KiB region, and after a crash at most the
+extents in use are copied.  Writes that go to one leg only (after a split, with a failed leg)
+or arrive while a copy runs mark their regions exactly, so a rejoin or repair copies only what
+changed."""
 LEG_TIMEOUT = 20.0
 """A leg call older than this fails the leg (below LIO's default 30 s cmd_time_out)."""
 
@@ -148,6 +155,8 @@ class MirrorIO:
         m = self._m
         bm = m.bitmap
         if bm is not None and (m.write_intent or self.legs != BOTH):
+            if self.legs == BOTH and m.st.state == State.MIRRORED:
+                offset, length = m._wi_span(offset, length)
             gen = bm.mark(offset, length)
             if gen:
                 bm.sync(gen)
@@ -216,7 +225,7 @@ class Mirror:
                  write_cache: bool = True, parallel_threshold: int = PARALLEL_THRESHOLD,
                  store: StateStore | None = None, region_size: int = DEFAULT_REGION,
                  write_intent: bool = True, wi_interval: float | None = WI_INTERVAL,
-                 leg_timeout: float | None = LEG_TIMEOUT) -> None:
+                 wi_extent: int = WI_EXTENT, leg_timeout: float | None = LEG_TIMEOUT) -> None:
         if size <= 0 or size % block_size:
             raise MirrorError(f"mirror {name}: size {size} is not a positive multiple of the "
                               f"block size {block_size}")
@@ -254,6 +263,12 @@ class Mirror:
         self.write_intent = write_intent
         """Mark mirrored writes too (md's write-intent log); off only to measure its cost."""
         self.wi_interval = wi_interval
+        if wi_extent < 4096 or wi_extent & (wi_extent - 1):
+            raise MirrorError(f"mirror {name}: write-intent extent {wi_extent}: expected a "
+                              "power of two >= 4096")
+        self.wi_extent = wi_extent
+        self._post_split: set[int] | None = None
+        """Regions written to B alone since the split's instant, until the split completes."""
         self.leg_timeout = leg_timeout
         # write-intent bookkeeping, all under self._mu (taken per command anyway)
         self._wi_keys = itertools.count(1)
@@ -470,15 +485,19 @@ class Mirror:
                     or self.st.state == State.REJOINING
                     or (volume == 1 and self.st.split is not None and self.st.split.one_way))
             legs = (BOTH if both else LEG_B) & ~self._failed_mask
+            wide = legs == BOTH and self.st.state == State.MIRRORED
             if extent is not None:
                 self._inflight[tag] = self._inflight.get(tag, 0) + 1
-                if legs != BOTH:
-                    self._b_only += 1
                 bm = self.bitmap
                 if bm is not None:
                     key = next(self._wi_keys)
-                    self._busy[key] = (extent[0] >> bm.shift,
-                                       (max(extent[1], extent[0] + 1) - 1) >> bm.shift)
+                    r0 = extent[0] >> bm.shift
+                    r1 = (max(extent[1], extent[0] + 1) - 1) >> bm.shift
+                    self._busy[key] = (r0, r1)
+                    if legs != BOTH and self._post_split is not None:
+                        self._post_split.update(range(r0, r1 + 1))
+                if legs != BOTH:
+                    self._b_only += 1
         granted = False
         if extent is not None:
             ticket, granted = self.locks.take(extent[0], extent[1])
@@ -487,10 +506,19 @@ class Mirror:
                     and (self.write_intent or legs != BOTH)):
                 # Mark now, in memory; the ring thread makes the whole batch's bits durable
                 # with one sync (commit_marks) before any of its commands runs.
-                gen = bm.mark(extent[0], extent[1] - extent[0])
+                if wide:
+                    gen = bm.mark(*self._wi_span(extent[0], extent[1] - extent[0]))
+                else:
+                    gen = bm.mark(extent[0], extent[1] - extent[0])
                 if gen > self._pending_mark:
                     self._pending_mark = gen
         return MirrorIO(self, tag, legs, extent, ticket, key, granted)
+
+    def _wi_span(self, offset: int, length: int) -> tuple[int, int]:
+        """The write-intent extents around a mirrored write (see ``WI_EXTENT``)."""
+        mask = self.wi_extent - 1
+        start = offset & ~mask
+        return start, ((offset + max(length, 1) + mask) & ~mask) - start
 
     def commit_marks(self) -> None:
         """Make the bits marked at admission durable: one bitmap sync per ring batch.
@@ -557,6 +585,8 @@ class Mirror:
         self._boundary_passed = False
         self._completing = False
         self.split_complete.clear()
+        with self._mu:
+            self._post_split = set()
         if self.store:
             self.store.save(self.st)
 
@@ -566,6 +596,8 @@ class Mirror:
         self.st.epoch -= 1
         self.st.split = None
         self.st.state = State.MIRRORED
+        with self._mu:
+            self._post_split = None
         if self.store:
             self.store.save(self.st)
 
@@ -613,6 +645,7 @@ class Mirror:
                       "LOST", self.name, exc)
         if not rec.one_way:
             self.a.freeze()
+        cleared = self._clear_pre_split_intent(rec)
         with self._mu:
             rec.completed_wall = time.time()
             rec.drain_seconds = time.monotonic() - self._instant_mono
@@ -620,10 +653,44 @@ class Mirror:
             self.st.state = State.ONE_WAY if rec.one_way else State.SPLIT
             if self.store:
                 self.store.save(self.st)
-        log.info("%s: split complete: epoch %d, %d pre-split write(s) drained in %.6f s, A %s",
-                 self.name, rec.epoch, rec.pre_split_drained, rec.drain_seconds, rec.a_status,
+        log.info("%s: split complete: epoch %d, %d pre-split write(s) drained in %.6f s, A %s; "
+                 "%d write-intent region(s) cleared", self.name, rec.epoch,
+                 rec.pre_split_drained, rec.drain_seconds, rec.a_status, cleared,
                  extra={"device": self.name, "epoch": rec.epoch})
         self.split_complete.set()
+
+    def _clear_pre_split_intent(self, rec: SplitRecord) -> int:
+        """After the drain, drop the write-intent bits the mirrored era left behind, so the
+        rejoin copies only what B changed since the instant (not the extents that happened to
+        be hot before it).
+
+        Every pre-split write is finished and A was just made durable; B is made durable
+        here.  A region is cleared unless a post-split B-only write touched it (recorded at
+        admission, so a write that found its bit already set keeps it), or -- after a one-way
+        split, where volume 1 still writes both legs -- a write is in flight to it or finished
+        during the flush.  With a failed leg nothing is cleared (the bits track what it
+        missed); a failure here only means a rejoin copies more.
+        """
+        bm = self.bitmap
+        with self._mu:
+            if bm is None or rec.a_status.startswith("lost") or self._failed_mask:
+                self._post_split = None
+                return 0
+            self._touched = set()
+        try:
+            self._leg_io(LEG_B, "flush", self.b.flush)
+            flushed = True
+        except StoreError:
+            flushed = False
+        with self._mu:
+            keep, self._post_split = self._post_split, None
+            if keep is None or self._failed_mask or not flushed:
+                return 0
+            keep |= self._touched | self._busy_regions_locked()
+            victims = [r for r in bm.dirty_regions() if r not in keep]
+            gen = bm.clear(victims)
+        bm.sync(gen)
+        return len(victims)
 
     # -- rejoin --------------------------------------------------------------------------------
     def rejoin(self, *, full: bool = False, rate: float | None = None) -> None:
@@ -926,8 +993,11 @@ class Mirror:
                 if (self.st.state != State.MIRRORED or self._failed_mask
                         or self.st.epoch != gen0):
                     return 0
-                skip = spared | self._touched | self._busy_regions_locked()
-                victims = [r for r in bm.dirty_regions() if r not in skip]
+                # a hot extent keeps all its bits: clearing part of it would cost its next
+                # write a sync for nothing
+                k = max((self.wi_extent >> bm.shift).bit_length() - 1, 0)
+                hot = {r >> k for r in spared | self._touched | self._busy_regions_locked()}
+                victims = [r for r in bm.dirty_regions() if r >> k not in hot]
                 gen = bm.clear(victims)
             bm.sync(gen)
             self.wi_clears += 1
@@ -1222,7 +1292,7 @@ class Mirror:
                 "unclean_start": self.unclean_start,
                 "write_intent": {"enabled": self.write_intent and self.bitmap is not None,
                                  "clear_passes": self.wi_clears, "cleared": self.wi_cleared,
-                                 "interval": self.wi_interval},
+                                 "interval": self.wi_interval, "extent": self.wi_extent},
                 "leg_timeout": self.leg_timeout,
                 "last_repair": self.st.last_repair,
                 "last_recovery": self.st.last_recovery,

@@ -25,7 +25,7 @@ def test_repair_op_brings_a_failed_leg_back(tmp_path):
     plan = FaultPlan()
     m = Mirror("m", FaultyImage(paths[0], plan), FaultyImage(paths[1]), size=SIZE,
                store=StateStore(str(tmp_path / "state" / "mirrors")), region_size=4096,
-               wi_interval=None, leg_timeout=None)
+               wi_interval=None, leg_timeout=None, wi_extent=4096)
     d.devices["uio0"] = SimpleNamespace(info=SimpleNamespace(dev_name="m"), mirror=m,
                                         reason=None)  # type: ignore[assignment]
     try:

@@ -93,10 +93,10 @@ def seq_of(data: bytes, lba: int) -> int | None:
     return seq if data == block_data(seq, lba) else None
 
 
-def open_mirror(fs: SimFS) -> Mirror:
+def open_mirror(fs: SimFS, wi_extent: int = RS) -> Mirror:
     return Mirror("m", SimImage(fs, "/sim/a.img", SIZE), SimImage(fs, "/sim/b.img", SIZE),
                   size=SIZE, block_size=BS, store=SimStateStore(fs), region_size=RS,
-                  wi_interval=None, leg_timeout=None)
+                  wi_interval=None, leg_timeout=None, wi_extent=wi_extent)
 
 
 def wait_or_crash(ev: threading.Event, fs: SimFS, what: str) -> None:
@@ -157,7 +157,10 @@ def trial(seed: int) -> dict[str, int]:
                            "blocks_checked", "resync_bytes", "crashed_in_workload",
                            "recovery_resyncs", "recoveries", "recovery_bytes"), 0)
     fs = SimFS(rng)
-    m = open_mirror(fs)
+    # exact write-intent bits, or extents of 4 regions (the product's 4 MiB extents, scaled
+    # to this small image): marking more must never lose anything either
+    wi_extent = rng.choice((RS, 4 * RS))
+    m = open_mirror(fs, wi_extent)
     fs.crash_at = fs.ops + rng.randint(1, MAX_TICK)
     model = Model()
     write_cache = rng.random() < 0.8
@@ -175,7 +178,7 @@ def trial(seed: int) -> dict[str, int]:
     fs2 = fs.reboot()
 
     # -- recovery: reopen; a rejoin or recovery resync runs by itself -------------------------
-    m2 = open_mirror(fs2)
+    m2 = open_mirror(fs2, wi_extent)
     try:
         was = m2.state
         m2.resume()

@@ -35,7 +35,7 @@ class Rig:
         kw.setdefault("leg_timeout", None)
         self.m = Mirror("m", FaultyImage(self.pa, self.plan_a), FaultyImage(self.pb, self.plan_b),
                         size=SIZE, block_size=BS, store=StateStore(self.dir), region_size=RS,
-                        **kw)
+                        **{"wi_extent": RS, **kw})
         self.scsi = ScsiDevice(self.m, DeviceIdentity(serial="s", revision="0001"))
 
     def write(self, lba: int, data: bytes):
@@ -183,7 +183,8 @@ def test_repair_replace_does_a_full_copy_to_a_new_image(rig, tmp_path):
     m.close()
     # a restart with the configured (old) path opens the replacement
     m2 = Mirror("m", FaultyImage(rig.pa), FaultyImage(rig.pb), size=SIZE, block_size=BS,
-                store=StateStore(rig.dir), region_size=RS, wi_interval=None, leg_timeout=None)
+                store=StateStore(rig.dir), region_size=RS, wi_interval=None, leg_timeout=None,
+                wi_extent=RS)
     try:
         assert m2.a.path == new and m2.health == "ok" and m2.state == State.MIRRORED
     finally:
@@ -231,7 +232,8 @@ def test_failed_leg_survives_a_restart(tmp_path):
     assert rig.m.health == "degraded"
     rig.m.close()
     m2 = Mirror("m", FaultyImage(rig.pa), FaultyImage(rig.pb), size=SIZE, block_size=BS,
-                store=StateStore(rig.dir), region_size=RS, wi_interval=None, leg_timeout=None)
+                store=StateStore(rig.dir), region_size=RS, wi_interval=None, leg_timeout=None,
+                wi_extent=RS)
     try:
         assert m2.health == "degraded" and set(m2.st.failed) == {"a"}
         m2.write(0, [memoryview(b"w" * BS)], False)

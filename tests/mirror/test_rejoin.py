@@ -76,6 +76,7 @@ class Rig:
 
     def mirror(self, image_cls=Image, **kw) -> Mirror:
         kw.setdefault("region_size", RS)
+        kw.setdefault("wi_extent", RS)  # exact write-intent bits: these tests count regions
         m = Mirror("m", image_cls(self.pa), image_cls(self.pb), size=SIZE, block_size=BS,
                    store=StateStore(self.store.directory), **kw)
         self.made.append(m)

@@ -22,11 +22,12 @@ class Rig:
             with open(p, "wb") as f:
                 f.truncate(SIZE)
         self.dir = str(tmp_path / "state")
+        self.wi_extent = RS  # exact write-intent bits: these tests count regions
 
     def mirror(self, image_cls=Image) -> Mirror:
         return Mirror("m", image_cls(self.pa), image_cls(self.pb), size=SIZE, block_size=BS,
                       store=StateStore(self.dir), region_size=RS, wi_interval=None,
-                      leg_timeout=None)
+                      leg_timeout=None, wi_extent=self.wi_extent)
 
 
 def crash(m: Mirror) -> None:
@@ -148,3 +149,87 @@ def test_a_ring_batch_of_first_writes_costs_one_bitmap_sync(tmp_path):
         assert bm.syncs == before + 2 and 12 in bitmap_file_bits(store)
     finally:
         m.close()
+
+
+# -- write-intent extents (WI_EXTENT; 4 regions here, 64 in the product) ----------------------
+EXT = 4 * RS
+
+
+def extent_rig(tmp_path) -> Rig:
+    rig = Rig(tmp_path)
+    rig.wi_extent = EXT
+    return rig
+
+
+def test_a_mirrored_write_marks_its_whole_extent_once(tmp_path):
+    m = extent_rig(tmp_path).mirror()
+    bm = m.bitmap
+    assert bm is not None
+    m.write(9 * RS, [memoryview(b"a" * BS)], False)   # region 9: extent 8..11
+    assert {r for r in range(bm.regions) if bm.test(r)} == {8, 9, 10, 11}
+    syncs = bm.syncs
+    for r in (8, 10, 11):                              # the rest of the extent is free
+        m.write(r * RS, [memoryview(b"b" * BS)], False)
+    assert bm.syncs == syncs
+    m.write(11 * RS + RS - BS, [memoryview(b"c" * (2 * BS))], False)  # straddles into 12..15
+    assert bm.count == 8 and bm.syncs == syncs + 1
+    m.close()
+
+
+def test_the_clear_pass_keeps_a_hot_extent_whole_and_clears_idle_ones(tmp_path):
+    rig = extent_rig(tmp_path)
+    m = rig.mirror()
+    bm = m.bitmap
+    assert bm is not None
+    m.write(1 * RS, [memoryview(b"x" * BS)], False)    # extent 0..3
+    m.write(21 * RS, [memoryview(b"x" * BS)], False)   # extent 20..23
+    assert m.clear_write_intent() == 0                 # both touched this interval
+    m.write(22 * RS, [memoryview(b"y" * BS)], False)   # a different region of the same extent
+    assert m.clear_write_intent() == 4                 # 0..3 idle: cleared; 20..23 hot: all kept
+    assert bitmap_file_bits(StateStore(rig.dir)) == {20, 21, 22, 23}
+    m.close()
+
+
+def test_split_drops_pre_split_intent_and_rejoin_copies_only_post_split_regions(tmp_path):
+    from tests.mirror.test_rejoin import split
+    rig = extent_rig(tmp_path)
+    m = rig.mirror()
+    bm = m.bitmap
+    assert bm is not None
+    for r in (0, 5, 40, 41, 90):                      # mirrored: extents 0, 4, 40, 88 are hot
+        m.write(r * RS, [memoryview(bytes([r + 1]) * RS)], False)
+    assert bm.count == 16
+    split(m)
+    assert m.split_complete.wait(10)
+    # the drain made both legs durable, so the mirrored era's extents are gone from the bitmap
+    assert bm.count == 0 and bitmap_file_bits(StateStore(rig.dir)) == set()
+    io = m.admit(m.epoch, (41 * RS, 41 * RS + BS))     # a post-split write: B only, exact
+    io.write(41 * RS, [memoryview(b"P" * BS)], False)
+    io.finish()
+    assert bitmap_file_bits(StateStore(rig.dir)) == {41}
+    m.rejoin()
+    assert m.rejoin_complete.wait(10)
+    assert m.st.last_rejoin is not None and m.st.last_rejoin["regions"] == 1
+    assert read_file(rig.pa) == read_file(rig.pb)
+    m.close()
+
+
+def test_a_write_admitted_after_the_instant_keeps_its_bit_through_the_split(tmp_path):
+    """A post-split write to a region the mirrored era had already marked finds its bit set
+    (no sync); the split's clearing must not take that bit away."""
+    rig = extent_rig(tmp_path)
+    m = rig.mirror()
+    m.write(17 * RS, [memoryview(b"m" * BS)], False)    # extent 16..19 marked
+    pre = m.admit(m.epoch, (2 * RS, 2 * RS + BS))       # a pre-split write still in flight
+    m.prepare_split(["m"])
+    tag = m.begin_split()
+    post = m.admit(tag, (18 * RS, 18 * RS + BS))         # post-split, inside the hot extent
+    post.write(18 * RS, [memoryview(b"n" * BS)], False)
+    m.boundary_passed()
+    assert not m.split_complete.is_set()
+    pre.write(2 * RS, [memoryview(b"o" * BS)], False)
+    pre.finish()
+    assert m.split_complete.wait(10)
+    post.finish()
+    assert bitmap_file_bits(StateStore(rig.dir)) == {18}
+    m.close()
