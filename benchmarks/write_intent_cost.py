@@ -3,10 +3,11 @@
 Random 4 KiB writes through ``Mirror.admit`` / ``MirrorIO.write`` (the daemon's path, minus the
 ring and SCSI) on a mirrored mirror, with write-intent off (``write_intent=False``: nothing
 marked while mirrored, the behaviour before the faults work) and on (every write marks its
-64 KiB region durably before the legs; the periodic clear pass runs every ``--interval`` s), from
-1 and 4 threads, on a small working set (hot regions stay marked: a bit test per write) and a
-large one (most writes touch a region whose bit was cleared or never set: one group-committed
-bitmap fdatasync each).
+write-intent extent durably before the legs; the periodic clear pass runs every ``--interval``
+s), from 1 and 4 threads, for extents of one 64 KiB region (exact) and of 4 MiB (the default,
+``WI_EXTENT``), on a small working set (touched once before measuring: a bit test per write),
+a 256 MiB one (the lab fio span, cold) and a 16 GiB one (cold: most writes touch an extent
+whose bits were never set: one group-committed bitmap fdatasync each).
 
     python3 benchmarks/write_intent_cost.py [--seconds 3] [--dir DIR] [--rounds 2]
 """
@@ -32,7 +33,7 @@ WRITE = 4096
 SIZE = 16 << 30
 
 
-def make(directory: str, tag: str, wi: bool, interval: float, region: int) -> Mirror:
+def make(directory: str, tag: str, wi: bool, interval: float, extent: int) -> Mirror:
     paths = []
     for leg in ("a", "b"):
         p = os.path.join(directory, f"{tag}.{leg}.img")
@@ -41,14 +42,14 @@ def make(directory: str, tag: str, wi: bool, interval: float, region: int) -> Mi
         paths.append(p)
     store = StateStore(os.path.join(directory, f"{tag}.state"))
     return Mirror("bench", Image(paths[0]), Image(paths[1]), size=SIZE, store=store,
-                  write_intent=wi, wi_interval=interval, leg_timeout=None, region_size=region)
+                  write_intent=wi, wi_interval=interval, leg_timeout=None, wi_extent=extent)
 
 
 def warm(m: Mirror, working_set: int) -> None:
     """Touch every region of the working set once (steady state: hot regions stay marked)."""
     assert m.bitmap is not None
     data = memoryview(bytes(WRITE))
-    for off in range(0, working_set, m.bitmap.region_size):
+    for off in range(0, working_set, m.wi_extent):
         m.write(off, [data], False)
 
 
@@ -89,27 +90,27 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating off/on rounds; best kept")
     ap.add_argument("--interval", type=float, default=5.0, help="clear pass interval (s)")
     ap.add_argument("--dir", default=None)
-    ap.add_argument("--regions", default="65536,4194304",
-                    help="region sizes in bytes, comma-separated")
+    ap.add_argument("--extents", default="65536,4194304",
+                    help="write-intent extent sizes in bytes, comma-separated")
     args = ap.parse_args()
-    sets = {"64 MiB (hot)": 64 << 20, "16 GiB (cold)": SIZE}
+    sets = {"64 MiB (hot)": 64 << 20, "256 MiB (cold)": 256 << 20, "16 GiB (cold)": SIZE}
     print(f"mirrored 4 KiB random writes, {args.seconds:g} s per run, best of {args.rounds}, "
           f"clear pass every {args.interval:g} s; the hot set is touched once before measuring")
-    print(f"  {'region':>7} {'working set':<15} {'threads':>7} {'off w/s':>9} {'on w/s':>9} "
+    print(f"  {'extent':>7} {'working set':<15} {'threads':>7} {'off w/s':>9} {'on w/s':>9} "
           f"{'cost':>7} {'bitmap syncs/s':>14}")
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        for region in (int(x) for x in args.regions.split(",")):
+        for extent in (int(x) for x in args.extents.split(",")):
             for label, ws in sets.items():
                 for threads in (1, 4):
                     best = {False: 0.0, True: 0.0}
                     syncs = 0.0
                     for rnd in range(args.rounds):
                         for wi in (False, True):
-                            m = make(d, f"w{int(wi)}r{region}", wi, args.interval, region)
+                            m = make(d, f"w{int(wi)}e{extent}", wi, args.interval, extent)
                             try:
                                 bm = m.bitmap
                                 assert bm is not None
-                                if ws < SIZE:
+                                if ws <= 64 << 20:
                                     warm(m, ws)
                                 s0 = bm.syncs
                                 rate = run(m, args.seconds, threads, ws, rnd)
@@ -123,7 +124,7 @@ def main() -> None:
                                 if os.path.isfile(p):
                                     os.unlink(p)
                     cost = 100.0 * (1 - best[True] / best[False]) if best[False] else 0.0
-                    print(f"  {region >> 10:>6}K {label:<15} {threads:>7} {best[False]:>9.0f} "
+                    print(f"  {extent >> 10:>6}K {label:<15} {threads:>7} {best[False]:>9.0f} "
                           f"{best[True]:>9.0f} {cost:>6.1f}% {syncs:>14.0f}", flush=True)
 
 
