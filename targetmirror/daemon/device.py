@@ -186,6 +186,17 @@ class MirrorCommands:
         return _MirrorJob(scsi, cdb, iov, io, parsed, extent, self.stats)
 
 
+def _count(stats: CommandStats, io: MirrorIO, kind: int, n: int, elapsed_ns: int) -> None:
+    """Metrics for one finished read or write of ``n`` bytes (0 if it failed): integer
+    additions into this thread's shard (see daemon/metrics.py), bytes per leg touched."""
+    if kind == WRITE:
+        stats.record(WRITE, elapsed_ns, n if io.both else 0, n)
+    elif io.reads_from_a:
+        stats.record(READ, elapsed_ns, n, 0)
+    else:
+        stats.record(READ, elapsed_ns, 0, n)
+
+
 class _MirrorJob:
     """One admitted command: run it through SCSI on its mirror view, then release the view."""
 
@@ -213,18 +224,13 @@ class _MirrorJob:
         return res
 
     def _count(self, res: ScsiResult, elapsed_ns: int) -> None:
-        """Metrics: integer additions into this thread's shard (see daemon/metrics.py)."""
         ext = self.extent
         ok = res.status == C.Status.GOOD
         if ext is not None:
-            n = ext[1] - ext[0] if ok else 0
-            self.stats.record(WRITE, elapsed_ns, n if self.io.both else 0, n)
+            _count(self.stats, self.io, WRITE, ext[1] - ext[0] if ok else 0, elapsed_ns)
         elif type(self.parsed) is ReadCdb:
             n = self.parsed.blocks * self.io.block_size if ok else 0
-            if self.io.reads_from_a:
-                self.stats.record(READ, elapsed_ns, n, 0)
-            else:
-                self.stats.record(READ, elapsed_ns, 0, n)
+            _count(self.stats, self.io, READ, n, elapsed_ns)
         else:
             self.stats.record(OTHER, elapsed_ns)
 
@@ -336,14 +342,8 @@ class _PlainJob:
             res = self.scsi.execute_plain(self.write, self.offset, self.iov, self.fua, io)
         finally:
             io.finish()
-        # metrics: integer additions into this thread's shard (see daemon/metrics.py)
-        n = self.length if res.status == C.Status.GOOD else 0
-        if self.write:
-            self.stats.record(WRITE, perf_counter_ns() - t0, n if io.both else 0, n)
-        elif io.reads_from_a:
-            self.stats.record(READ, perf_counter_ns() - t0, n, 0)
-        else:
-            self.stats.record(READ, perf_counter_ns() - t0, 0, n)
+        _count(self.stats, io, WRITE if self.write else READ,
+               self.length if res.status == C.Status.GOOD else 0, perf_counter_ns() - t0)
         return res
 
     def cancel(self) -> None:
