@@ -62,7 +62,7 @@ def _create_image(path: str, size: int) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from targetmirror.lio import backstore, iscsi
+    from targetmirror.lio import backstore
 
     spec = MirrorSpec(os.path.abspath(args.image_a), os.path.abspath(args.image_b))
     spec = parse(spec.to_cfgstring())  # validate before touching anything
@@ -81,16 +81,24 @@ def cmd_create(args: argparse.Namespace) -> int:
             so.delete()
             raise
     if args.iqn:
-        host, _, port = args.portal.rpartition(":")
-        try:
-            iscsi.export(so, args.iqn, portal=(host, int(port)), lun=args.lun,
-                         initiators=args.initiator or ())
-        except TargetMirrorError:
-            so.delete()
-            raise
+        _export_or_delete(so, args)
     print(f"created user:mirror {args.name} ({args.size} bytes) a={spec.image_a} "
           f"b={spec.image_b}" + (f" exported as {args.iqn} LUN {args.lun}" if args.iqn else ""))
     return 0
+
+
+def _export_or_delete(so: Any, args: argparse.Namespace) -> None:
+    """Export a new backstore as ``--iqn``; if that fails, delete the backstore again, so a
+    failed create leaves nothing behind (rtslib-fb's roll back on failed construction)."""
+    from targetmirror.lio import iscsi
+
+    host, _, port = args.portal.rpartition(":")
+    try:
+        iscsi.export(so, args.iqn, portal=(host, int(port)), lun=args.lun,
+                     initiators=args.initiator or ())
+    except TargetMirrorError:
+        so.delete()
+        raise
 
 
 def _start_initial_sync(args: argparse.Namespace) -> None:
@@ -110,7 +118,7 @@ def _start_initial_sync(args: argparse.Namespace) -> None:
 
 def cmd_create_volume2(args: argparse.Namespace) -> int:
     """A second LUN of an existing mirror (``mirror=NAME;volume=2``), for one-way cut-over."""
-    from targetmirror.lio import backstore, iscsi
+    from targetmirror.lio import backstore
 
     spec = VolumeSpec(args.of)
     parse_any(spec.to_cfgstring())  # validate before touching anything
@@ -120,13 +128,7 @@ def cmd_create_volume2(args: argparse.Namespace) -> int:
     so = backstore.create_backstore(args.name, int(owner.size), spec.to_cfgstring(),
                                     hw_max_sectors=args.hw_max_sectors, check=False)
     if args.iqn:
-        host, _, port = args.portal.rpartition(":")
-        try:
-            iscsi.export(so, args.iqn, portal=(host, int(port)), lun=args.lun,
-                         initiators=args.initiator or ())
-        except TargetMirrorError:
-            so.delete()
-            raise
+        _export_or_delete(so, args)
     print(f"created volume 2 {args.name} of mirror {args.of}"
           + (f" exported as {args.iqn} LUN {args.lun}" if args.iqn else ""))
     return 0
