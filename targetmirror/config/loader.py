@@ -47,6 +47,9 @@ DEFAULTS: tuple[tuple[str, Any, str], ...] = (
     ("daemon.metrics_address", "",
      "HOST:PORT of the Prometheus endpoint; empty turns it off"),
     ("daemon.log_level", "info", "one of debug, info, warning, error"),
+    ("daemon.write_intent_extent", "4M",
+     "while mirrored, a write marks this much around it in the bitmap: one bitmap sync per "
+     "extent, and a crash or failed leg copies the hot extents whole (a power of two, 4K-1G)"),
     ("image_dirs", ["/var/lib/targetmirror/images"],
      "directories images must resolve into (after symlinks and ..)"),
     ("mirrors", [], "the mirrored LUNs"),
@@ -103,6 +106,7 @@ class DaemonSettings:
     state_dir: str
     metrics_address: str
     log_level: str
+    write_intent_extent: int = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,10 +320,15 @@ def validate(data: object, path: str) -> Config:
 
 def _daemon(c: _Checker, raw: object) -> DaemonSettings | None:
     keys = ("control_socket", "state_dir", "metrics_address", "log_level")
-    d = c.mapping({} if raw is None else raw, "daemon", keys)
+    d = c.mapping({} if raw is None else raw, "daemon", (*keys, "write_intent_extent"))
     if d is None:
         return None
     values = {k: d.get(k, default(f"daemon.{k}")) for k in keys}
+    raw_ext = d.get("write_intent_extent", default("daemon.write_intent_extent"))
+    extent = parse_size(raw_ext)
+    if extent is None or extent < 4096 or extent > 1 << 30 or extent & (extent - 1):
+        c.error("daemon.write_intent_extent", "a power of two from 4K to 1G (e.g. 4M)", raw_ext)
+        extent = None
     for k in ("control_socket", "state_dir"):
         c.text(values[k], f"daemon.{k}", "an absolute path",
                lambda s: s.startswith("/") and "\0" not in s)
@@ -329,9 +338,9 @@ def _daemon(c: _Checker, raw: object) -> DaemonSettings | None:
         pass
     c.text(values["log_level"], "daemon.log_level", "one of " + ", ".join(LOG_LEVELS),
            lambda s: s in LOG_LEVELS)
-    if any(not isinstance(v, str) for v in values.values()):
+    if any(not isinstance(v, str) for v in values.values()) or extent is None:
         return None
-    return DaemonSettings(**values)
+    return DaemonSettings(**values, write_intent_extent=extent)
 
 
 def _split_hostport(text: str) -> tuple[str, int] | None:

@@ -22,7 +22,7 @@ from targetmirror.daemon.metrics import OTHER, READ, WRITE, CommandStats
 from targetmirror.daemon.runner import Admit, DeviceRunner, Job, PlainJob
 from targetmirror.errors import MirrorError, TargetMirrorError
 from targetmirror.mirror.bitmap import DEFAULT_REGION
-from targetmirror.mirror.mirror import Mirror, MirrorIO
+from targetmirror.mirror.mirror import WI_EXTENT, Mirror, MirrorIO
 from targetmirror.mirror.snapshot import SnapshotVolume, owning_split_mirror
 from targetmirror.mirror.state import StateStore
 from targetmirror.scsi import constants as C
@@ -92,7 +92,8 @@ def build_snapshot(info: UioInfo, cfs: ConfigfsDevice, spec: SnapshotSpec,
         raise
 
 
-def build_mirror(info: UioInfo, cfs: ConfigfsDevice, store: StateStore | None) -> Mirror:
+def build_mirror(info: UioInfo, cfs: ConfigfsDevice, store: StateStore | None,
+                 wi_extent: int = WI_EXTENT) -> Mirror:
     """Open the images named by the cfgstring and shape the mirror like the kernel's device."""
     spec = parse(info.cfgstring)
     size = cfs.size()
@@ -105,7 +106,7 @@ def build_mirror(info: UioInfo, cfs: ConfigfsDevice, store: StateStore | None) -
         raise
     try:
         mirror = Mirror(info.dev_name, a, b, size=size, block_size=block_size,
-                        write_cache=True, store=store,
+                        write_cache=True, store=store, wi_extent=wi_extent,
                         region_size=(DEFAULT_REGION if spec.region_size is None
                                      else spec.region_size))
     except BaseException:
@@ -356,7 +357,8 @@ class _PlainJob:
 
 def serve(info: UioInfo, *, workers: int, store: StateStore | None,
           configfs_root: str = "/sys/kernel/config",
-          mirrors: Callable[[str], Mirror | None] = lambda name: None) -> ServedDevice:
+          mirrors: Callable[[str], Mirror | None] = lambda name: None,
+          wi_extent: int = WI_EXTENT) -> ServedDevice:
     """Open the UIO device, build its mirror and start its ring loop.
 
     ``mirrors`` finds an already served mirror by name, for a volume-2 device (whose caller
@@ -389,7 +391,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
             snapshot = build_snapshot(info, cfs, spec, store)
             admit = snapshot_admit(snapshot, lambda: read_identity(info, cfs))
         else:
-            mirror = build_mirror(info, cfs, store)
+            mirror = build_mirror(info, cfs, store, wi_extent)
             commands = MirrorCommands(mirror, lambda: read_identity(info, cfs))
             admit = commands.admit
             stats = commands.stats

@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from targetmirror import __version__
+from targetmirror.config.loader import parse_size
 from targetmirror.daemon import logs, sdnotify
 from targetmirror.daemon.control import DEFAULT_SOCKET, ControlServer, Handler
 from targetmirror.daemon.device import ServedDevice, serve, volume_of
@@ -32,7 +33,7 @@ from targetmirror.daemon.runner import DeviceRunner
 from targetmirror.daemon.split import split as split_mirrors
 from targetmirror.daemon.watchdog import DEFAULT_THRESHOLD, Watchdog
 from targetmirror.errors import DeviceError, MirrorError, TargetMirrorError
-from targetmirror.mirror.mirror import Mirror
+from targetmirror.mirror.mirror import WI_EXTENT, Mirror
 from targetmirror.mirror.state import StateStore
 from targetmirror.tcmu import layout as L
 from targetmirror.tcmu.netlink import NetlinkEvent, TcmuNetlink
@@ -51,8 +52,10 @@ class Daemon:
                  sysfs_root: str = "/sys", dev_root: str = "/dev",
                  configfs_root: str = "/sys/kernel/config",
                  stuck_after: float = DEFAULT_THRESHOLD,
-                 metrics_address: str | None = None, dbus: bool = False) -> None:
+                 metrics_address: str | None = None, dbus: bool = False,
+                 wi_extent: int = WI_EXTENT) -> None:
         self.workers = workers
+        self.wi_extent = wi_extent
         self.dbus = dbus
         self.metrics_address = metrics_address
         self.store = StateStore(os.path.join(state_dir, "mirrors"))
@@ -96,7 +99,8 @@ class Daemon:
                 return
             try:
                 dev = serve(info, workers=self.workers, store=self.store,
-                            configfs_root=self.configfs_root, mirrors=self._served_mirror)
+                            configfs_root=self.configfs_root, mirrors=self._served_mirror,
+                            wi_extent=self.wi_extent)
                 self.devices[info.name] = dev
                 if dev.mirror is not None and dev.volume == 1:
                     dev.mirror.resume()
@@ -468,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: the "
                    "file's daemon.metrics_address, else off)")
+    p.add_argument("--write-intent-extent", default=None, metavar="SIZE",
+                   help="while mirrored, a write marks this much around it in the bitmap "
+                   "(a power of two, 4K-1G; default: the file's daemon.write_intent_extent, "
+                   "else 4M)")
     p.add_argument("--no-dbus", action="store_true",
                    help="do not offer user:mirror to targetcli on the D-Bus system bus")
     return p
@@ -496,12 +504,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be 0 or more")
     if args.stuck_after < 0:
         p.error("--stuck-after must be 0 or more")
+    wi_extent = d.write_intent_extent if d else WI_EXTENT
+    if args.write_intent_extent is not None:
+        ext = parse_size(args.write_intent_extent)
+        if ext is None or ext < 4096 or ext > 1 << 30 or ext & (ext - 1):
+            p.error("--write-intent-extent: expected a power of two from 4K to 1G (e.g. 4M), "
+                    f"got {args.write_intent_extent!r}")
+        wi_extent = ext
     daemon = Daemon(workers=args.workers, rescan_interval=args.rescan_interval,
                     state_dir=args.state_dir or (d.state_dir if d else DEFAULT_STATE_DIR),
                     control_socket=args.control_socket or (d.control_socket if d
                                                            else DEFAULT_SOCKET),
                     stuck_after=args.stuck_after, metrics_address=metrics_address,
-                    dbus=not args.no_dbus)
+                    dbus=not args.no_dbus, wi_extent=wi_extent)
     if config is not None:
         restore.apply_at_start(config, daemon.groups, args.state_dir)
 

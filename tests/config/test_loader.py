@@ -71,6 +71,9 @@ def test_good_file_loads(tmp_path: Path) -> None:
 def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
     cfg = loader.loads("daemon: {log_level: debug}\nimage_dirs: []\n", "x.yaml")
     assert cfg.mirrors == () and cfg.exports == () and cfg.daemon.log_level == "debug"
+    assert cfg.daemon.write_intent_extent == 4 << 20
+    cfg = loader.loads("daemon: {write_intent_extent: 64K}\nimage_dirs: []\n", "x.yaml")
+    assert cfg.daemon.write_intent_extent == 64 << 10
     assert cfg.daemon.state_dir == loader.default("daemon.state_dir")
 
 
@@ -180,6 +183,10 @@ BAD: list[tuple[str, Any, str, str]] = [
         chap_user="u", chap_password="short"), "exports[0].acls[0].chap_password",
      "12-255 printable"),
     ("bad log level", _set("daemon.log_level", "loud"), "daemon.log_level", "one of debug"),
+    ("write-intent extent not a power of two", _set("daemon.write_intent_extent", "3M"),
+     "daemon.write_intent_extent", "a power of two from 4K to 1G"),
+    ("write-intent extent too small", _set("daemon.write_intent_extent", "512"),
+     "daemon.write_intent_extent", "a power of two from 4K to 1G"),
     ("relative state dir", _set("daemon.state_dir", "var/lib"), "daemon.state_dir",
      "an absolute path"),
     ("duplicate mirror name", _dup_name, "mirrors[2].name",
