@@ -82,12 +82,16 @@ class MirrorIO:
     must be called exactly once when the command is done, whatever happened.
     """
 
-    __slots__ = ("_extent", "_granted", "_key", "_m", "_ticket", "a_done", "b_done", "both",
-                 "legs", "tag")
+    __slots__ = ("_extent", "_granted", "_key", "_m", "_premark", "_ticket", "a_done", "b_done",
+                 "both", "legs", "tag")
 
     def __init__(self, m: Mirror, tag: int, legs: int, extent: tuple[int, int] | None,
-                 ticket: int | None, key: int = 0, granted: bool = False) -> None:
+                 ticket: int | None, key: int = 0, granted: bool = False,
+                 premark: int = -1) -> None:
         self._m = m
+        self._premark = premark
+        """The bitmap generation admission marked this command's whole extent at (0: already
+        durable then), or -1 when admission did not mark it."""
         self.tag = tag
         self.legs = legs
         """The legs this command may write (LEG_A | LEG_B), decided at admission."""
@@ -154,6 +158,15 @@ class MirrorIO:
         already marked costs a bit test; concurrent first touches share one sync."""
         m = self._m
         bm = m.bitmap
+        pm = self._premark
+        if pm >= 0 and bm is not None:
+            # Marked at admission (the extent covers every byte this command writes), and
+            # its bits cannot be cleared while it is admitted (every clear skips busy
+            # regions): only durability may still be pending -- usually the batch commit
+            # already made it so, and this costs an integer compare.
+            if pm and bm._synced_gen < pm:
+                bm.sync(pm)
+            return
         if bm is not None and (m.write_intent or self.legs != BOTH):
             if self.legs == BOTH and m.st.state == State.MIRRORED:
                 offset, length = m._wi_span(offset, length)
@@ -499,6 +512,7 @@ class Mirror:
                 if legs != BOTH:
                     self._b_only += 1
         granted = False
+        premark = -1
         if extent is not None:
             ticket, granted = self.locks.take(extent[0], extent[1])
             bm = self.bitmap
@@ -512,7 +526,8 @@ class Mirror:
                     gen = bm.mark(extent[0], extent[1] - extent[0])
                 if gen > self._pending_mark:
                     self._pending_mark = gen
-        return MirrorIO(self, tag, legs, extent, ticket, key, granted)
+                premark = gen
+        return MirrorIO(self, tag, legs, extent, ticket, key, granted, premark)
 
     def _wi_span(self, offset: int, length: int) -> tuple[int, int]:
         """The write-intent extents around a mirrored write (see ``WI_EXTENT``)."""

@@ -148,7 +148,7 @@ class Image:
         """Write all of ``iov`` to the image at ``offset``."""
         if self.frozen:
             self._check_writable("write")
-        want = sum(len(v) for v in iov)
+        want = len(iov[0]) if len(iov) == 1 else sum(len(v) for v in iov)
         pending: Sequence[memoryview] = iov
         pos = offset
         while want > 0:
