@@ -26,8 +26,10 @@ _FUA = 0x08
 def decode_rw(cdb: bytes, iov: Sequence[memoryview], num_blocks: int, block_size: int,
               max_blocks: int) -> tuple[bool, int, int, bool] | None:
     """``(is_write, byte offset, byte length, fua)`` for a plain READ/WRITE, else None."""
-    op = cdb[0]
     n = len(cdb)
+    if not n:  # no opcode at all: the general path answers it
+        return None
+    op = cdb[0]
     if op in (_WRITE_10, _READ_10):
         if n != 10 or cdb[1] & ~_FLAGS_OK or cdb[6] or cdb[9]:
             return None

@@ -111,3 +111,12 @@ def test_write_protected_device_refuses_a_plain_write() -> None:
     res = dev.execute_plain(True, 0, iov, False, be)
     assert res.status == 0x02 and res.sense is not None and res.sense[2] & 0x0F == 0x07
     assert be.calls == []
+
+
+def test_an_empty_cdb_takes_the_general_path() -> None:
+    """Found by the fuzzer (tests/fuzz): an empty CDB made the decoder raise IndexError instead
+    of leaving the answer (INVALID COMMAND OPERATION CODE) to the general path."""
+    iov = [memoryview(bytearray(BS))]
+    assert decode_rw(b"", iov, NBLOCKS, BS, MAX_BLOCKS) is None
+    dev = ScsiDevice(MemoryBackend(NBLOCKS, BS), DeviceIdentity(serial="t"))
+    assert dev.execute(b"", iov).status == 0x02
