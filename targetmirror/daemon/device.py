@@ -17,7 +17,13 @@ from time import perf_counter_ns
 from typing import Protocol
 
 from targetmirror import __version__
-from targetmirror.config.cfgstring import SnapshotSpec, VolumeSpec, parse, parse_any
+from targetmirror.config.cfgstring import (
+    MirrorSpec,
+    SnapshotSpec,
+    VolumeSpec,
+    parse,
+    parse_any,
+)
 from targetmirror.daemon.metrics import OTHER, READ, WRITE, CommandStats
 from targetmirror.daemon.runner import Admit, DeviceRunner, Job, PlainJob
 from targetmirror.errors import MirrorError, TargetMirrorError
@@ -356,11 +362,15 @@ class _PlainJob:
 
 def serve(info: UioInfo, *, workers: int, store: StateStore | None,
           configfs_root: str = "/sys/kernel/config",
-          mirrors: Callable[[str], Mirror | None] = lambda name: None) -> ServedDevice:
+          mirrors: Callable[[str], Mirror | None] = lambda name: None,
+          guard: Callable[[MirrorSpec | SnapshotSpec], None] | None = None) -> ServedDevice:
     """Open the UIO device, build its mirror and start its ring loop.
 
     ``mirrors`` finds an already served mirror by name, for a volume-2 device (whose caller
-    must make sure the mirror is served first, see :func:`volume_of`).
+    must make sure the mirror is served first, see :func:`volume_of`).  ``guard`` sees the
+    parsed cfgstring before any image is opened and raises to refuse it (the daemon's image
+    confinement and "one image, one mirror" rule): the device is then answered NOT READY and
+    nothing is opened, created or written.
     """
     cfs = ConfigfsDevice.for_device(info, configfs_root)
     mirror: Mirror | None = None
@@ -372,6 +382,8 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     admit: Admit
     try:
         spec = parse_any(info.cfgstring)
+        if guard is not None and not isinstance(spec, VolumeSpec):
+            guard(spec)
         if isinstance(spec, VolumeSpec):
             mirror = mirrors(spec.mirror)
             if mirror is None:
