@@ -58,8 +58,11 @@ class Daemon:
                  configfs_root: str = "/sys/kernel/config",
                  stuck_after: float = DEFAULT_THRESHOLD,
                  metrics_address: str | None = None, dbus: bool = False,
-                 image_dirs: tuple[str, ...] | None = None) -> None:
+                 image_dirs: tuple[str, ...] | None = None,
+                 control_uids: tuple[int, ...] = ()) -> None:
         self.workers = workers
+        self.control_uids = (0, *(u for u in control_uids if u != 0))
+        """Peer uids the control socket answers: root, and only whom the admin added."""
         self.image_dirs = (None if image_dirs is None
                            else tuple(os.path.realpath(d) for d in image_dirs))
         """Directories every served image must resolve into (None: not confined)."""
@@ -428,7 +431,8 @@ class Daemon:
         self.rescan()
         control = None
         if self.control_socket:
-            control = ControlServer(self.control_socket, self.handlers())
+            control = ControlServer(self.control_socket, self.handlers(),
+                                    allowed_uids=self.control_uids)
             control.start()
         if self.watchdog is not None:
             self.watchdog.start()
@@ -517,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: the "
                    "file's daemon.metrics_address, else off)")
+    p.add_argument("--control-allow-uid", type=int, action="append", default=None,
+                   metavar="UID", help="also accept control connections from this user id "
+                   "(repeatable; default: root only; the socket stays mode 0600, so that user "
+                   "needs a way to it, e.g. an ACL)")
     p.add_argument("--image-dir", action="append", default=None, metavar="DIR",
                    help="serve only images that resolve into DIR (repeatable; default: the "
                    "file's image_dirs, else images are not confined)")
@@ -554,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            else DEFAULT_SOCKET),
                     stuck_after=args.stuck_after, metrics_address=metrics_address,
                     dbus=not args.no_dbus,
+                    control_uids=tuple(args.control_allow_uid or ()),
                     image_dirs=(tuple(args.image_dir) if args.image_dir
                                 else config.image_dirs if config is not None else None))
     if daemon.image_dirs is None:
