@@ -131,6 +131,17 @@ class Daemon:
         for key, path in (("a", spec.image_a), ("b", spec.image_b)):
             self._check_image(key, path)
 
+    def check_config(self, config: str) -> tuple[bool, str]:
+        """D-Bus CheckConfig (targetcli's ``create``): the cfgstring's syntax and images, and
+        this daemon's own refusals, so a backstore it would not serve is never made."""
+        from targetmirror.daemon.dbus_service import check_config
+
+        def guard(spec: MirrorSpec | SnapshotSpec) -> None:
+            with self._lock:
+                self._check_images(spec)
+
+        return check_config(config, guard)
+
     def attach(self, info: UioInfo) -> None:
         """Serve ``info`` unless it is served already."""
         with self._lock:
@@ -442,7 +453,7 @@ class Daemon:
         if self.dbus:
             from targetmirror.daemon.dbus_service import HandlerService
 
-            bus = HandlerService()
+            bus = HandlerService(check=self.check_config)
             if not bus.start():
                 bus = None
         log.info("targetmirrord %s serving %d device(s)", __version__, len(self.devices))

@@ -204,3 +204,18 @@ def test_without_image_dirs_only_the_one_image_one_mirror_rule_holds(rig: Rig) -
     assert rig.status("ev")["state"] == "mirrored"
     st = rig.status("dup")
     assert st["state"] == "not-ready" and "already used by ev" in st["reason"]
+
+
+def test_targetcli_create_is_refused_for_what_the_daemon_would_not_serve(rig: Rig) -> None:
+    """D-Bus CheckConfig (what targetcli asks before it creates a user:mirror backstore)
+    applies the same refusals, so the backstore is never made."""
+    rig.add("m1", f"a={rig.images}/m1-a.img;b={rig.images}/m1-b.img")
+    rig.daemon.rescan()
+    i = rig.images
+    assert rig.daemon.check_config(f"mirror/a={i}/m2-a.img;b={i}/m2-b.img") == (True, "ok")
+    for cfg, reason in ((f"mirror/a={i}/link.img;b={i}/m2-b.img", "outside the image dir"),
+                        (f"mirror/a={i}/../outside/evil.img;b={i}/m2-b.img", "normalised"),
+                        (f"mirror/a={i}/m2-a.img;b={i}/m1-a.img", "already used by m1"),
+                        (f"mirror/snapshot={rig.outside}/evil.img", "outside the image dir")):
+        ok, message = rig.daemon.check_config(cfg)
+        assert not ok and reason in message, (cfg, message)
