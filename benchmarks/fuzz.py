@@ -5,7 +5,7 @@ The targets and their invariants are in ``tests/fuzz/harness.py``; the committed
 process when it is done) for ``--seconds``, starting from the seeds; inputs it finds that
 reach new code go to a scratch directory (or ``--corpus-out``), never into the seeds.  Prints,
 per target: executions, executions per second, libFuzzer's edge coverage (``cov``) and
-features (``ft``), then the line coverage of the fuzzed modules when the final corpus is
+features (``ft``), then the share of the fuzzed modules' function lines run when the final corpus is
 replayed, and how the inputs ended (ring refused, bad entry, command status).  A crash (a
 broken invariant) leaves ``crash-*`` in the scratch directory, prints its traceback, and makes
 the exit status 1.
@@ -18,6 +18,7 @@ The test suite runs this for a few seconds per target (tests/fuzz/test_fuzz.py).
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import shutil
@@ -48,8 +49,9 @@ def worker(target: str, seconds: int, corpus: Path, artifacts: Path) -> None:
     atheris.Fuzz()
 
 
-def line_coverage(target: str, corpus: list[Path]) -> tuple[int, int, Counter[str]]:
-    """Replay *corpus* with a line tracer: (lines run, executable lines) in the fuzzed modules."""
+def line_coverage(target: str, corpus: list[Path]
+                  ) -> tuple[dict[str, tuple[int, int]], Counter[str]]:
+    """Replay *corpus* with a line tracer: (lines run, lines) of functions, per fuzzed module."""
     sys.path.insert(0, str(ROOT))
     from tests.fuzz import harness
 
@@ -62,7 +64,9 @@ def line_coverage(target: str, corpus: list[Path]) -> tuple[int, int, Counter[st
             stack = [code]
             while stack:
                 c = stack.pop()
-                executable.update((path, ln) for _, _, ln in c.co_lines() if ln)
+                # function bodies only: module and class bodies ran at import, not per input
+                if c.co_flags & inspect.CO_OPTIMIZED:
+                    executable.update((path, ln) for _, _, ln in c.co_lines() if ln)
                 stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
     files = {p for p, _ in executable}
     hit: set[tuple[str, int]] = set()
@@ -86,7 +90,11 @@ def line_coverage(target: str, corpus: list[Path]) -> tuple[int, int, Counter[st
             harness.TARGETS[target](p.read_bytes())
     finally:
         sys.settrace(None)
-    return len(hit & executable), len(executable), Counter(harness.OUTCOMES)
+    per_file: dict[str, tuple[int, int]] = {}
+    for path in sorted(files):
+        lines = {x for x in executable if x[0] == path}
+        per_file[os.path.relpath(path, ROOT)] = (len(lines & hit), len(lines))
+    return per_file, Counter(harness.OUTCOMES)
 
 
 def run(target: str, seconds: int, out: Path) -> bool:
@@ -113,9 +121,13 @@ def run(target: str, seconds: int, out: Path) -> bool:
         return False
     inputs = sorted(p for p in out.iterdir() if p.is_file())
     inputs += sorted((CORPUS / target).iterdir())
-    hit, total, outcomes = line_coverage(target, inputs)
-    print(f"{target}: replaying {len(inputs)} corpus inputs covers {hit}/{total} lines "
+    per_file, outcomes = line_coverage(target, inputs)
+    hit = sum(h for h, _ in per_file.values())
+    total = sum(n for _, n in per_file.values())
+    print(f"{target}: replaying {len(inputs)} corpus inputs runs {hit}/{total} function lines "
           f"({100 * hit / max(total, 1):.0f}%) of {', '.join(FUZZED)}")
+    print(f"{target}: per module " + ", ".join(
+        f"{Path(p).name} {100 * h / max(n, 1):.0f}%" for p, (h, n) in per_file.items() if n))
     print(f"{target}: outcomes {dict(sorted(outcomes.items()))}")
     return True
 
