@@ -32,11 +32,13 @@ from targetmirror.mirror.mirror import Mirror, MirrorIO
 from targetmirror.mirror.snapshot import SnapshotVolume, owning_split_mirror
 from targetmirror.mirror.state import StateStore
 from targetmirror.scsi import constants as C
-from targetmirror.scsi.cdb import ParsedCdb, ReadCdb
+from targetmirror.scsi.cdb import InquiryCdb, ParsedCdb, ReadCdb, parse_cdb
 from targetmirror.scsi.extent import classify
 from targetmirror.scsi.fastpath import decode_rw
 from targetmirror.scsi.handler import ScsiDevice, ScsiResult
 from targetmirror.scsi.identity import DeviceIdentity
+from targetmirror.scsi.inquiry import inquiry
+from targetmirror.scsi.iov import copy_out, iov_len
 from targetmirror.scsi.sense import SenseError, build_fixed_sense
 from targetmirror.store.image import Image
 from targetmirror.tcmu.ring import Ring
@@ -411,8 +413,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
         log.error("cannot serve %s: %s; answering NOT READY until it is fixed", info.dev_name,
                   reason, extra={"device": info.dev_name})
 
-        def admit(cdb: bytes, iov: list[memoryview], tag: int) -> Job:
-            return PlainJob(lambda: _NOT_READY)
+        admit = not_ready_admit(lambda: read_identity(info, cfs), cfs.hw_block_size)
 
     try:
         uio = UioDevice.open(info)
@@ -446,6 +447,37 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
         log.info("serving %s: read-only snapshot of %s (%s)", info.dev_name, snapshot.mirror,
                  snapshot.image.path, extra={"device": info.dev_name})
     return ServedDevice(info, uio, runner, mirror, reason, snapshot, volume, stats)
+
+
+def not_ready_admit(identity: Callable[[], DeviceIdentity],
+                    block_size: Callable[[], int]) -> Admit:
+    """Admission for a device we refuse to serve: NOT READY, MANUAL INTERVENTION REQUIRED.
+
+    INQUIRY is still answered (SPC-4: a logical unit that is not ready processes INQUIRY):
+    without it the initiator's SCSI scan drops the LUN and the admin never sees why; with it
+    the disk appears, and every other command says the unit needs attention.
+    """
+    def answer(cdb: bytes, iov: list[memoryview]) -> ScsiResult:
+        if cdb[:1] != bytes([C.Opcode.INQUIRY]):
+            return _NOT_READY
+        try:
+            _, parsed = parse_cdb(cdb)
+            if not isinstance(parsed, InquiryCdb):
+                return _NOT_READY
+            try:
+                bs = block_size()
+            except (TargetMirrorError, OSError):
+                bs = 512
+            data = inquiry(parsed, identity(), bs)[: parsed.alloc_len]
+        except SenseError as exc:
+            return ScsiResult(C.Status.CHECK_CONDITION, exc.sense())
+        filled = copy_out(data, iov)
+        return ScsiResult(C.Status.GOOD, read_len=None if filled == iov_len(iov) else filled)
+
+    def admit(cdb: bytes, iov: list[memoryview], tag: int) -> Job:
+        return PlainJob(lambda: answer(cdb, iov))
+
+    return admit
 
 
 def volume_of(info: UioInfo) -> str | None:

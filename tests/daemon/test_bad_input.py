@@ -173,6 +173,14 @@ def test_bad_backstore_is_refused_and_changes_nothing(rig: Rig, case: str) -> No
     assert status == 0x02 and sense is not None
     info = parse_fixed_sense(sense)
     assert (info.key, info.asc, info.ascq) == (0x2, 0x04, 0x03)
+    # INQUIRY is still answered, so the initiator's scan keeps the LUN and the admin sees it
+    uio = rig.uios["bad"]
+    cmd_id = uio.queue(bytes([0x12, 0, 0, 0, 96, 0]), data_in_len=96)
+    inq = uio.wait_for([cmd_id])[cmd_id]
+    assert inq.status == 0 and inq.data_in[8:16].strip() != b"" and inq.data_in[0] == 0
+    cmd_id = uio.queue(bytes([0x12, 0, 0x83, 0, 96, 0]), data_in_len=96)  # page, no EVPD
+    bad_inq = uio.wait_for([cmd_id])[cmd_id]
+    assert bad_inq.status == 0x02 and parse_fixed_sense(bad_inq.sense).key == 0x5
     assert rig.files() == before  # no image, no state file, nothing of m1 changed
     # the good mirror next to it still serves, on both legs
     assert rig.write10("m1", 1)[0] == 0
