@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 bash dev/bootstrap.sh
 VENV=${TARGETMIRROR_VENV:-.venv}
 "$VENV/bin/ruff" check targetmirror tests lab
+# security lint; the skip list and its reasons are in pyproject.toml [tool.bandit]
+"$VENV/bin/bandit" -q -c pyproject.toml -r targetmirror lab
 "$VENV/bin/mypy" targetmirror/tcmu targetmirror/scsi targetmirror/store targetmirror/mirror \
     targetmirror/config targetmirror/daemon targetmirror/lio targetmirror/shell \
     targetmirror/client.py

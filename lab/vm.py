@@ -54,7 +54,7 @@ GUEST_ENV: dict[str, str] = {
     "HOME": "/root",
     "TERM": "dumb",
     # Hypothesis' default database (.hypothesis in the cwd) is on the read-only share.
-    "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",
+    "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",  # nosec B108
 }
 
 DEFAULT_MEMORY = "3G"

@@ -208,3 +208,32 @@ def check_images(spec: MirrorSpec, size: int | None = None) -> None:
             raise ConfigError(f"image {key} {path}: has {st.st_size} bytes, the LUN needs {size}")
     if ids[0] == ids[1]:
         raise ConfigError(f"images a and b are the same file: {spec.image_a}, {spec.image_b}")
+
+
+def image_identity(path: str) -> tuple[object, ...] | None:
+    """What makes two paths the same image: (device, inode) of a file, the device number of a
+    block device; None when the path cannot be stat'ed (it cannot be served either)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISBLK(st.st_mode):
+        return ("blk", st.st_rdev)
+    return (st.st_dev, st.st_ino)
+
+
+def check_confined(key: str, path: str, image_dirs: tuple[str, ...]) -> str:
+    """Return *path* resolved (symlinks, ``..``) if it lies inside one of *image_dirs*.
+
+    The daemon applies this to every cfgstring it serves — also to backstores made by hand with
+    targetcli, which never went through the configuration loader — so a LUN cannot be pointed
+    at a file outside the directories the admin set aside for images.  *image_dirs* must be
+    resolved already.  Raises :class:`ConfigError` naming the key, the path and what it
+    resolves to.
+    """
+    real = os.path.realpath(path)
+    if not any(os.path.commonpath([real, d]) == d for d in image_dirs):
+        via = "" if real == os.path.normpath(path) else f" (it resolves to {real})"
+        raise ConfigError(f"image {key} {path}{via} is outside the image directories "
+                          f"({', '.join(image_dirs) or 'none'})")
+    return real

@@ -8,6 +8,16 @@ Only root may talk to it: the socket lives in a 0700 directory, is itself 0600, 
 connection's peer credentials (SO_PEERCRED) are checked, so a permission slip on the directory
 is not enough to control mirrors.  Requests are bounded in size; anything that is not a valid
 request gets a ``protocol`` error and changes nothing.
+
+A client cannot tie the daemon up either: at most :data:`MAX_CONNECTIONS` connections are
+served at once (one more is answered ``busy`` and closed), and a connection that sends part of
+a request and then nothing for :data:`IDLE_TIMEOUT` seconds is closed without running it (an
+operation that takes long, such as ``rejoin --wait``, is not idle: the timeout only covers
+waiting for a request).  A handler that fails in a way it did not foresee answers ``internal``
+and logs the traceback, instead of leaving the client without a reply.
+
+Error codes are the ``.code`` of :mod:`targetmirror.errors` plus ``protocol``, ``permission``,
+``busy`` and ``internal``.
 """
 
 from __future__ import annotations
@@ -28,6 +38,10 @@ log = logging.getLogger("targetmirror.control")
 
 VERSION = 1
 MAX_REQUEST = 64 * 1024
+MAX_CONNECTIONS = 32
+"""Connections served at once; the CLI opens one per command."""
+IDLE_TIMEOUT = 30.0
+"""Seconds a connection may wait between bytes of an unfinished request."""
 DEFAULT_SOCKET = "/run/targetmirror/control.sock"
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -65,14 +79,22 @@ def handle_line(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]:
         return _error(exc.code, str(exc))
     except (TypeError, ValueError, KeyError) as exc:
         return _error("protocol", f"bad arguments for {op}: {exc}")
+    except Exception as exc:  # a bug, but the client still deserves an answer
+        log.exception("control operation %s failed", op)
+        return _error("internal", f"{op} failed unexpectedly ({type(exc).__name__}: {exc}); "
+                                  "see the daemon's log")
 
 
 class ControlServer:
     """Serve :func:`handle_line` on a Unix socket, one thread per connection."""
 
     def __init__(self, path: str, handlers: dict[str, Handler], *,
-                 allowed_uids: tuple[int, ...] = (0,)) -> None:
+                 allowed_uids: tuple[int, ...] = (0,), max_connections: int = MAX_CONNECTIONS,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.path = path
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
         self.handlers = handlers
         self.allowed_uids = allowed_uids
         directory = os.path.dirname(path) or "."
@@ -109,7 +131,20 @@ class ControlServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            if not self._slots.acquire(blocking=False):
+                log.warning("refused a control connection: %d already open",
+                            self.max_connections)
+                with conn:
+                    conn.settimeout(1.0)
+                    self._send(conn, _error("busy", "too many control connections; try again"))
+                continue
+            threading.Thread(target=self._serve_slot, args=(conn,), daemon=True).start()
+
+    def _serve_slot(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        finally:
+            self._slots.release()
 
     def _peer_uid(self, conn: socket.socket) -> int:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -125,9 +160,20 @@ class ControlServer:
                 return
             buf = b""
             while True:
+                conn.settimeout(self.idle_timeout)
                 try:
                     chunk = conn.recv(65536)
+                except TimeoutError:
+                    if buf:
+                        log.warning("closed a control connection: %d bytes of a request, "
+                                    "then nothing for %.0f s", len(buf), self.idle_timeout)
+                        self._send(conn, _error("protocol", "request not finished (no "
+                                                            "newline) in time"))
+                    return
                 except OSError:
+                    return
+                conn.settimeout(None)  # a handler may take long; sending its reply must not
+                if not chunk:
                     return
                 if not chunk:
                     return

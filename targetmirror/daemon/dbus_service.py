@@ -29,7 +29,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from targetmirror.config.cfgstring import SUBTYPE, MirrorSpec, check_images, parse_any
+from targetmirror.config.cfgstring import (
+    SUBTYPE,
+    MirrorSpec,
+    SnapshotSpec,
+    check_images,
+    parse_any,
+)
 from targetmirror.errors import TargetMirrorError
 
 log = logging.getLogger("targetmirror.dbus")
@@ -55,8 +61,14 @@ _REQUEST_NAME_PRIMARY = 1
 _DO_NOT_QUEUE = 4
 
 
-def check_config(config: str) -> tuple[bool, str]:
-    """CheckConfig: ``mirror/<cfgstring>`` (or a bare cfgstring) -> (valid, reason)."""
+def check_config(config: str,
+                 guard: Callable[[MirrorSpec | SnapshotSpec], None] | None = None
+                 ) -> tuple[bool, str]:
+    """CheckConfig: ``mirror/<cfgstring>`` (or a bare cfgstring) -> (valid, reason).
+
+    ``guard`` is the serving daemon's own check (image confinement, one image per mirror), so
+    that targetcli refuses a backstore the daemon would refuse to serve.
+    """
     head, sep, rest = config.partition("/")
     cfg = config
     if sep and "=" not in head:  # a subtype prefix (paths inside the cfgstring follow a '=')
@@ -67,6 +79,8 @@ def check_config(config: str) -> tuple[bool, str]:
         spec = parse_any(cfg)
         if isinstance(spec, MirrorSpec):
             check_images(spec, None)
+        if guard is not None and isinstance(spec, MirrorSpec | SnapshotSpec):
+            guard(spec)
     except TargetMirrorError as exc:
         return False, str(exc)
     return True, "ok"

@@ -17,7 +17,13 @@ from time import perf_counter_ns
 from typing import Protocol
 
 from targetmirror import __version__
-from targetmirror.config.cfgstring import SnapshotSpec, VolumeSpec, parse, parse_any
+from targetmirror.config.cfgstring import (
+    MirrorSpec,
+    SnapshotSpec,
+    VolumeSpec,
+    parse,
+    parse_any,
+)
 from targetmirror.daemon.metrics import OTHER, READ, WRITE, CommandStats
 from targetmirror.daemon.runner import Admit, DeviceRunner, Job, PlainJob
 from targetmirror.errors import MirrorError, TargetMirrorError
@@ -26,11 +32,13 @@ from targetmirror.mirror.mirror import WI_EXTENT, Mirror, MirrorIO
 from targetmirror.mirror.snapshot import SnapshotVolume, owning_split_mirror
 from targetmirror.mirror.state import StateStore
 from targetmirror.scsi import constants as C
-from targetmirror.scsi.cdb import ParsedCdb, ReadCdb
+from targetmirror.scsi.cdb import InquiryCdb, ParsedCdb, ReadCdb, parse_cdb
 from targetmirror.scsi.extent import classify
 from targetmirror.scsi.fastpath import decode_rw
 from targetmirror.scsi.handler import ScsiDevice, ScsiResult
 from targetmirror.scsi.identity import DeviceIdentity
+from targetmirror.scsi.inquiry import inquiry
+from targetmirror.scsi.iov import copy_out, iov_len
 from targetmirror.scsi.sense import SenseError, build_fixed_sense
 from targetmirror.store.image import Image
 from targetmirror.tcmu.ring import Ring
@@ -358,11 +366,15 @@ class _PlainJob:
 def serve(info: UioInfo, *, workers: int, store: StateStore | None,
           configfs_root: str = "/sys/kernel/config",
           mirrors: Callable[[str], Mirror | None] = lambda name: None,
-          wi_extent: int = WI_EXTENT) -> ServedDevice:
+          wi_extent: int = WI_EXTENT,
+          guard: Callable[[MirrorSpec | SnapshotSpec], None] | None = None) -> ServedDevice:
     """Open the UIO device, build its mirror and start its ring loop.
 
     ``mirrors`` finds an already served mirror by name, for a volume-2 device (whose caller
-    must make sure the mirror is served first, see :func:`volume_of`).
+    must make sure the mirror is served first, see :func:`volume_of`).  ``guard`` sees the
+    parsed cfgstring before any image is opened and raises to refuse it (the daemon's image
+    confinement and "one image, one mirror" rule): the device is then answered NOT READY and
+    nothing is opened, created or written.
     """
     cfs = ConfigfsDevice.for_device(info, configfs_root)
     mirror: Mirror | None = None
@@ -374,6 +386,8 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     admit: Admit
     try:
         spec = parse_any(info.cfgstring)
+        if guard is not None and not isinstance(spec, VolumeSpec):
+            guard(spec)
         if isinstance(spec, VolumeSpec):
             mirror = mirrors(spec.mirror)
             if mirror is None:
@@ -401,8 +415,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
         log.error("cannot serve %s: %s; answering NOT READY until it is fixed", info.dev_name,
                   reason, extra={"device": info.dev_name})
 
-        def admit(cdb: bytes, iov: list[memoryview], tag: int) -> Job:
-            return PlainJob(lambda: _NOT_READY)
+        admit = not_ready_admit(lambda: read_identity(info, cfs), cfs.hw_block_size)
 
     try:
         uio = UioDevice.open(info)
@@ -436,6 +449,37 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
         log.info("serving %s: read-only snapshot of %s (%s)", info.dev_name, snapshot.mirror,
                  snapshot.image.path, extra={"device": info.dev_name})
     return ServedDevice(info, uio, runner, mirror, reason, snapshot, volume, stats)
+
+
+def not_ready_admit(identity: Callable[[], DeviceIdentity],
+                    block_size: Callable[[], int]) -> Admit:
+    """Admission for a device we refuse to serve: NOT READY, MANUAL INTERVENTION REQUIRED.
+
+    INQUIRY is still answered (SPC-4: a logical unit that is not ready processes INQUIRY):
+    without it the initiator's SCSI scan drops the LUN and the admin never sees why; with it
+    the disk appears, and every other command says the unit needs attention.
+    """
+    def answer(cdb: bytes, iov: list[memoryview]) -> ScsiResult:
+        if cdb[:1] != bytes([C.Opcode.INQUIRY]):
+            return _NOT_READY
+        try:
+            _, parsed = parse_cdb(cdb)
+            if not isinstance(parsed, InquiryCdb):
+                return _NOT_READY
+            try:
+                bs = block_size()
+            except (TargetMirrorError, OSError):
+                bs = 512
+            data = inquiry(parsed, identity(), bs)[: parsed.alloc_len]
+        except SenseError as exc:
+            return ScsiResult(C.Status.CHECK_CONDITION, exc.sense())
+        filled = copy_out(data, iov)
+        return ScsiResult(C.Status.GOOD, read_len=None if filled == iov_len(iov) else filled)
+
+    def admit(cdb: bytes, iov: list[memoryview], tag: int) -> Job:
+        return PlainJob(lambda: answer(cdb, iov))
+
+    return admit
 
 
 def volume_of(info: UioInfo) -> str | None:

@@ -24,6 +24,12 @@ from types import FrameType
 from typing import Any
 
 from targetmirror import __version__
+from targetmirror.config.cfgstring import (
+    MirrorSpec,
+    SnapshotSpec,
+    check_confined,
+    image_identity,
+)
 from targetmirror.config.loader import parse_size
 from targetmirror.daemon import logs, sdnotify
 from targetmirror.daemon.control import DEFAULT_SOCKET, ControlServer, Handler
@@ -32,7 +38,7 @@ from targetmirror.daemon.groups import GroupStore
 from targetmirror.daemon.runner import DeviceRunner
 from targetmirror.daemon.split import split as split_mirrors
 from targetmirror.daemon.watchdog import DEFAULT_THRESHOLD, Watchdog
-from targetmirror.errors import DeviceError, MirrorError, TargetMirrorError
+from targetmirror.errors import ConfigError, DeviceError, MirrorError, TargetMirrorError
 from targetmirror.mirror.mirror import WI_EXTENT, Mirror
 from targetmirror.mirror.state import StateStore
 from targetmirror.tcmu import layout as L
@@ -53,9 +59,16 @@ class Daemon:
                  configfs_root: str = "/sys/kernel/config",
                  stuck_after: float = DEFAULT_THRESHOLD,
                  metrics_address: str | None = None, dbus: bool = False,
+                 image_dirs: tuple[str, ...] | None = None,
+                 control_uids: tuple[int, ...] = (),
                  wi_extent: int = WI_EXTENT) -> None:
         self.workers = workers
         self.wi_extent = wi_extent
+        self.control_uids = (0, *(u for u in control_uids if u != 0))
+        """Peer uids the control socket answers: root, and only whom the admin added."""
+        self.image_dirs = (None if image_dirs is None
+                           else tuple(os.path.realpath(d) for d in image_dirs))
+        """Directories every served image must resolve into (None: not confined)."""
         self.dbus = dbus
         self.metrics_address = metrics_address
         self.store = StateStore(os.path.join(state_dir, "mirrors"))
@@ -86,6 +99,52 @@ class Daemon:
                 return dev.mirror
         return None
 
+    def _served_images(self) -> dict[tuple[object, ...], str]:
+        """Identity of every image a served device uses -> that device (``_lock`` held)."""
+        out: dict[tuple[object, ...], str] = {}
+        for dev in self.devices.values():
+            paths = []
+            if dev.mirror is not None and dev.volume == 1:
+                paths = [dev.mirror.a.path, dev.mirror.b.path]
+            elif dev.snapshot is not None:
+                paths = [dev.snapshot.image.path]
+            for p in paths:
+                ident = image_identity(p)
+                if ident is not None:
+                    out[ident] = dev.info.dev_name
+        return out
+
+    def _check_image(self, key: str, path: str, exclude: str | None = None) -> None:
+        """Refuse an image outside the image directories or used by another served device."""
+        if self.image_dirs is not None:
+            check_confined(key, path, self.image_dirs)
+        owner = self._served_images().get(image_identity(path) or ("missing", path))
+        if owner is not None and owner != exclude:
+            raise ConfigError(f"image {key} {path} is already used by {owner}; one image "
+                              "belongs to one mirror")
+
+    def _check_images(self, spec: MirrorSpec | SnapshotSpec) -> None:
+        """``serve``'s guard (``_lock`` held): confinement for every image; a mirror's legs
+        must not be images another device serves (a snapshot LUN reads a split mirror's A
+        on purpose)."""
+        if isinstance(spec, SnapshotSpec):
+            if self.image_dirs is not None:
+                check_confined("snapshot", spec.image, self.image_dirs)
+            return
+        for key, path in (("a", spec.image_a), ("b", spec.image_b)):
+            self._check_image(key, path)
+
+    def check_config(self, config: str) -> tuple[bool, str]:
+        """D-Bus CheckConfig (targetcli's ``create``): the cfgstring's syntax and images, and
+        this daemon's own refusals, so a backstore it would not serve is never made."""
+        from targetmirror.daemon.dbus_service import check_config
+
+        def guard(spec: MirrorSpec | SnapshotSpec) -> None:
+            with self._lock:
+                self._check_images(spec)
+
+        return check_config(config, guard)
+
     def attach(self, info: UioInfo) -> None:
         """Serve ``info`` unless it is served already."""
         with self._lock:
@@ -100,7 +159,7 @@ class Daemon:
             try:
                 dev = serve(info, workers=self.workers, store=self.store,
                             configfs_root=self.configfs_root, mirrors=self._served_mirror,
-                            wi_extent=self.wi_extent)
+                            guard=self._check_images, wi_extent=self.wi_extent)
                 self.devices[info.name] = dev
                 if dev.mirror is not None and dev.volume == 1:
                     dev.mirror.resume()
@@ -316,6 +375,9 @@ class Daemon:
         replace = req.get("replace")
         if replace is not None and not os.path.isabs(str(replace)):
             raise MirrorError(f"--replace {replace}: expected an absolute path")
+        if replace is not None:
+            with self._lock:
+                self._check_image("replacing a leg", str(replace))
         m.repair(leg=None if leg is None else str(leg),
                  replace=None if replace is None else str(replace),
                  rate=None if rate is None else float(rate))
@@ -383,7 +445,8 @@ class Daemon:
         self.rescan()
         control = None
         if self.control_socket:
-            control = ControlServer(self.control_socket, self.handlers())
+            control = ControlServer(self.control_socket, self.handlers(),
+                                    allowed_uids=self.control_uids)
             control.start()
         if self.watchdog is not None:
             self.watchdog.start()
@@ -393,7 +456,7 @@ class Daemon:
         if self.dbus:
             from targetmirror.daemon.dbus_service import HandlerService
 
-            bus = HandlerService()
+            bus = HandlerService(check=self.check_config)
             if not bus.start():
                 bus = None
         log.info("targetmirrord %s serving %d device(s)", __version__, len(self.devices))
@@ -476,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="while mirrored, a write marks this much around it in the bitmap "
                    "(a power of two, 4K-1G; default: the file's daemon.write_intent_extent, "
                    "else 4M)")
+    p.add_argument("--control-allow-uid", type=int, action="append", default=None,
+                   metavar="UID", help="also accept control connections from this user id "
+                   "(repeatable; default: root only; the socket stays mode 0600, so that user "
+                   "needs a way to it, e.g. an ACL)")
+    p.add_argument("--image-dir", action="append", default=None, metavar="DIR",
+                   help="serve only images that resolve into DIR (repeatable; default: the "
+                   "file's image_dirs, else images are not confined)")
     p.add_argument("--no-dbus", action="store_true",
                    help="do not offer user:mirror to targetcli on the D-Bus system bus")
     return p
@@ -516,7 +586,13 @@ def main(argv: list[str] | None = None) -> int:
                     control_socket=args.control_socket or (d.control_socket if d
                                                            else DEFAULT_SOCKET),
                     stuck_after=args.stuck_after, metrics_address=metrics_address,
-                    dbus=not args.no_dbus, wi_extent=wi_extent)
+                    dbus=not args.no_dbus, wi_extent=wi_extent,
+                    control_uids=tuple(args.control_allow_uid or ()),
+                    image_dirs=(tuple(args.image_dir) if args.image_dir
+                                else config.image_dirs if config is not None else None))
+    if daemon.image_dirs is None:
+        log.warning("images are not confined: give --image-dir or a configuration file with "
+                    "image_dirs (see docs/security.md)")
     if config is not None:
         restore.apply_at_start(config, daemon.groups, args.state_dir)
 

@@ -267,7 +267,8 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"--metrics-address {text!r}: expected HOST:PORT, e.g. "
                           "127.0.0.1:9745 or [::1]:9745")
-    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":PORT" asks for every address
+    # ":PORT" asks for every address
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104  # nosec B104
     return host, int(port)
 
 

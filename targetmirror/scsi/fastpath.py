@@ -6,7 +6,8 @@ reserved-bit checks against the usage table, dispatch by pattern matching, range
 checks) costs tens of Python operations per command, which under the lab's emulated CPU is most
 of a 4 KiB command's cost.  :func:`decode_rw` recognises the *plain* case — only the DPO and FUA
 flag bits set, group number and CONTROL zero, a non-zero transfer inside the capacity and the
-transfer limit, a data buffer of exactly the transfer's size — and returns what to do.
+transfer limit, a data buffer of exactly the transfer's size with no empty segment — and returns
+what to do.
 
 Anything else returns ``None`` and takes the general path, which answers it (an error included)
 exactly as before; the fast path never answers a command the general path would refuse, and it
@@ -26,8 +27,10 @@ _FUA = 0x08
 def decode_rw(cdb: bytes, iov: Sequence[memoryview], num_blocks: int, block_size: int,
               max_blocks: int) -> tuple[bool, int, int, bool] | None:
     """``(is_write, byte offset, byte length, fua)`` for a plain READ/WRITE, else None."""
-    op = cdb[0]
     n = len(cdb)
+    if not n:  # no opcode at all: the general path answers it
+        return None
+    op = cdb[0]
     if op in (_WRITE_10, _READ_10):
         if n != 10 or cdb[1] & ~_FLAGS_OK or cdb[6] or cdb[9]:
             return None
@@ -46,6 +49,15 @@ def decode_rw(cdb: bytes, iov: Sequence[memoryview], num_blocks: int, block_size
     if len(iov) == 1:
         if len(iov[0]) != length:
             return None
-    elif sum(len(v) for v in iov) != length:
-        return None
+    else:
+        # An empty segment goes the general way too, whose slice_iov drops it: the backend
+        # contract is that it never sees a zero-length iovec.
+        total = 0
+        for v in iov:
+            n = len(v)
+            if not n:
+                return None
+            total += n
+        if total != length:
+            return None
     return op & 0x02 == 0x02, lba * block_size, length, bool(cdb[1] & _FUA)

@@ -126,7 +126,8 @@ class RootNode(Node):
     """The daemon."""
 
     def __init__(self, shell: Any, client: Client) -> None:
-        super().__init__("/", shell=shell)
+        # shell= is configshell's console object, not a command shell
+        super().__init__("/", shell=shell)  # nosec B604
         self.client_ = client
         self.snapshot: dict[str, Any] = {}
         self.error: str | None = None

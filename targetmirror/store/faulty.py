@@ -62,7 +62,8 @@ class FaultPlan:
 
     def __init__(self, faults: Sequence[Fault] = (), seed: int = 0) -> None:
         self.faults = list(faults)
-        self.rng = random.Random(seed)  # noqa: S311 -- reproducible faults, not secrets
+        # reproducible faults, not secrets
+        self.rng = random.Random(seed)  # noqa: S311  # nosec B311
         self.calls = dict.fromkeys(OPS, 0)
         self.vanished = False
         self.injected: list[tuple[str, str, int]] = []

@@ -523,6 +523,8 @@ class Ring:
             mv.release()
 
     def _release_views(self) -> None:
+        if not self._pending:  # a view exists only for a fetched, unanswered command
+            return
         views_by_id = self._views
         inflight = self._inflight
         for cmd_id in range(_MAX_CMD_IDS):

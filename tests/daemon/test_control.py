@@ -6,10 +6,11 @@ import json
 import os
 import socket
 import stat
+import time
 
 import pytest
 
-from targetmirror.daemon.control import ControlServer, call, handle_line
+from targetmirror.daemon.control import MAX_REQUEST, ControlServer, call, handle_line
 from targetmirror.errors import MirrorError, TargetMirrorError
 
 
@@ -95,3 +96,102 @@ def test_other_uids_are_refused(tmp_path):
 def test_unreachable_daemon_is_named(tmp_path):
     with pytest.raises(TargetMirrorError, match="is it running"):
         call(str(tmp_path / "nope.sock"), "ping")
+
+
+def _server(tmp_path, **kw):
+    table, calls = handlers()
+    server = ControlServer(str(tmp_path / "control.sock"), table, **kw)
+    server.start()
+    return server, calls
+
+
+def _raw(path: str, payload: bytes, *, shut: bool = True) -> bytes:
+    """Send raw bytes, optionally half-close, and read until the daemon closes or answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(payload)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        while b"\n" not in out:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def test_garbage_on_the_socket_is_answered_and_runs_nothing(tmp_path):
+    server, calls = _server(tmp_path)
+    try:
+        for junk in (b"\x00\xff\xfe garbage\n", b"{" * 5000 + b"\n", b'{"v": 1, "op": 7}\n',
+                     b'{"v": 1, "op": "split"}\n'):
+            resp = json.loads(_raw(server.path, junk))
+            assert resp["ok"] is False and resp["error"]["code"] == "protocol", resp
+        assert calls == [{"v": 1, "op": "split"}]  # reached, lacked its names: refused
+        assert call(server.path, "ping") == {"pong": True}
+    finally:
+        server.close()
+
+
+def test_huge_request_is_refused_unrun_and_the_connection_closed(tmp_path):
+    server, calls = _server(tmp_path)
+    try:
+        big = b'{"v": 1, "op": "split", "names": ["' + b"x" * (2 * MAX_REQUEST) + b'"]}\n'
+        resp = json.loads(_raw(server.path, big, shut=False))
+        assert resp["error"]["code"] == "protocol" and "larger than" in resp["error"]["message"]
+        assert calls == []
+    finally:
+        server.close()
+
+
+def test_truncated_request_is_never_run(tmp_path):
+    server, calls = _server(tmp_path, idle_timeout=0.5)
+    try:
+        # the client closes half-way through its request: nothing runs, nothing answers
+        assert _raw(server.path, b'{"v": 1, "op": "split", "names": ["m1"]') == b""
+        # the client stalls half-way: the daemon gives up on it (answering why)
+        resp = json.loads(_raw(server.path, b'{"v": 1, "op": "split"', shut=False))
+        assert resp["error"]["code"] == "protocol" and "not finished" in resp["error"]["message"]
+        assert calls == []
+    finally:
+        server.close()
+
+
+def test_many_connections_are_bounded_and_the_daemon_stays_usable(tmp_path):
+    server, calls = _server(tmp_path, max_connections=4)
+    idle = []
+    try:
+        for _ in range(4):  # hold every slot with a connection that says nothing
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(server.path)
+            s.sendall(b'{"v": 1')
+            idle.append(s)
+        # the fifth is told so and closed, without its request being run
+        with pytest.raises(TargetMirrorError) as err:
+            call(server.path, "split", names=["m1"])
+        assert err.value.code == "busy"
+        assert calls == []
+        for s in idle:
+            s.close()
+        # slots come back when clients go away
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert call(server.path, "ping") == {"pong": True}
+                break
+            except TargetMirrorError as exc:
+                assert exc.code == "busy" and time.monotonic() < deadline
+    finally:
+        for s in idle:
+            s.close()
+        server.close()
+
+
+def test_an_unforeseen_handler_failure_is_answered_internal(tmp_path):
+    def broken(req):
+        raise AttributeError("'int' object has no attribute 'lower'")
+
+    resp = handle_line(b'{"v": 1, "op": "x"}', {"x": broken})
+    assert resp["ok"] is False and resp["error"]["code"] == "internal"

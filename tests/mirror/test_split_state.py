@@ -139,6 +139,40 @@ def test_split_twice_is_refused(rig):
     assert _state_doc(store) == before and m.epoch == 1 and m.split_complete.is_set()
 
 
+def _files(store: StateStore, *paths: str) -> dict[str, bytes]:
+    out = {}
+    for p in [*paths, *(os.path.join(store.directory, n) for n in os.listdir(store.directory))]:
+        with open(p, "rb") as f:
+            out[p] = f.read()
+    return out
+
+
+def test_rejoin_or_split_during_a_split_drain_is_refused_and_changes_nothing(rig):
+    """While a pre-split write is still draining (SPLITTING), a rejoin and a second split are
+    refused with the mirror's stable error code, and neither the state file, the bitmap nor
+    an image changes; the drain then completes as if nothing had been asked."""
+    new, store, pa, pb = rig
+    m = new()
+    pre = m.admit(m.epoch, (0, 2 * BS))
+    m.prepare_split(["m"])
+    m.begin_split()
+    m.boundary_passed()
+    assert m.state == State.SPLITTING and not m.split_complete.is_set()
+    before = _files(store, pa, pb)
+    for attempt in (lambda: m.rejoin(), lambda: m.rejoin(full=True), m.check_can_split,
+                    lambda: m.prepare_split(["m"])):
+        with pytest.raises(MirrorError) as err:
+            attempt()
+        assert err.value.code == "mirror"
+        assert _files(store, pa, pb) == before
+        assert m.state == State.SPLITTING and m.epoch == 1
+    pre.write(0, [memoryview(b"D" * 2 * BS)], False)
+    pre.finish()
+    assert m.split_complete.wait(10)
+    assert _read(pa, 0, 2) == _read(pb, 0, 2) == b"D" * 2 * BS
+    assert _state_doc(store)["state"] == "split"
+
+
 def test_completed_split_survives_a_restart(rig):
     new, store, pa, pb = rig
     m = new()

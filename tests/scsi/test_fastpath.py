@@ -111,3 +111,26 @@ def test_write_protected_device_refuses_a_plain_write() -> None:
     res = dev.execute_plain(True, 0, iov, False, be)
     assert res.status == 0x02 and res.sense is not None and res.sense[2] & 0x0F == 0x07
     assert be.calls == []
+
+
+def test_an_empty_cdb_takes_the_general_path() -> None:
+    """Found by the fuzzer (tests/fuzz): an empty CDB made the decoder raise IndexError instead
+    of leaving the answer (INVALID COMMAND OPERATION CODE) to the general path."""
+    iov = [memoryview(bytearray(BS))]
+    assert decode_rw(b"", iov, NBLOCKS, BS, MAX_BLOCKS) is None
+    dev = ScsiDevice(MemoryBackend(NBLOCKS, BS), DeviceIdentity(serial="t"))
+    assert dev.execute(b"", iov).status == 0x02
+
+
+def test_an_empty_segment_takes_the_general_path() -> None:
+    """Found by the fuzzer: a buffer of the right total size with an empty segment was accepted,
+    and the backend got a zero-length iovec, which its contract excludes (the general path's
+    slice_iov drops empty segments)."""
+    cdb = _cdb(0x2A, 0, 3, 1, 0, 0)
+    data = bytearray(b"\x5a" * BS)
+    iov = [memoryview(bytearray()), memoryview(data)]
+    assert decode_rw(cdb, iov, NBLOCKS, BS, MAX_BLOCKS) is None
+    backend = MemoryBackend(NBLOCKS, BS)  # asserts every iovec it gets is non-empty
+    dev = ScsiDevice(backend, DeviceIdentity(serial="t"))
+    assert dev.execute(cdb, iov).status == 0x00
+    assert backend.block(3) == bytes(data)
