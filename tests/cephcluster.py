@@ -85,7 +85,7 @@ class CephCluster:
             "osd pool default pg autoscale mode = off",
             "osd crush chooseleaf type = 0",
             f"run dir = {d}/run",
-            f"admin socket = {d}/run/$cluster-$name.$pid.asok",
+            f"admin socket = {d}/run/$cluster-$name.$pid.$cctid.asok",
             f"pid file = {d}/run/$cluster-$name.pid",
             f"log file = {d}/log/$cluster-$name.log",
             f"mon data = {d}/mon/$cluster-$id",

@@ -289,6 +289,21 @@ class RbdImage(Image):
         self._snap_call("list snapshots", collect)
         return sorted(out, key=lambda s: int(s["id"]))
 
+    def metadata(self) -> dict[str, str]:
+        """The image's key/value metadata (RBD image-meta), kept in the cluster."""
+        out: dict[str, str] = {}
+
+        def collect() -> None:
+            out.update(dict(self._image.metadata_list()))
+        self._snap_call("list metadata", collect)
+        return out
+
+    def set_metadata(self, key: str, value: str) -> None:
+        self._snap_call("set metadata", lambda: self._image.metadata_set(key, value))
+
+    def remove_metadata(self, key: str) -> None:
+        self._snap_call("remove metadata", lambda: self._image.metadata_remove(key))
+
     def _snap_call(self, what: str, fn: Callable[[], None]) -> None:
         import rbd
 
