@@ -62,13 +62,23 @@ def _create_image(path: str, size: int) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    from targetmirror.config.cfgstring import ceph_items
     from targetmirror.lio import backstore, iscsi
+    from targetmirror.store.rbd import CephAccess, is_rbd
 
-    spec = MirrorSpec(os.path.abspath(args.image_a), os.path.abspath(args.image_b))
-    spec = parse(spec.to_cfgstring())  # validate before touching anything
+    def leg(text: str) -> str:
+        return text if is_rbd(text) else os.path.abspath(text)
+
+    spec = MirrorSpec(leg(args.image_a), leg(args.image_b))
+    acc = CephAccess(args.ceph_conf, args.ceph_id, args.ceph_keyring, args.ceph_timeout)
+    text = spec.to_cfgstring() + "".join(ceph_items(acc, f"{k}_") for k, img in
+                                         (("a", spec.image_a), ("b", spec.image_b))
+                                         if is_rbd(img))
+    spec = parse(text)  # validate before touching anything
     if args.create_images:
         for path in (spec.image_a, spec.image_b):
-            _create_image(path, args.size)
+            if not is_rbd(path):  # an RBD image is made with `rbd create` (docs/rbd.md)
+                _create_image(path, args.size)
     check_images(spec, args.size)
     so = backstore.create_backstore(args.name, args.size, spec.to_cfgstring(),
                                     hw_max_sectors=args.hw_max_sectors, check=False)
@@ -561,8 +571,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("create", help="create a user:mirror backstore and export it")
     c.add_argument("name")
     c.add_argument("--size", type=parse_size, required=True, help="LUN size, e.g. 1G")
-    c.add_argument("--image-a", required=True, help="image A (the split-off copy)")
-    c.add_argument("--image-b", required=True, help="image B (the live leg)")
+    c.add_argument("--image-a", required=True,
+                   help="image A (the split-off copy): a path or rbd/POOL[/NAMESPACE]/IMAGE")
+    c.add_argument("--image-b", required=True,
+                   help="image B (the live leg): a path or rbd/POOL[/NAMESPACE]/IMAGE")
+    c.add_argument("--ceph-conf", default="/etc/ceph/ceph.conf",
+                   help="for RBD legs: the cluster's ceph.conf (default %(default)s)")
+    c.add_argument("--ceph-id", default="admin",
+                   help="for RBD legs: cephx user without 'client.' (default %(default)s)")
+    c.add_argument("--ceph-keyring", default="", help="for RBD legs: that user's keyring")
+    c.add_argument("--ceph-timeout", type=int, default=10,
+                   help="for RBD legs: seconds before an operation fails the leg")
     c.add_argument("--create-images", action="store_true",
                    help="create missing image files (sparse) of --size")
     c.add_argument("--iqn", help="export over iSCSI as this target IQN")
