@@ -175,6 +175,15 @@ class CephCluster:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
 
+    def pause_osd(self) -> None:
+        """SIGSTOP OSD 0: the cluster stops answering, nothing is lost (unlike a kill, after
+        which memstore rolls back to its last clean stop)."""
+        self._procs["osd.0"].send_signal(signal.SIGSTOP)
+
+    def resume_osd(self) -> None:
+        """SIGCONT OSD 0: it answers again, with every write it had acknowledged."""
+        self._procs["osd.0"].send_signal(signal.SIGCONT)
+
     # -- clients -------------------------------------------------------------------------------
     def spec(self, image: str, *, namespace: str = "") -> str:
         """The leg spec (cfgstring form) of ``image`` in pool ``rbd`` of this cluster."""
@@ -198,6 +207,7 @@ class CephCluster:
             proc = self._procs.pop(name, None)
             if proc is None:
                 continue
+            proc.send_signal(signal.SIGCONT)  # a paused daemon cannot act on SIGTERM
             proc.terminate()
             try:
                 proc.wait(timeout=30)

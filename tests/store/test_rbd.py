@@ -163,6 +163,40 @@ def test_unreachable_cluster_fails_the_call_and_the_mirror_degrades(own_cluster,
         _bounded(m.close)
 
 
+def test_paused_cluster_degrades_then_repair_copies_only_what_a_missed(own_cluster, tmp_path):
+    size = 4 * MiB
+    own_cluster.create_image("a", size)
+    a = RbdImage("rbd/rbd/a", access(own_cluster, timeout=2))
+    pb = tmp_path / "b.img"
+    pb.write_bytes(bytes(size))
+    m = Mirror("m", a, Image(str(pb)), size=size, block_size=BS,
+               store=StateStore(str(tmp_path / "state")), region_size=RS)
+    probe = None
+    try:
+        m.write(0, [memoryview(b"1" * size)], True)
+        m.clear_write_intent()
+        m.clear_write_intent()
+        own_cluster.pause_osd()
+        box = _bounded(lambda: m.write(3 * RS, [memoryview(b"2" * RS)], True))
+        assert "error" not in box, box
+        for r in (7, 20):                            # A is failed: these go to B at once
+            m.write(r * RS, [memoryview(b"3" * BS)], False)
+        assert m.health == "degraded" and m.bitmap is not None and m.bitmap.count == 3
+        own_cluster.resume_osd()
+        m.repair()
+        assert m.rejoin_complete.wait(60)
+        assert m.health == "ok" and m.st.last_repair is not None
+        assert m.st.last_repair["bytes_copied"] == 3 * RS
+        probe = RbdImage("rbd/rbd/a", access(own_cluster))
+        assert read(probe, 0, size) == pb.read_bytes()
+        assert m.verify()["mismatches"] == 0
+    finally:
+        own_cluster.resume_osd()
+        if probe is not None:
+            probe.close()
+        _bounded(m.close)
+
+
 def test_mirror_a_on_rbd_b_file_split_rejoin_verify(ceph_cluster, rbd_image, tmp_path):
     size = 8 * MiB
     rng = random.Random(3)
