@@ -81,3 +81,43 @@ def test_a_file_leg_is_refused(tmp_path):
     with pytest.raises(MirrorError, match="not an RBD image"):
         rbdbackup.take(str(tmp_path / "a.img"), CephAccess(), mirror="m",
                        split={"epoch": 1, "a_status": "consistent"})
+
+
+class _SplitClient:
+    """The daemon's answers for a mirror that is already split (the CLI glue is under test)."""
+
+    def __init__(self, image_a: str) -> None:
+        self.st = {"name": "m", "state": "split", "size": SIZE, "image_a": image_a,
+                   "split": {"epoch": 4, "instant_wall": 1_790_000_000.0,
+                             "a_status": "consistent"}}
+
+    def mirror(self, name: str) -> dict:
+        return self.st
+
+
+def test_cli_backup_rbd_snapshot_and_listing(ceph_cluster, rbd_image, monkeypatch, capsys,
+                                             tmp_path):
+    """``backup --rbd-snapshot`` finds A's cluster in the backstore's cfgstring (as LIO holds
+    it), takes the snapshot with the keep count from the config file, and ``rbd-snapshots``
+    lists it."""
+    from targetmirror import cli
+    from targetmirror.client import Client
+    from targetmirror.config.plan import BackstoreState
+    from tests.config.fakelio import FakeLio
+
+    spec = rbd_image(SIZE)
+    lio = FakeLio()
+    lio.state.backstores["m"] = BackstoreState(
+        SIZE, f"a={spec};b=/srv/m-b.img;a_conf={ceph_cluster.conf}", "serial")
+    lio.state.backstores["plain"] = BackstoreState(SIZE, "a=/srv/p-a.img;b=/srv/p-b.img", "s")
+    monkeypatch.setattr(cli, "_lio_seam", lambda: lio)
+    fake = _SplitClient(spec)
+    monkeypatch.setattr(Client, "mirror", lambda self, name: fake.mirror(name))
+    assert cli.main(["backup", "m", "--rbd-snapshot", "--json", "--keep", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rbd_snapshot"] == "tm-m-e4-20260921T141320Z" and out["epoch"] == 4
+    assert cli.main(["rbd-snapshots", "m", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["snapshots"]
+    assert [(s["snapshot"], s["epoch"]) for s in listed] == [(out["rbd_snapshot"], 4)]
+    assert cli.main(["backup", "plain", "--rbd-snapshot"]) == 1
+    assert "is not an RBD image" in capsys.readouterr().err
