@@ -120,7 +120,7 @@ class CephCluster:
         ]
         self.conf.write_text("\n".join(lines))
 
-    def _run(self, *argv: str, timeout: float = 30) -> str:
+    def _run(self, *argv: str, timeout: float = 120) -> str:
         out = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
                              check=False)
         if out.returncode:
@@ -128,10 +128,10 @@ class CephCluster:
                                f"{out.stderr.strip()[-2000:]}")
         return out.stdout
 
-    def ceph(self, *args: str, timeout: float = 30) -> str:
+    def ceph(self, *args: str, timeout: float = 120) -> str:
         """Run the ``ceph`` CLI against this cluster (always with a timeout: without a mgr some
         commands never return)."""
-        return self._run("ceph", "-c", str(self.conf), "--connect-timeout", "10", *args,
+        return self._run("ceph", "-c", str(self.conf), "--connect-timeout", "60", *args,
                          timeout=timeout)
 
     def _spawn(self, name: str, *argv: str) -> None:
@@ -158,10 +158,10 @@ class CephCluster:
         if osd_id != "0":
             raise RuntimeError(f"expected OSD id 0, the monitor gave {osd_id!r}")
         self._run("ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", self.osd_uuid, "-c",
-                  str(self.conf), timeout=60)
+                  str(self.conf), timeout=120)
         self.start_osd()
         self.ceph("osd", "pool", "create", self.pool, "8", "8")
-        self._run("rbd", "-c", str(self.conf), "pool", "init", self.pool, timeout=60)
+        self._run("rbd", "-c", str(self.conf), "pool", "init", self.pool, timeout=120)
         return self
 
     def start_osd(self) -> None:
@@ -196,7 +196,7 @@ class CephCluster:
         import rbd
 
         with rados.Rados(conffile=str(self.conf)) as cluster:
-            cluster.conf_set("client_mount_timeout", "10")
+            cluster.conf_set("client_mount_timeout", "60")
             with cluster.open_ioctx(self.pool) as ioctx:
                 rbd.RBD().create(ioctx, name, size, old_format=False)
 
