@@ -110,7 +110,7 @@ def test_rbd_leg_split_snapshot_rejoin_and_osd_loss(mirrord: Mirrord, tmp_path: 
                    dev])
         guest.run(["mount", dev, str(mnt)])
         mounted = True
-        _fio_ok(_fio(["--name=pre", f"--directory={mnt}", "--size=16M", "--rw=randwrite"],
+        _fio_ok(_fio(["--name=pre", f"--directory={mnt}", "--size=8M", "--rw=randwrite"],
                      tmp_path / "fio-pre.txt"), tmp_path / "fio-pre.txt")
         pre_file = _sha_file(mnt / "pre.0.0")
         _step("ext4 + fio verify done")
@@ -135,7 +135,7 @@ def test_rbd_leg_split_snapshot_rejoin_and_osd_loss(mirrord: Mirrord, tmp_path: 
         _step(f"RBD snapshot {snap} taken and listed")
 
         # after the split: B only; then an online rejoin copies only what changed
-        _fio_ok(_fio(["--name=post", f"--directory={mnt}", "--size=8M", "--rw=randwrite"],
+        _fio_ok(_fio(["--name=post", f"--directory={mnt}", "--size=4M", "--rw=randwrite"],
                      tmp_path / "fio-post.txt"), tmp_path / "fio-post.txt")
         guest.run(["sync"])
         st = mirrord.ctl_json("status", name)["mirrors"][0]
@@ -179,7 +179,7 @@ def test_rbd_leg_split_snapshot_rejoin_and_osd_loss(mirrord: Mirrord, tmp_path: 
         before = int(stat.read_text().split()[4])
         out = tmp_path / "fio-kill.txt"
         fio = _fio(["--name=kill", f"--directory={mnt}", "--size=8M", "--rw=randwrite",
-                    "--fsync=16", "--verify_backlog=64", "--time_based", "--runtime=45"], out)
+                    "--fsync=16", "--verify_backlog=64", "--time_based", "--runtime=25"], out)
         try:
             guest.wait_for(lambda: int(stat.read_text().split()[4]) > before + 200,
                            timeout=120, what="fio to be writing")
