@@ -11,15 +11,24 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 
-if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends python3 python3-venv python3-pip >/dev/null
 fi
 sh lab/install-host-deps.sh
 
+# The venv is made from Debian's own interpreter with --system-site-packages: librbd's Python
+# binding (python3-rbd, python3-rados; the RBD leg) exists only for /usr/bin/python3, not on
+# PyPI.  A venv made earlier from another interpreter is rebuilt once.
+SYSPY=/usr/bin/python3
 VENV=${TARGETMIRROR_VENV:-.venv}
+if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c 'import rbd, rados' 2>/dev/null \
+        && "$SYSPY" -c 'import rbd, rados' 2>/dev/null; then
+    echo "dev/bootstrap.sh: $VENV cannot import rbd; rebuilding it from $SYSPY"
+    rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
+    "$SYSPY" -m venv --system-site-packages "$VENV"
 fi
 stamp="$VENV/.installed-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then

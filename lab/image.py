@@ -107,6 +107,12 @@ PACKAGES: tuple[str, ...] = (
     "procps",
     "python3-tqdm",
     "busybox-static",  # for the lab's own initramfs (lab/initramfs.py)
+    # the RBD leg's lab test runs a one-node Ceph cluster inside the guest (no network)
+    "ceph-mon",
+    "ceph-osd",
+    "ceph-common",
+    "python3-rbd",
+    "python3-rados",
 )
 
 #: Modules the initrd needs to mount the root disk; nothing else goes in. The default

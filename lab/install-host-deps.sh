@@ -3,7 +3,11 @@
 #   - qemu-system-x86 to boot the guest (TCG is enough; KVM is used by nobody),
 #   - mmdebstrap + e2fsprogs to build the guest tree and turn it into an ext4 image,
 #   - gcc + dpkg-dev + a deb-src entry so `apt-get source tcmu` can fetch tcmu-runner's
-#     file_example.c, which we compile into the `file` handler Debian does not ship.
+#     file_example.c, which we compile into the `file` handler Debian does not ship,
+#   - ceph-mon, ceph-osd, ceph-common and librbd's Python binding (python3-rbd, python3-rados)
+#     for the RBD leg's tests: they start a disposable one-node cluster on 127.0.0.1.  The
+#     binding exists only for Debian's /usr/bin/python3, which is why dev/bootstrap.sh builds
+#     .venv from that interpreter with --system-site-packages.
 #
 # Idempotent: packages already present are not reinstalled, and apt-get update runs only
 # when something is missing or the deb-src entry was just added. Run as root.
@@ -16,7 +20,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-PKGS="qemu-system-x86 mmdebstrap e2fsprogs dpkg-dev gcc libc6-dev ca-certificates"
+PKGS="qemu-system-x86 mmdebstrap e2fsprogs dpkg-dev gcc libc6-dev ca-certificates
+      ceph-mon ceph-osd ceph-common python3-rbd python3-rados"
 SRC_LIST=/etc/apt/sources.list.d/targetmirror-lab-src.sources
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 need_update=0
@@ -61,4 +66,4 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-echo "install-host-deps.sh: host ready (qemu-system-x86_64, mmdebstrap, gcc, deb-src)"
+echo "install-host-deps.sh: host ready (qemu-system-x86_64, mmdebstrap, gcc, deb-src, ceph)"

@@ -62,13 +62,23 @@ def _create_image(path: str, size: int) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    from targetmirror.config.cfgstring import ceph_items
     from targetmirror.lio import backstore
+    from targetmirror.store.rbd import CephAccess, is_rbd
 
-    spec = MirrorSpec(os.path.abspath(args.image_a), os.path.abspath(args.image_b))
-    spec = parse(spec.to_cfgstring())  # validate before touching anything
+    def leg(text: str) -> str:
+        return text if is_rbd(text) else os.path.abspath(text)
+
+    spec = MirrorSpec(leg(args.image_a), leg(args.image_b))
+    acc = CephAccess(args.ceph_conf, args.ceph_id, args.ceph_keyring, args.ceph_timeout)
+    text = spec.to_cfgstring() + "".join(ceph_items(acc, f"{k}_") for k, img in
+                                         (("a", spec.image_a), ("b", spec.image_b))
+                                         if is_rbd(img))
+    spec = parse(text)  # validate before touching anything
     if args.create_images:
         for path in (spec.image_a, spec.image_b):
-            _create_image(path, args.size)
+            if not is_rbd(path):  # an RBD image is made with `rbd create` (docs/rbd.md)
+                _create_image(path, args.size)
     check_images(spec, args.size)
     so = backstore.create_backstore(args.name, args.size, spec.to_cfgstring(),
                                     hw_max_sectors=args.hw_max_sectors, check=False)
@@ -359,11 +369,46 @@ def cmd_group(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rbd_leg_a(name: str) -> tuple[str, Any]:
+    """(image A, its CephAccess) from mirror ``name``'s backstore cfgstring in LIO (what the
+    daemon itself opened)."""
+    from targetmirror.config.cfgstring import MirrorSpec
+
+    bs = _lio_seam().read_state().backstores.get(name)
+    if bs is None:
+        raise MirrorError(f"no user:mirror backstore named {name} in LIO")
+    spec = parse_any(bs.config)
+    access = spec.access("a") if isinstance(spec, MirrorSpec) else None
+    if not isinstance(spec, MirrorSpec) or access is None:
+        raise MirrorError(f"image A of {name} is not an RBD image ({bs.config}): "
+                          "--rbd-snapshot needs image_a rbd/POOL/IMAGE")
+    return spec.image_a, access
+
+
+def _snapshots_keep(args: argparse.Namespace) -> int:
+    """--keep, else the mirror's rbd_snapshots_keep in the config file, else 0 (keep all)."""
+    from targetmirror.config import loader
+
+    if args.keep is not None:
+        return int(args.keep)
+    try:
+        return int(loader.load(args.config).mirror(args.name).rbd_snapshots_keep)
+    except (TargetMirrorError, KeyError):
+        return 0
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
-    """Split (unless already split), then back up image A: copy it or hand it to a command."""
+    """Split (unless already split), then back up image A: copy it, hand it to a command, or
+    snapshot it in its Ceph cluster."""
+    rbd_access = None
+    keep = 0
+    if args.rbd_snapshot:
+        _, rbd_access = _rbd_leg_a(args.name)
+        keep = _snapshots_keep(args)
     try:
         result = _client(args).backup(args.name, to=args.to, command=args.exec,
-                                      rejoin=args.rejoin, timeout=args.timeout)
+                                      rejoin=args.rejoin, timeout=args.timeout,
+                                      rbd_access=rbd_access, keep=keep)
     except BackupCommandFailed as exc:
         print(f"targetmirror: {exc}", file=sys.stderr)
         return 3
@@ -457,25 +502,40 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if res["mismatches"] and not res["repaired"] else 0
 
 
+def cmd_rbd_snapshots(args: argparse.Namespace) -> int:
+    """List the RBD snapshots backup --rbd-snapshot took of a mirror's A (recorded in the
+    image's metadata in the cluster), oldest first."""
+    from targetmirror import rbdbackup
+
+    image, access = _rbd_leg_a(args.name)
+    snaps = rbdbackup.list_snapshots(image, access)
+    if args.json:
+        print(json.dumps({"name": args.name, "image_a": image, "snapshots": snaps}, indent=1))
+        return 0
+    print(f"{'SNAPSHOT':40} {'EPOCH':>5}  SPLIT INSTANT")
+    for s in snaps:
+        print(f"{s['snapshot']:40} {s.get('epoch', '?'):>5}  {when(s.get('instant_wall'))}")
+    return 0
+
+
 def cmd_export_snapshot(args: argparse.Namespace) -> int:
-    """Export a split mirror's image A as a read-only iSCSI LUN (for a backup tool)."""
+    """Export a split mirror's image A (or an RBD snapshot of it) as a read-only iSCSI LUN."""
     from targetmirror.config.cfgstring import SnapshotSpec
-    from targetmirror.lio import backstore, iscsi
+    from targetmirror.lio import backstore
 
     st = _call(args, "status", names=[args.name])["mirrors"][0]
-    if st["state"] != "split":
+    if args.rbd_snapshot:
+        # an RBD snapshot never changes: it may be exported whatever the mirror does now
+        image, access = _rbd_leg_a(args.name)
+        spec = SnapshotSpec(f"{image}@{args.rbd_snapshot}", access)
+    elif st["state"] != "split":
         raise MirrorError(f"mirror {args.name} is {st['state']}: only a split copy can be "
                           "exported (run 'targetmirror split' first)")
+    else:
+        spec = SnapshotSpec(st["image_a"])
     snap = args.snapshot_name or f"{args.name}_snap"
-    so = backstore.create_backstore(snap, st["size"], SnapshotSpec(st["image_a"]).to_cfgstring(),
-                                    check=False)
-    try:
-        host, _, port = args.portal.rpartition(":")
-        iscsi.export(so, args.iqn, portal=(host, int(port)), lun=args.lun,
-                     initiators=args.initiator or ())
-    except TargetMirrorError:
-        so.delete()
-        raise
+    so = backstore.create_backstore(snap, st["size"], spec.to_cfgstring(), check=False)
+    _export_or_delete(so, args)
     print(f"exported split copy of {args.name} (epoch {st['epoch']}) read-only as {snap}, "
           f"{args.iqn} LUN {args.lun}")
     return 0
@@ -507,8 +567,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("create", help="create a user:mirror backstore and export it")
     c.add_argument("name")
     c.add_argument("--size", type=parse_size, required=True, help="LUN size, e.g. 1G")
-    c.add_argument("--image-a", required=True, help="image A (the split-off copy)")
-    c.add_argument("--image-b", required=True, help="image B (the live leg)")
+    c.add_argument("--image-a", required=True,
+                   help="image A (the split-off copy): a path or rbd/POOL[/NAMESPACE]/IMAGE")
+    c.add_argument("--image-b", required=True,
+                   help="image B (the live leg): a path or rbd/POOL[/NAMESPACE]/IMAGE")
+    c.add_argument("--ceph-conf", default="/etc/ceph/ceph.conf",
+                   help="for RBD legs: the cluster's ceph.conf (default %(default)s)")
+    c.add_argument("--ceph-id", default="admin",
+                   help="for RBD legs: cephx user without 'client.' (default %(default)s)")
+    c.add_argument("--ceph-keyring", default="", help="for RBD legs: that user's keyring")
+    c.add_argument("--ceph-timeout", type=int, default=10,
+                   help="for RBD legs: seconds before an operation fails the leg")
     c.add_argument("--create-images", action="store_true",
                    help="create missing image files (sparse) of --size")
     c.add_argument("--iqn", help="export over iSCSI as this target IQN")
@@ -615,8 +684,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run this command (no shell) with TARGETMIRROR_IMAGE=<A>")
     bk.add_argument("--rejoin", action="store_true",
                     help="rejoin the mirror after a successful backup")
+    dest.add_argument("--rbd-snapshot", action="store_true",
+                      help="take a snapshot of A (an RBD image) in its Ceph cluster")
+    bk.add_argument("--keep", type=int, default=None,
+                    help="with --rbd-snapshot: keep this many of our snapshots, pruning the "
+                         "oldest (default: mirrors[].rbd_snapshots_keep, 0 keeps all)")
+    bk.add_argument("--config", default=None, help="configuration file (for the keep count)")
     bk.add_argument("--timeout", type=float, default=300.0)
     bk.set_defaults(func=cmd_backup)
+
+    rs = daemon_cmd("rbd-snapshots", "list backup --rbd-snapshot's snapshots of a mirror's A")
+    rs.add_argument("name")
+    rs.set_defaults(func=cmd_rbd_snapshots)
 
     rj = daemon_cmd("rejoin", "copy what changed since the split back to A (online)")
     rj.add_argument("names", nargs="*")
@@ -664,6 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--portal", default="127.0.0.1:3260")
     ex.add_argument("--lun", type=int, default=0)
     ex.add_argument("--initiator", action="append", help="allowed initiator IQN (repeatable)")
+    ex.add_argument("--rbd-snapshot", metavar="SNAP",
+                    help="export this RBD snapshot of A (see rbd-snapshots) instead of A")
     ex.set_defaults(func=cmd_export_snapshot)
     return p
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from targetmirror.daemon.control import DEFAULT_SOCKET, call
 from targetmirror.errors import MirrorError
+from targetmirror.store.rbd import CephAccess
 
 
 def when(ts: float | None) -> str:
@@ -189,12 +190,15 @@ class Client:
         return groups
 
     def backup(self, name: str, *, to: str | None = None, command: Sequence[str] | None = None,
-               rejoin: bool = False, timeout: float = 300.0) -> dict[str, Any]:
-        """Split (unless already split), then back up image A: copy it to the new file ``to``
-        or run ``command`` (no shell) with ``TARGETMIRROR_IMAGE=<A>``; rejoin if asked.
+               rejoin: bool = False, timeout: float = 300.0,
+               rbd_access: CephAccess | None = None, keep: int = 0) -> dict[str, Any]:
+        """Split (unless already split), then back up image A: copy it to the new file ``to``,
+        run ``command`` (no shell) with ``TARGETMIRROR_IMAGE=<A>``, or (``rbd_access``) take an
+        RBD snapshot of A in its cluster, pruned to ``keep``; rejoin if asked.
         Raises :class:`BackupCommandFailed` when the command fails (nothing is rejoined)."""
-        if (to is None) == (command is None):
-            raise MirrorError("backup needs exactly one of a destination file or a command")
+        if [to is None, command is None, rbd_access is None].count(False) != 1:
+            raise MirrorError("backup needs exactly one of a destination file, a command or "
+                              "--rbd-snapshot")
         st = self.mirror(name)
         if st["state"] == "mirrored":
             st = self.split([name], wait=True, timeout=timeout)["split"][0]
@@ -206,7 +210,12 @@ class Client:
         result: dict[str, Any] = {"name": name, "epoch": sp["epoch"], "image_a": st["image_a"],
                                   "instant_wall": sp["instant_wall"],
                                   "a_status": sp["a_status"]}
-        if to is not None:
+        if rbd_access is not None:
+            from targetmirror import rbdbackup
+
+            result.update(rbdbackup.take(st["image_a"], rbd_access, mirror=name, split=sp,
+                                         keep=keep))
+        elif to is not None:
             result["copied_bytes"] = copy_image(st["image_a"], to, st["size"])
             result["to"] = to
         else:

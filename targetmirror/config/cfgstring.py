@@ -12,8 +12,18 @@ open with O_DIRECT where the backing allows it; ``region`` (optional): the chang
 size in bytes (a power of two >= 4096) for a new mirror (an existing mirror keeps the region size
 its saved state records).
 
+A leg may instead be an RBD image in a Ceph cluster: ``a=rbd/POOL/IMAGE`` or
+``a=rbd/POOL/NAMESPACE/IMAGE`` (see :mod:`targetmirror.store.rbd`).  How that leg reaches its
+cluster is given by optional per-leg keys, each only for an RBD leg: ``a_conf`` (ceph.conf path,
+default /etc/ceph/ceph.conf), ``a_id`` (cephx client name without ``client.``, default admin),
+``a_keyring`` (keyring path, default what ceph.conf says), ``a_timeout`` (seconds, 1-300,
+default 10: an unreachable cluster fails the leg after this); likewise ``b_*``.  Both legs may
+be RBD (two pools or two clusters), or one of them.
+
 A read-only *snapshot* LUN exports a split mirror's image A so a backup tool can read it over
-iSCSI (claim 5): ``snapshot=/srv/images/db-a.raw``.  The daemon serves it write-protected, and
+iSCSI (claim 5): ``snapshot=/srv/images/db-a.raw``; or an RBD snapshot taken by
+``targetmirror backup --rbd-snapshot``: ``snapshot=rbd/POOL/IMAGE@SNAP`` (with ``conf``, ``id``,
+``keyring`` keys as above, unprefixed).  The daemon serves it write-protected, and
 only while the mirror owning that image is split.
 
 A *volume 2* LUN (one-way cut-over, claim 4) is a second export of an existing mirror through a
@@ -35,11 +45,20 @@ import stat
 from dataclasses import dataclass
 
 from targetmirror.errors import ConfigError
+from targetmirror.store.rbd import (
+    DEFAULT_CLIENT,
+    DEFAULT_CONF,
+    DEFAULT_TIMEOUT,
+    CephAccess,
+    is_rbd,
+    parse_name,
+)
 
 MAX_DEV_CONFIG = 255
 SUBTYPE = "mirror"
 FORBIDDEN = {",": "a comma", ":": "a colon", "\n": "a newline", "\0": "a NUL byte"}
-KEYS = {"a", "b", "direct", "region"}
+CEPH_KEYS = ("conf", "id", "keyring", "timeout")
+KEYS = {"a", "b", "direct", "region"} | {f"{leg}_{k}" for leg in "ab" for k in CEPH_KEYS}
 SNAPSHOT_KEY = "snapshot"
 
 
@@ -52,6 +71,16 @@ class MirrorSpec:
     direct: bool = False
     region_size: int | None = None
     """None: the daemon's default (64 KiB)."""
+    ceph_a: CephAccess | None = None
+    """How leg A reaches its cluster, when A is an RBD image (``rbd/...``)."""
+    ceph_b: CephAccess | None = None
+
+    def access(self, leg: str) -> CephAccess | None:
+        """The cluster access of leg ``a`` or ``b`` (None for a file or block device)."""
+        image = self.image_a if leg == "a" else self.image_b
+        if not is_rbd(image):
+            return None
+        return (self.ceph_a if leg == "a" else self.ceph_b) or CephAccess()
 
     def to_cfgstring(self) -> str:
         """The canonical cfgstring for this spec (round-trips through :func:`parse`)."""
@@ -60,7 +89,44 @@ class MirrorSpec:
             text += ";direct=1"
         if self.region_size is not None:
             text += f";region={self.region_size}"
+        for leg in "ab":
+            acc = self.access(leg)
+            if acc is not None:
+                text += ceph_items(acc, f"{leg}_")
         return text
+
+
+def ceph_items(acc: CephAccess, prefix: str) -> str:
+    """``;a_conf=...;a_id=...`` for the non-default parts of ``acc``."""
+    text = ""
+    if acc.conf != DEFAULT_CONF:
+        text += f";{prefix}conf={acc.conf}"
+    if acc.client != DEFAULT_CLIENT:
+        text += f";{prefix}id={acc.client}"
+    if acc.keyring:
+        text += f";{prefix}keyring={acc.keyring}"
+    if acc.timeout != DEFAULT_TIMEOUT:
+        text += f";{prefix}timeout={acc.timeout}"
+    return text
+
+
+def ceph_access(values: dict[str, str], prefix: str, leg: str) -> CephAccess:
+    """Build a :class:`CephAccess` from ``PREFIXconf`` ... keys (``leg`` names it in errors)."""
+    conf = values.get(f"{prefix}conf", DEFAULT_CONF)
+    _check_path(f"{prefix}conf", conf)
+    client = values.get(f"{prefix}id", DEFAULT_CLIENT)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", client):
+        raise ConfigError(f"cfgstring key '{prefix}id': expected a cephx client name without "
+                          f"'client.' (letters, digits, '_', '.', '-'), got {client!r}")
+    keyring = values.get(f"{prefix}keyring", "")
+    if keyring:
+        _check_path(f"{prefix}keyring", keyring)
+    text = values.get(f"{prefix}timeout", str(DEFAULT_TIMEOUT))
+    timeout = int(text) if text.isdigit() else 0
+    if not 1 <= timeout <= 300:
+        raise ConfigError(f"cfgstring key '{prefix}timeout': expected whole seconds 1-300 for "
+                          f"{leg}, got {text!r}")
+    return CephAccess(conf, client, keyring, timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +134,14 @@ class SnapshotSpec:
     """A read-only export of one image (a split mirror's A)."""
 
     image: str
+    ceph: CephAccess | None = None
+    """For an RBD snapshot (``rbd/POOL/IMAGE@SNAP``): how to reach its cluster."""
 
     def to_cfgstring(self) -> str:
-        return f"{SNAPSHOT_KEY}={self.image}"
+        text = f"{SNAPSHOT_KEY}={self.image}"
+        if self.ceph is not None:
+            text += ceph_items(self.ceph, "")
+        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +214,36 @@ def parse_any(cfgstring: str) -> MirrorSpec | SnapshotSpec | VolumeSpec:
         for ch, name in FORBIDDEN.items():
             if ch in body:
                 raise ConfigError(f"cfgstring may not contain {name}: {body!r}")
-        if ";" in body:
+        first, _, rest = body.partition(";")
+        image = first[len(SNAPSHOT_KEY) + 1:]
+        if is_rbd(image):
+            parsed = parse_name(image, f"cfgstring key '{SNAPSHOT_KEY}'")
+            if not parsed.snapshot:
+                raise ConfigError(f"cfgstring key '{SNAPSHOT_KEY}': an RBD snapshot LUN needs "
+                                  f"rbd/POOL/IMAGE@SNAP, got {image!r}")
+            values = _pairs(rest, set(CEPH_KEYS))
+            return SnapshotSpec(image, ceph_access(values, "", "the snapshot"))
+        if rest:
             raise ConfigError(f"a snapshot cfgstring takes only {SNAPSHOT_KEY}=PATH: {body!r}")
-        return SnapshotSpec(_check_path(SNAPSHOT_KEY, body[len(SNAPSHOT_KEY) + 1:]))
+        return SnapshotSpec(_check_path(SNAPSHOT_KEY, image))
     return parse(cfgstring)
+
+
+def _pairs(text: str, allowed: set[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for item in text.split(";"):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"cfgstring item {item!r}: expected key=value")
+        if key not in allowed:
+            raise ConfigError(f"cfgstring key {key!r} is unknown here; expected one of "
+                              f"{', '.join(sorted(allowed))}")
+        if key in values:
+            raise ConfigError(f"cfgstring key {key!r} is given twice")
+        values[key] = value
+    return values
 
 
 def parse(cfgstring: str) -> MirrorSpec:
@@ -160,19 +257,7 @@ def parse(cfgstring: str) -> MirrorSpec:
     if len(SUBTYPE) + 1 + len(cfgstring) > MAX_DEV_CONFIG:
         raise ConfigError(f"cfgstring is {len(cfgstring)} characters; with 'mirror/' it must "
                           f"fit the kernel's {MAX_DEV_CONFIG}-byte dev_config")
-    values: dict[str, str] = {}
-    for item in cfgstring.split(";"):
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"cfgstring item {item!r}: expected key=value")
-        if key not in KEYS:
-            raise ConfigError(f"cfgstring key {key!r} is unknown; expected one of "
-                              f"{', '.join(sorted(KEYS))}")
-        if key in values:
-            raise ConfigError(f"cfgstring key {key!r} is given twice")
-        values[key] = value
+    values = _pairs(cfgstring, KEYS)
     for key in ("a", "b"):
         if key not in values:
             raise ConfigError(f"cfgstring lacks key '{key}' (expected a=PATH;b=PATH)")
@@ -186,17 +271,38 @@ def parse(cfgstring: str) -> MirrorSpec:
         if region < 4096 or region & (region - 1):
             raise ConfigError(f"cfgstring key 'region': expected a power of two >= 4096, "
                               f"got {text!r}")
-    a = _check_path("a", values["a"])
-    b = _check_path("b", values["b"])
-    if a == b:
+    legs: dict[str, str] = {}
+    access: dict[str, CephAccess | None] = {}
+    for leg in "ab":
+        value = values[leg]
+        if is_rbd(value):
+            rname = parse_name(value, f"cfgstring key '{leg}'")
+            if rname.snapshot:
+                raise ConfigError(f"cfgstring key '{leg}': a leg cannot be a snapshot "
+                                  f"({value!r})")
+            legs[leg] = str(rname)
+            access[leg] = ceph_access(values, f"{leg}_", f"leg {leg}")
+        else:
+            legs[leg] = _check_path(leg, value)
+            extra = sorted(k for k in values if k.startswith(f"{leg}_"))
+            if extra:
+                raise ConfigError(f"cfgstring key {extra[0]!r}: only for an RBD leg "
+                                  f"({leg}=rbd/POOL/IMAGE), but {leg} is the path {value!r}")
+            access[leg] = None
+    a, b = legs["a"], legs["b"]
+    if a == b and (not is_rbd(a) or access["a"] == access["b"]):
         raise ConfigError(f"cfgstring names the same image for a and b: {a}")
-    return MirrorSpec(a, b, direct == "1", region)
+    return MirrorSpec(a, b, direct == "1", region, access["a"], access["b"])
 
 
 def check_images(spec: MirrorSpec, size: int | None = None) -> None:
     """Check on this host that both images exist, are usable and distinct, and hold ``size``."""
     ids = []
     for key, path in (("a", spec.image_a), ("b", spec.image_b)):
+        if is_rbd(path):
+            # reached over the network by the daemon; its open reports a missing image
+            ids.append((-1, -1, hash(path)))
+            continue
         try:
             st = os.stat(path)
         except OSError as exc:
@@ -206,7 +312,7 @@ def check_images(spec: MirrorSpec, size: int | None = None) -> None:
         ids.append((st.st_dev, st.st_ino, st.st_rdev))
         if size is not None and stat.S_ISREG(st.st_mode) and st.st_size < size:
             raise ConfigError(f"image {key} {path}: has {st.st_size} bytes, the LUN needs {size}")
-    if ids[0] == ids[1]:
+    if ids[0] == ids[1] and not is_rbd(spec.image_a):
         raise ConfigError(f"images a and b are the same file: {spec.image_a}, {spec.image_b}")
 
 

@@ -32,6 +32,7 @@ import yaml
 
 from targetmirror.config.cfgstring import MirrorSpec, parse
 from targetmirror.errors import ConfigError, ConfigFileError
+from targetmirror.store.rbd import CephAccess, is_rbd, parse_name
 
 DEFAULT_PATH = "/etc/targetmirror/targetmirror.yaml"
 ENV_VAR = "TARGETMIRROR_CONFIG"
@@ -56,8 +57,24 @@ DEFAULTS: tuple[tuple[str, Any, str], ...] = (
     ("mirrors[].name", None,
      "backstore name: letters, digits, '_', '.', '-' (at most 64 characters)"),
     ("mirrors[].size", None, "LUN size in bytes or with a unit (512M, 10G); a multiple of 512"),
-    ("mirrors[].image_a", None, "absolute path of image A, the leg that is split off"),
-    ("mirrors[].image_b", None, "absolute path of image B, the live leg"),
+    ("ceph", [], "Ceph clusters that RBD legs live in (docs/rbd.md)"),
+    ("ceph[].name", None, "cluster name, referred to by mirrors[].cluster_a/cluster_b"),
+    ("ceph[].conf", "/etc/ceph/ceph.conf", "the cluster's ceph.conf (monitors, options)"),
+    ("ceph[].client", "admin",
+     "cephx user without 'client.' (least caps: mon 'profile rbd', osd 'profile rbd pool=P')"),
+    ("ceph[].keyring", "", "that user's keyring file; empty: what ceph.conf says"),
+    ("ceph[].timeout", 10,
+     "seconds (1-300) an operation may take before the leg fails into degraded mode"),
+    ("mirrors[].image_a", None,
+     "image A, the leg that is split off: an absolute path, or rbd/POOL[/NAMESPACE]/IMAGE"),
+    ("mirrors[].image_b", None,
+     "image B, the live leg: an absolute path, or rbd/POOL[/NAMESPACE]/IMAGE"),
+    ("mirrors[].cluster_a", "",
+     "for an RBD image_a: the ceph entry it lives in (may be left out if there is one)"),
+    ("mirrors[].cluster_b", "", "the same for an RBD image_b"),
+    ("mirrors[].rbd_snapshots_keep", 0,
+     "backup --rbd-snapshot keeps this many snapshots of an RBD image_a, pruning the oldest; "
+     "0 keeps all"),
     ("mirrors[].region_size", "64K",
      "change-bitmap region: a power of two of at least 4K; fixed once the mirror exists"),
     ("mirrors[].direct", False, "open the images with O_DIRECT"),
@@ -120,11 +137,16 @@ class MirrorConfig:
     region_size: int
     direct: bool
     create_images: bool
+    ceph_a: CephAccess | None = None
+    """How an RBD image_a reaches its cluster (None: a path)."""
+    ceph_b: CephAccess | None = None
+    rbd_snapshots_keep: int = 0
 
     def spec(self) -> MirrorSpec:
         """The cfgstring content the ``user:mirror`` backstore carries."""
         region = None if self.region_size == DEFAULT_REGION else self.region_size
-        return MirrorSpec(self.image_a, self.image_b, self.direct, region)
+        return MirrorSpec(self.image_a, self.image_b, self.direct, region, self.ceph_a,
+                          self.ceph_b)
 
     def cfgstring(self) -> str:
         return self.spec().to_cfgstring()
@@ -301,11 +323,13 @@ def loads(text: str, path: str = "<string>") -> Config:
 def validate(data: object, path: str) -> Config:
     """Check a parsed document completely; raise one error listing every problem."""
     c = _Checker(path)
-    top = c.mapping(data, "", ("daemon", "image_dirs", "mirrors", "groups", "exports")) or {}
+    top = c.mapping(data, "", ("daemon", "image_dirs", "ceph", "mirrors", "groups",
+                               "exports")) or {}
     daemon = _daemon(c, top.get("daemon", {}))
     dirs = _image_dirs(c, top.get("image_dirs", default("image_dirs")))
+    clusters = _clusters(c, c.seq(top.get("ceph"), "ceph", "Ceph clusters"))
     raw_mirrors = c.seq(top.get("mirrors"), "mirrors", "mirrors")
-    mirrors = _mirrors(c, raw_mirrors, dirs)
+    mirrors = _mirrors(c, raw_mirrors, dirs, clusters)
     # Groups and exports are checked against every mirror the file declares, valid or not, so
     # one bad image gives one message, not one more per reference to its mirror.
     names = {m["name"] for m in raw_mirrors if isinstance(m, dict) and isinstance(
@@ -387,8 +411,92 @@ def _inside(path: str, dirs: list[str]) -> bool:
     return any(os.path.commonpath([path, d]) == d for d in dirs)
 
 
-def _mirrors(c: _Checker, raw: list[Any], dirs: list[str]) -> list[MirrorConfig]:
-    keys = ("name", "size", "image_a", "image_b", "region_size", "direct", "create_images")
+def _clusters(c: _Checker, raw: list[Any]) -> dict[str, CephAccess | None]:
+    """The ``ceph`` entries by name (None for an entry with problems, already reported)."""
+    keys = ("name", "conf", "client", "keyring", "timeout")
+    out: dict[str, CephAccess | None] = {}
+    for i, item in enumerate(raw):
+        key = f"ceph[{i}]"
+        e = c.mapping(item, key, keys, ("name",))
+        if e is None:
+            continue
+        n_before = len(c.problems)
+        name = c.text(e.get("name"), f"{key}.name", "a name of letters, digits, '_', '.', '-'",
+                      lambda s: bool(_NAME.match(s)))
+        if name is not None and name in out:
+            c.error(f"{key}.name", "a cluster name not used before", name)
+        conf = c.text(e.get("conf", default("ceph[].conf")), f"{key}.conf",
+                      "the absolute path of an existing ceph.conf",
+                      lambda s: s.startswith("/") and os.path.isfile(s))
+        client = c.text(e.get("client", default("ceph[].client")), f"{key}.client",
+                        "a cephx user name without 'client.' (letters, digits, '_', '.', '-')",
+                        lambda s: bool(_NAME.match(s)) and not s.startswith("client."))
+        keyring = c.text(e.get("keyring", ""), f"{key}.keyring",
+                         "empty, or the absolute path of an existing keyring file",
+                         lambda s: s == "" or (s.startswith("/") and os.path.isfile(s)))
+        timeout = e.get("timeout", default("ceph[].timeout"))
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 300:
+            c.error(f"{key}.timeout", "whole seconds from 1 to 300", timeout)
+        if name is None or name in out:
+            continue
+        ok = len(c.problems) == n_before
+        out[name] = CephAccess(str(conf), str(client), str(keyring), int(timeout)) if ok \
+            else None
+    return out
+
+
+def _cluster_of(c: _Checker, m: dict[str, Any], key: str, leg: str, image: object,
+                clusters: dict[str, CephAccess | None]) -> tuple[bool, CephAccess | None]:
+    """(ok, access) for one leg: the ceph entry an RBD leg names, None for a path leg."""
+    ck = f"cluster_{leg}"
+    if not (isinstance(image, str) and is_rbd(image)):
+        if ck in m:
+            c.error(f"{key}.{ck}", f"no {ck} (image_{leg} is not an RBD image "
+                    "rbd/POOL/IMAGE)", m[ck])
+            return False, None
+        return True, None
+    if ck not in m:
+        if len(clusters) == 1:
+            only = next(iter(clusters.values()))
+            return only is not None, only  # a broken entry was reported already
+        if not clusters:
+            return True, CephAccess()
+        c.error(f"{key}.{ck}", "the name of the ceph entry image_" + leg + " lives in (there "
+                "are several: " + ", ".join(sorted(clusters)) + ")", show=False)
+        return False, None
+    name = m[ck]
+    if not isinstance(name, str) or name not in clusters:
+        c.error(f"{key}.{ck}", "the name of an entry under ceph (" +
+                (", ".join(sorted(clusters)) or "there are none") + ")", name)
+        return False, None
+    return clusters[name] is not None, clusters[name]
+
+
+def _rbd_image(c: _Checker, raw: str, key: str, access: CephAccess | None,
+               seen: dict[object, str]) -> str | None:
+    """Check an RBD leg's name (the image itself is checked by the daemon when it opens it:
+    validation never talks to a cluster, which may be slow or down)."""
+    try:
+        name = parse_name(raw)
+    except ConfigError:
+        c.error(key, "rbd/POOL/IMAGE or rbd/POOL/NAMESPACE/IMAGE (names of letters, digits, "
+                "'_', '.', '-')", raw)
+        return None
+    if name.snapshot:
+        c.error(key, "an RBD image, not a snapshot (no @)", raw)
+        return None
+    ident = ("rbd", os.path.realpath(access.conf) if access else "", str(name))
+    if ident in seen:
+        c.error(key, f"an image no other leg uses ({seen[ident]} names the same image)", raw)
+        return None
+    seen[ident] = key
+    return str(name)
+
+
+def _mirrors(c: _Checker, raw: list[Any], dirs: list[str],
+             clusters: dict[str, CephAccess | None]) -> list[MirrorConfig]:
+    keys = ("name", "size", "image_a", "image_b", "region_size", "direct", "create_images",
+            "cluster_a", "cluster_b", "rbd_snapshots_keep")
     out: list[MirrorConfig] = []
     seen_names: dict[str, str] = {}
     seen_images: dict[object, str] = {}
@@ -416,9 +524,18 @@ def _mirrors(c: _Checker, raw: list[Any], dirs: list[str]) -> list[MirrorConfig]
                     m.get("region_size"))
         direct = c.boolean(m.get("direct", False), f"{key}.direct")
         create = c.boolean(m.get("create_images", False), f"{key}.create_images")
+        keep = m.get("rbd_snapshots_keep", 0)
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            c.error(f"{key}.rbd_snapshots_keep", "a count of 0 or more (0 keeps all)", keep)
         images = []
+        access: list[CephAccess | None] = []
         for leg in ("image_a", "image_b"):
-            if leg not in m:
+            ok, acc = _cluster_of(c, m, key, leg[-1], m.get(leg), clusters)
+            access.append(acc)
+            if leg not in m or not ok:
+                continue
+            if isinstance(m[leg], str) and is_rbd(m[leg]):
+                images.append(_rbd_image(c, m[leg], f"{key}.{leg}", acc, seen_images))
                 continue
             images.append(_image(c, m[leg], f"{key}.{leg}", dirs, create,
                                  size if size and size > 0 else None, seen_images))
@@ -427,7 +544,8 @@ def _mirrors(c: _Checker, raw: list[Any], dirs: list[str]) -> list[MirrorConfig]
         assert name is not None and size is not None and region is not None
         a, b = images
         assert a is not None and b is not None
-        mc = MirrorConfig(name, size, a, b, region, direct, create)
+        mc = MirrorConfig(name, size, a, b, region, direct, create, access[0], access[1],
+                          int(keep))
         try:
             parse(mc.cfgstring())
         except ConfigError as exc:

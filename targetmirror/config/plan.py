@@ -41,6 +41,7 @@ from typing import Any
 from targetmirror.config.cfgstring import MirrorSpec, SnapshotSpec, parse, parse_any
 from targetmirror.config.loader import Chap, Config
 from targetmirror.errors import ConfigError, ConfigFileError
+from targetmirror.store.rbd import is_rbd
 
 MANIFEST_NAME = "apply-manifest.json"
 TPG_TAG = 1
@@ -263,7 +264,7 @@ def plan(config: Config, current: LioState, manifest: Manifest,
             continue
         if m.create_images:
             for path in (m.image_a, m.image_b):
-                if not image_exists(path):
+                if not is_rbd(path) and not image_exists(path):  # RBD: `rbd create` by hand
                     creations.append(Action("create_image", {"path": path, "size": m.size},
                                             f"+ image {path} ({m.size} bytes, sparse)"))
         creations.append(Action(
@@ -297,7 +298,7 @@ def _images_in_use(current: LioState, except_name: str) -> dict[str, str]:
             continue  # a one-way volume 2 names its mirror, not images
 
         for path in paths:
-            out[os.path.realpath(path)] = name
+            out[path if is_rbd(path) else os.path.realpath(path)] = name
     return out
 
 

@@ -40,7 +40,7 @@ from targetmirror.scsi.identity import DeviceIdentity
 from targetmirror.scsi.inquiry import inquiry
 from targetmirror.scsi.iov import copy_out, iov_len
 from targetmirror.scsi.sense import SenseError, build_fixed_sense
-from targetmirror.store.image import Image
+from targetmirror.store.rbd import is_rbd, open_image, parse_name
 from targetmirror.tcmu.ring import Ring
 from targetmirror.tcmu.uio import ConfigfsDevice, UioDevice, UioInfo
 
@@ -91,8 +91,14 @@ def build_snapshot(info: UioInfo, cfs: ConfigfsDevice, spec: SnapshotSpec,
     """Open a split mirror's A read-only for a snapshot LUN."""
     if store is None:
         raise MirrorError("snapshot LUNs need the daemon's state store")
-    owner = owning_split_mirror(store, spec.image)
-    image = Image(spec.image, readonly=True)
+    if is_rbd(spec.image):
+        # an RBD snapshot never changes, whatever its mirror does since: no split needed
+        name = parse_name(spec.image)
+        owner = next((st.name for st in store.all() if st.image_a == str(name.at(""))),
+                     str(name.at("")))
+    else:
+        owner = owning_split_mirror(store, spec.image)
+    image = open_image(spec.image, spec.ceph, readonly=True)
     try:
         return SnapshotVolume(image, cfs.size(), cfs.hw_block_size(), owner)
     except BaseException:
@@ -106,9 +112,9 @@ def build_mirror(info: UioInfo, cfs: ConfigfsDevice, store: StateStore | None,
     spec = parse(info.cfgstring)
     size = cfs.size()
     block_size = cfs.hw_block_size()
-    a = Image(spec.image_a, direct=spec.direct)
+    a = open_image(spec.image_a, spec.access("a"), direct=spec.direct)
     try:
-        b = Image(spec.image_b, direct=spec.direct)
+        b = open_image(spec.image_b, spec.access("b"), direct=spec.direct)
     except BaseException:
         a.close()
         raise

@@ -342,7 +342,7 @@ class Mirror:
             saved_path = st.image_a if leg == "a" else st.image_b
             if img.path != saved_path and st.replaced.get(img.path) == saved_path:
                 # repair --replace put another image in this leg's place: open that one
-                new = Image(saved_path, direct=img.direct)
+                new = img.reopen(saved_path)
                 img.close()
                 if leg == "a":
                     self.a = new
@@ -1168,7 +1168,7 @@ class Mirror:
                               f"{leg.upper()} have still not returned; try again later")
         old = self._img(bit)
         path = replace or old.path
-        new = Image(path, direct=old.direct)
+        new = old.reopen(path)
         if new.size < self.size:
             new.close()
             raise MirrorError(f"image {path} has {new.size} bytes, the LUN needs {self.size}")

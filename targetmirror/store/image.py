@@ -212,6 +212,16 @@ class Image:
         """Deallocate a range; it reads back as zeros afterwards (we report LBPRZ)."""
         self.write_zeroes(offset, length)
 
+    def reopen(self, path: str | None = None) -> Image:
+        """A new handle on ``path`` (default: this image), opened the way this one was.
+
+        The mirror's repair reopens a failed leg (or its replacement) through this, so it need
+        not know whether a leg is a file, a block device or an RBD image.
+        """
+        from targetmirror.store.rbd import open_image
+
+        return open_image(path or self.path, readonly=self.readonly, direct=self.direct)
+
     def close(self) -> None:
         """Close the image; safe to call twice."""
         with self._close_lock:

@@ -84,3 +84,41 @@ def test_volume2_cfgstring_round_trips_and_is_strict() -> None:
                      ("mirror=db;volume=2,x", "a comma")):
         with pytest.raises(ConfigError, match=why):
             parse_any(bad)
+
+
+# -- RBD legs ----------------------------------------------------------------------------------
+
+def test_rbd_legs_round_trip() -> None:
+    from targetmirror.config.cfgstring import parse_any
+    from targetmirror.store.rbd import CephAccess
+
+    text = ("a=rbd/p1/ns/img-a;b=rbd/p2/img-b;a_conf=/etc/ceph/one.conf;a_id=tm;"
+            "b_conf=/etc/ceph/two.conf;b_keyring=/etc/ceph/two.keyring;b_timeout=30")
+    spec = parse(text)
+    assert spec.image_a == "rbd/p1/ns/img-a" and spec.image_b == "rbd/p2/img-b"
+    assert spec.access("a") == CephAccess("/etc/ceph/one.conf", "tm", "", 10)
+    assert spec.access("b") == CephAccess("/etc/ceph/two.conf", "admin",
+                                          "/etc/ceph/two.keyring", 30)
+    assert spec.to_cfgstring() == text and parse(spec.to_cfgstring()) == spec
+    snap = parse_any("snapshot=rbd/p1/img-a@tm-1;conf=/etc/ceph/one.conf")
+    assert snap.to_cfgstring() == "snapshot=rbd/p1/img-a@tm-1;conf=/etc/ceph/one.conf"
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("a=rbd/p;b=/x", "expected rbd/POOL/IMAGE"),
+    ("a=rbd/p/a/b/c;b=/x", "expected rbd/POOL/IMAGE"),
+    ("a=rbd/p/im g;b=/x", "not a valid pool"),
+    ("a=rbd/p/i@s;b=/x", "cannot be a snapshot"),
+    ("a=/x;b=/y;a_id=tm", "only for an RBD leg"),
+    ("a=rbd/p/i;b=/y;a_timeout=0", "1-300"),
+    ("a=rbd/p/i;b=/y;a_conf=etc/ceph.conf", "absolute path"),
+    ("a=rbd/p/i;b=/y;a_id=bad/name", "cephx client name"),
+    ("a=rbd/p/i;b=rbd/p/i", "same image"),
+    ("snapshot=rbd/p/i", "needs rbd/POOL/IMAGE@SNAP"),
+    ("snapshot=rbd/p/i@s;region=4096", "unknown here"),
+])
+def test_bad_rbd_cfgstring(text: str, why: str) -> None:
+    from targetmirror.config.cfgstring import parse_any
+
+    with pytest.raises(ConfigError, match=why):
+        parse_any(text)

@@ -284,3 +284,69 @@ def test_symlink_inside_resolves(tmp_path: Path) -> None:
     doc["mirrors"][0]["image_a"] = f"{tmp_path}/images/alias.img"
     cfg = loader.load(str(write(tmp_path, doc)))
     assert cfg.mirrors[0].image_a == f"{tmp_path}/images/m1-a.img"
+
+
+# -- RBD legs ----------------------------------------------------------------------------------
+
+def _rbd_doc(tmp: Path) -> dict[str, Any]:
+    doc = good(tmp)
+    conf = tmp / "ceph.conf"
+    conf.write_text("[global]\n")
+    # (no keyring here: three pytest tmp paths would not fit the kernel's 255-byte dev_config)
+    doc["ceph"] = [{"name": "main", "conf": str(conf), "client": "targetmirror",
+                    "timeout": 7}]
+    doc["mirrors"][0]["image_a"] = "rbd/tm/ns1/m1-a"
+    doc["mirrors"][0]["rbd_snapshots_keep"] = 3
+    return doc
+
+
+def test_rbd_leg_loads_and_reaches_the_cfgstring(tmp_path: Path) -> None:
+    cfg = loader.load(str(write(tmp_path, _rbd_doc(tmp_path))))
+    m1 = cfg.mirrors[0]
+    assert m1.image_a == "rbd/tm/ns1/m1-a" and m1.ceph_b is None
+    assert m1.ceph_a is not None and m1.ceph_a.client == "targetmirror"
+    assert m1.rbd_snapshots_keep == 3
+    assert m1.cfgstring() == (f"a=rbd/tm/ns1/m1-a;b={tmp_path}/images/m1-b.img;"
+                              f"a_conf={tmp_path}/ceph.conf;a_id=targetmirror;a_timeout=7")
+
+
+@pytest.mark.parametrize(("change", "key", "expected"), [
+    (lambda d: d["mirrors"][0].update(image_a="rbd/tm"), "mirrors[0].image_a",
+     "rbd/POOL/IMAGE"),
+    (lambda d: d["mirrors"][0].update(image_a="rbd/tm/x@snap"), "mirrors[0].image_a",
+     "not a snapshot"),
+    (lambda d: d["mirrors"][0].update(cluster_a="other"), "mirrors[0].cluster_a",
+     "an entry under ceph (main)"),
+    (lambda d: d["mirrors"][1].update(cluster_b="main"), "mirrors[1].cluster_b",
+     "no cluster_b"),
+    (lambda d: d["ceph"][0].update(timeout=0), "ceph[0].timeout", "1 to 300"),
+    (lambda d: d["ceph"][0].update(conf="/nonexistent/ceph.conf"), "ceph[0].conf",
+     "existing ceph.conf"),
+    (lambda d: d["ceph"][0].update(client="client.tm"), "ceph[0].client", "without 'client.'"),
+    (lambda d: d["ceph"][0].update(keyring="/nonexistent.keyring"), "ceph[0].keyring",
+     "existing keyring"),
+    (lambda d: d["ceph"].append(dict(d["ceph"][0], name="second")), "mirrors[0].cluster_a",
+     "there are several"),
+    (lambda d: d["mirrors"][1].update(image_a="rbd/tm/ns1/m1-a"), "mirrors[1].image_a",
+     "no other leg uses"),
+    (lambda d: d["mirrors"][0].update(rbd_snapshots_keep=-1), "mirrors[0].rbd_snapshots_keep",
+     "0 or more"),
+])
+def test_bad_rbd_leg_names_file_key_and_expectation(tmp_path: Path, change, key: str,
+                                                    expected: str) -> None:
+    doc = _rbd_doc(tmp_path)
+    change(doc)
+    path = write(tmp_path, doc)
+    with pytest.raises(ConfigFileError) as exc:
+        loader.load(str(path))
+    text = str(exc.value)
+    assert f"{path}: {key}: expected" in text and expected in text, text
+
+
+def test_rbd_leg_without_ceph_entries_uses_the_defaults(tmp_path: Path) -> None:
+    doc = good(tmp_path)
+    doc["mirrors"][0]["image_b"] = "rbd/pool/m1-b"
+    m1 = loader.load(str(write(tmp_path, doc))).mirrors[0]
+    assert m1.cfgstring() == f"a={tmp_path}/images/m1-a.img;b=rbd/pool/m1-b"
+    assert m1.spec().access("b") is not None and m1.spec().access("b").conf == \
+        "/etc/ceph/ceph.conf"
