@@ -141,7 +141,8 @@ def test_unreachable_cluster_fails_the_call_and_the_mirror_degrades(own_cluster,
     pb = tmp_path / "b.img"
     pb.write_bytes(bytes(4 * MiB))
     m = Mirror("m", a, Image(str(pb)), size=4 * MiB, block_size=BS,
-               store=StateStore(str(tmp_path / "state")), region_size=RS)
+               store=StateStore(str(tmp_path / "state")), region_size=RS,
+               wi_extent=RS)  # exact write-intent bits: the test counts regions
     try:
         m.write(0, [memoryview(b"before" * 512)], True)
         assert read(a, 0, 3072) == b"before" * 512
@@ -170,7 +171,8 @@ def test_paused_cluster_degrades_then_repair_copies_only_what_a_missed(own_clust
     pb = tmp_path / "b.img"
     pb.write_bytes(bytes(size))
     m = Mirror("m", a, Image(str(pb)), size=size, block_size=BS,
-               store=StateStore(str(tmp_path / "state")), region_size=RS)
+               store=StateStore(str(tmp_path / "state")), region_size=RS,
+               wi_extent=RS)  # exact write-intent bits: the test counts regions
     probe = None
     try:
         m.write(0, [memoryview(b"1" * size)], True)
@@ -210,7 +212,8 @@ def test_mirror_a_on_rbd_b_file_split_rejoin_verify(ceph_cluster, rbd_image, tmp
     pb = tmp_path / "b.img"
     pb.write_bytes(initial)
     m = Mirror("m", a, Image(str(pb)), size=size, block_size=BS,
-               store=StateStore(str(tmp_path / "state")), region_size=RS)
+               store=StateStore(str(tmp_path / "state")), region_size=RS,
+               wi_extent=RS)  # exact write-intent bits: the test counts regions
     probe = RbdImage(spec, access(ceph_cluster))
     try:
         model = bytearray(initial)
