@@ -155,3 +155,11 @@ def test_identity_defaults() -> None:
     ident = DeviceIdentity(serial="abc")
     assert (ident.vendor, ident.product) == ("LIO-ORG", "targetmirror")
     assert ident.max_compare_and_write_blocks == 1
+
+
+def test_default_unmap_limit_is_one_mebiblock() -> None:
+    """Block Limits advertises (and the handler enforces) at most 1 Mi blocks per UNMAP: above
+    that libiscsi's Inquiry.BlockLimits calls an explicit limit insane (docs/conformance.md)."""
+    page = vpd_page(0xB0, IDENT, 512)
+    assert int.from_bytes(page[20:24], "big") == 1024 * 1024
+    assert int.from_bytes(page[24:28], "big") == 256  # descriptors: also within 1 Mi
