@@ -45,17 +45,18 @@ PASS, FAIL, SKIP, HUNG = "pass", "fail", "skip", "hung"
 
 _TEST_RE = re.compile(r"^\s*Test: (?P<name>\S+) \.\.\.(?P<rest>.*)$")
 _SUITE_RE = re.compile(r"^Suite: (?P<name>\S+)")
-_VERDICT_RE = re.compile(r"(?:^|\.\.\.|\s)(passed|FAILED)\s*$")
+_VERDICT_RE = re.compile(r"^\s*(passed|FAILED)\b")
 
 
 def parse_output(suite: str, text: str) -> dict[str, str]:
     """``{'SCSI.Read10.Simple': 'pass'|'fail'|'skip'}`` from iscsi-test-cu's verbose output.
 
     A test's block runs from its ``Test: NAME ...`` line to the next test or suite line. Its
-    verdict is CUnit's: the last ``passed`` or ``FAILED`` that ends a line of the block (the
-    suite's own ``[FAILED] ...`` log lines do not count). A passed test whose block says
-    ``[SKIPPED]`` was skipped. A test with no verdict (the process died or hung in it) is left
-    out; the caller reports its suite as hung.
+    verdict is CUnit's: the last ``passed`` or ``FAILED`` that starts a line of the block or
+    follows the ``...`` at once (the suite's own ``[FAILED] ...`` log lines do not count, nor
+    does what a suite's clean-up prints after a verdict on the same line).  A passed test whose
+    block says ``[SKIPPED]`` was skipped.  A test with no verdict (the process died or hung in
+    it) is left out; the caller reports its suite as hung.
     """
     results: dict[str, str] = {}
     current: str | None = None

@@ -30,6 +30,12 @@ def test_a_failure_log_line_alone_is_not_a_verdict() -> None:
     assert parse_output("SCSI.X", text) == {"SCSI.X.T": PASS}
 
 
+def test_clean_up_output_after_the_verdict_does_not_change_it() -> None:
+    text = ("Suite: Reserve6\n  Test: LUNReset ...passed    [FAILED] PRIN command: failed "
+            "with sense. UNIT_ATTENTION\n\n\nRun Summary: ...\n")
+    assert parse_output("SCSI.Reserve6", text) == {"SCSI.Reserve6.LUNReset": PASS}
+
+
 def test_table_counts_and_regressions() -> None:
     t = Table()
     t.add("user:mirror", SuiteRun("SCSI.A", {"SCSI.A.x": PASS, "SCSI.A.y": FAIL}, 1.0, False, ""))
