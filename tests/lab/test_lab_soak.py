@@ -3,7 +3,7 @@ and rejoined again and again; the daemon's memory is sampled from /proc all alon
 
 Proves, against the real kernel: fio sees no I/O error and no verify mismatch across every split
 and rejoin; every split reports A consistent and every rejoin ends mirrored; the stuck-command
-watchdog (threshold lowered to 10 s) never fires; the daemon's RSS stays within a bound after
+watchdog (30 s, its default) never fires; the daemon's RSS stays within a bound after
 warm-up; at the end ``verify`` finds 0 mismatches and A equals B byte for byte.
 
 Short mode (CI, the default): 90 s of load, a split every 15 s.  Long mode for manual runs:
@@ -36,7 +36,8 @@ SIZE = 64 * MiB
 SECONDS = int(os.environ.get("TARGETMIRROR_GUEST_SOAK_SECONDS", "90"))
 PERIOD = float(os.environ.get("TARGETMIRROR_GUEST_SOAK_PERIOD",
                               "30" if SECONDS >= 300 else "15"))
-STUCK_AFTER = 10.0
+#: The daemon's own default threshold (what an operator would be alerted at).
+STUCK_AFTER = 30.0
 #: RSS may grow by at most this much from the end of the first split/rejoin cycle (warm-up:
 #: thread pools, buffers and caches exist by then) to the end of the run.
 RSS_GROWTH_BOUND = 32 * MiB
@@ -180,7 +181,7 @@ def test_soak_split_rejoin_under_fio(lio: object, tmp_path: Path) -> None:
             f"{t:.0f}:{r / MiB:.1f}" for t, r, _ in sampler.samples[::5]))
         print("split/rejoin seconds: " + " ".join(
             f"{c['split_s']:.2f}/{c['rejoin_s']:.2f}" for c in splits))
-        assert len(splits) >= max(2, int(SECONDS // PERIOD) - 1), splits
+        assert len(splits) >= max(2, int(SECONDS // PERIOD) // 2), splits
         assert rss[-1] - warm <= RSS_GROWTH_BOUND, (rss[-1], warm)
         assert sampler.samples[-1][2] <= sampler.samples[0][2] + 8, "file descriptors leak"
     finally:
