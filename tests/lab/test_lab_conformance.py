@@ -55,7 +55,7 @@ CI_SUITES: tuple[str, ...] = (
 )
 
 #: For :data:`CI_SUITES`: user:mirror must pass at least this many.  Only ever raise it.
-MIN_PASS = 76
+MIN_PASS = 77
 #: For the whole suite (``TARGETMIRROR_GUEST_CONFORMANCE=all``).  Only ever raise it.
 MIN_PASS_ALL = 135
 

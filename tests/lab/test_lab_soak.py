@@ -151,7 +151,12 @@ def test_soak_split_rejoin_under_fio(lio: object, tmp_path: Path) -> None:
         report = json.loads(out.read_text())
         jobs = {j["jobname"]: j for j in report["jobs"]}
         errors = {n: j["error"] for n, j in jobs.items()}
-        iops = {n: j["write"]["iops"] + j["read"]["iops"] for n, j in jobs.items()}
+        # IOs over the job's own run time (fio's per-direction iops is misleading for write
+        # jobs with verify: their verify reads are counted over the short verify phase)
+        iops = {n: (j["write"]["total_ios"] + j["read"]["total_ios"])
+                / max(j.get("job_runtime", SECONDS * 1000) / 1000, 1e-3)
+                for n, j in jobs.items()}
+        ios = {n: (j["write"]["total_ios"], j["read"]["total_ios"]) for n, j in jobs.items()}
         assert fio.returncode == 0, err.decode(errors="replace")[-3000:]
         assert all(e == 0 for e in errors.values()), errors
 
@@ -173,7 +178,8 @@ def test_soak_split_rejoin_under_fio(lio: object, tmp_path: Path) -> None:
         warm = sampler.at(warm_at if warm_at is not None else 0.0)
         print(f"soak {SECONDS} s, period {PERIOD:.0f} s: {len(splits)} splits, "
               f"{len(splits)} rejoins, fio errors {errors}")
-        print("fio IOPS: " + ", ".join(f"{n} {v:.0f}" for n, v in iops.items()))
+        print("fio IOPS (writes + reads, verify reads included): " + ", ".join(
+            f"{n} {v:.0f} ({ios[n][0]} w, {ios[n][1]} r)" for n, v in iops.items()))
         print(f"RSS MiB: start {rss[0] / MiB:.1f}, after first cycle {warm / MiB:.1f}, "
               f"end {rss[-1] / MiB:.1f}, max {max(rss) / MiB:.1f}; fds start "
               f"{sampler.samples[0][2]} end {sampler.samples[-1][2]}")
