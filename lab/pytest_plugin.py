@@ -38,6 +38,16 @@ DEFAULT_TIMEOUT = 1800.0
 KEEP_OUT_DIRS = 5
 
 
+#: Host environment variables with this prefix reach the guest's pytest unchanged: how a
+#: lab test's long mode is asked for (``TARGETMIRROR_GUEST_SOAK_SECONDS=600 pytest -m lab``).
+GUEST_ENV_PREFIX = "TARGETMIRROR_GUEST_"
+
+
+def guest_env_from_host() -> dict[str, str]:
+    """The ``TARGETMIRROR_GUEST_*`` variables of this (host) process, for the guest."""
+    return {k: v for k, v in os.environ.items() if k.startswith(GUEST_ENV_PREFIX)}
+
+
 def in_guest() -> bool:
     """True inside the lab guest, where lab tests really run."""
     return os.environ.get(ENV_IN_GUEST) == "1"
@@ -227,7 +237,8 @@ class HostLabRunner:
             with ctx:
                 result = vm.run(cmd, image=img, out_dir=out_dir, repo=REPO_ROOT,
                                 timeout=float(self.config.getoption("--lab-timeout")),
-                                env={ENV_RESULTS: f"{GUEST_OUT}/{RESULTS_FILE}"},
+                                env={ENV_RESULTS: f"{GUEST_OUT}/{RESULTS_FILE}",
+                                     **guest_env_from_host()},
                                 echo=sys.stdout if echo else None)
         except LabError as exc:
             self.lab_failure = f"lab run failed: {exc}"

@@ -40,7 +40,10 @@ class DeviceIdentity:
     product: str = "targetmirror"
     revision: str = "0001"
     max_transfer_blocks: int = 128
-    max_unmap_blocks: int = 0x40_0000
+    #: 1 Mi blocks per UNMAP (512 MiB at 512-byte blocks). SBC-3 allows any value, but
+    #: initiators and conformance suites (libiscsi's Inquiry.BlockLimits) treat an explicit
+    #: limit above 1 Mi as bogus; Linux splits discards at this limit either way.
+    max_unmap_blocks: int = 0x10_0000
     max_unmap_descriptors: int = 256
     max_write_same_blocks: int = 0xFFFF
     max_compare_and_write_blocks: int = 1

@@ -36,8 +36,19 @@ SUPPORTED_VPD_PAGES: tuple[int, ...] = (
     VPD_LOGICAL_BLOCK_PROVISIONING,
 )
 
-_STANDARD_LEN = 36
+#: Standard INQUIRY data through the last version descriptor's reserved tail (SPC-4 6.4.2):
+#: 96 bytes, ADDITIONAL LENGTH 91, as LIO's own backstores report.
+_STANDARD_LEN = 96
 _CMDQUE = 0x02
+#: VERSION DESCRIPTOR fields (bytes 58..73): the standards this logical unit follows.  An
+#: initiator (libiscsi's conformance suite, for one) reads SBC-3 support from here and skips
+#: or misjudges SBC-3 behaviour (the 3Ch-long Block Limits page, WRITE SAME, UNMAP) without it.
+VERSION_DESCRIPTORS: tuple[int, ...] = (
+    0x00A0,  # SAM-5 (no version claimed)
+    0x0460,  # SPC-4 (no version claimed)
+    0x04C0,  # SBC-3 (no version claimed)
+)
+_VERSION_DESCRIPTORS_AT = 58
 
 # Designation descriptor header bits (SPC-4 7.8.6.1).
 _CODE_SET_BINARY = 0x1
@@ -63,7 +74,8 @@ def _pad(text: str, width: int) -> bytes:
 
 
 def standard_inquiry(identity: DeviceIdentity) -> bytes:
-    """The 36-byte standard INQUIRY data: a direct-access SPC-4 device with command queuing."""
+    """The standard INQUIRY data: a direct-access SPC-4 device with command queuing that claims
+    SAM-5, SPC-4 and SBC-3 in its version descriptors."""
     buf = bytearray(_STANDARD_LEN)
     buf[0] = PERIPHERAL_DIRECT_ACCESS  # qualifier 000b: connected
     buf[2] = VERSION_SPC4
@@ -73,6 +85,9 @@ def standard_inquiry(identity: DeviceIdentity) -> bytes:
     buf[8:16] = _pad(identity.vendor, 8)
     buf[16:32] = _pad(identity.product, 16)
     buf[32:36] = _pad(identity.revision, 4)
+    for i, code in enumerate(VERSION_DESCRIPTORS):
+        at = _VERSION_DESCRIPTORS_AT + 2 * i
+        buf[at:at + 2] = code.to_bytes(2, "big")
     return bytes(buf)
 
 

@@ -127,9 +127,9 @@ def test_dispatch_covers_the_whole_table() -> None:
 
 def test_inquiry_standard_sets_read_len() -> None:
     dev, _ = make_device()
-    r = run(dev, inquiry(alloc=96), data_in=96)
+    r = run(dev, inquiry(alloc=255), data_in=255)
     expect_good(r)
-    assert r.result.read_len == 36
+    assert r.result.read_len == 96
     assert r.returned[8:16] == b"LIO-ORG "
 
 

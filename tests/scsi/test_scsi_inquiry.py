@@ -15,16 +15,25 @@ IDENT = DeviceIdentity(serial="0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0", revision="
 
 def test_standard_inquiry() -> None:
     data = standard_inquiry(IDENT)
-    assert len(data) == 36
+    assert len(data) == 96
     assert data[0] == 0x00  # connected direct-access block device
     assert data[1] == 0x00  # not removable
     assert data[2] == 0x06  # SPC-4
     assert data[3] & 0x0F == 0x02
-    assert data[4] == 31
+    assert data[4] == 91  # ADDITIONAL LENGTH: everything after byte 4
     assert data[7] & 0x02  # CmdQue
     assert data[8:16] == b"LIO-ORG "
     assert data[16:32] == b"targetmirror    "
     assert data[32:36] == b"1.2 "
+
+
+def test_standard_inquiry_claims_sam5_spc4_sbc3() -> None:
+    """SPC-4 6.4.2: version descriptors at bytes 58..73; libiscsi reads SBC-3 (04C0h) there."""
+    data = standard_inquiry(IDENT)
+    codes = [int.from_bytes(data[i:i + 2], "big") for i in range(58, 74, 2)]
+    assert codes[:3] == [0x00A0, 0x0460, 0x04C0]
+    assert codes[3:] == [0] * 5
+    assert data[36:58] == bytes(22) and data[74:] == bytes(22)
 
 
 def test_supported_pages_lists_every_page_it_serves() -> None:
@@ -146,3 +155,11 @@ def test_identity_defaults() -> None:
     ident = DeviceIdentity(serial="abc")
     assert (ident.vendor, ident.product) == ("LIO-ORG", "targetmirror")
     assert ident.max_compare_and_write_blocks == 1
+
+
+def test_default_unmap_limit_is_one_mebiblock() -> None:
+    """Block Limits advertises (and the handler enforces) at most 1 Mi blocks per UNMAP: above
+    that libiscsi's Inquiry.BlockLimits calls an explicit limit insane (docs/conformance.md)."""
+    page = vpd_page(0xB0, IDENT, 512)
+    assert int.from_bytes(page[20:24], "big") == 1024 * 1024
+    assert int.from_bytes(page[24:28], "big") == 256  # descriptors: also within 1 Mi
