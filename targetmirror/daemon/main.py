@@ -208,8 +208,7 @@ class Daemon:
             if event.device:
                 self.detach(event.device)
         elif event.cmd == L.CMD_RECONFIG_DEVICE:
-            log.warning("reconfiguration of %s is not supported yet; refusing it", event.device)
-            status = -95  # -EOPNOTSUPP
+            status = self._reconfig(event)
         else:
             return
         if event.device and event.device.split("/")[3:4] == ["mirror"]:
@@ -218,6 +217,41 @@ class Daemon:
             except (TargetMirrorError, OSError) as exc:
                 # The kernel only accepts replies it waits for (nl_reply_supported >= 0).
                 log.debug("netlink reply not taken: %s", exc)
+
+    def _reconfig(self, event: NetlinkEvent) -> int:
+        """Answer a RECONFIG event: 0 when it changes nothing we serve, else -EOPNOTSUPP.
+
+        ``targetcli restoreconfig`` writes ``dev_config``, ``dev_size`` and
+        ``emulate_write_cache`` back to a backstore it has just enabled; once any process has
+        set the TCM-USER netlink features (tcmu-runner does), the kernel waits for our answer
+        to each of those writes, and refusing them all would fail the restore.  Re-stating the
+        cfgstring or size the device already has changes nothing, so it is accepted; a new
+        cfgstring or size (a live image swap or resize) is refused, as is anything for a
+        device we do not serve.  ``emulate_write_cache`` is advisory for a user backstore (the
+        initiator sees our MODE SENSE caching page, which MODE SELECT changes), so it is
+        accepted and logged.
+        """
+        with self._lock:
+            dev = self.devices.get(event.device)
+        mirror = dev.mirror if dev is not None else None
+        if dev is None or mirror is None:
+            log.warning("reconfiguration of %s, which is not served: refusing it", event.device)
+            return -95  # -EOPNOTSUPP
+        same = True
+        if event.dev_cfg is not None:
+            cfg = event.dev_cfg
+            same = same and dev.info.cfgstring in (cfg, cfg.removeprefix("mirror/"))
+        if event.dev_size is not None:
+            same = same and event.dev_size == mirror.size
+        if not same:
+            log.warning("%s: changing dev_config or dev_size of a served mirror is not "
+                        "supported; refusing it (delete and re-create the backstore)",
+                        dev.info.dev_name, extra={"device": dev.info.dev_name})
+            return -95
+        if event.writecache is not None:
+            log.info("%s: emulate_write_cache=%d noted (the caching mode page is ours)",
+                     dev.info.dev_name, event.writecache, extra={"device": dev.info.dev_name})
+        return 0
 
     # -- control API -----------------------------------------------------------------------------
     def _by_name(self, name: str) -> ServedDevice:

@@ -109,3 +109,27 @@ def test_a_volume_2_cannot_be_split_by_its_own_name(daemon, monkeypatch) -> None
     d.rescan()
     with pytest.raises(main.MirrorError, match="volume 2 of mirror db; split the mirror"):
         d.op_split({"names": ["db2"], "one_way": True})
+
+
+def test_reconfig_that_restates_the_device_is_accepted_and_a_change_refused(daemon) -> None:
+    """targetcli restoreconfig writes dev_config/dev_size/emulate_write_cache back after it
+    enables a backstore; once tcmu-runner has run, the kernel waits for our answer to each."""
+    from targetmirror.tcmu import layout as L
+    from targetmirror.tcmu.netlink import NetlinkEvent
+
+    d, _events = daemon
+    d.attach(MIRROR)
+    d.devices[MIRROR.name].mirror.size = 1 << 20  # type: ignore[union-attr]
+
+    def ev(**kw: Any) -> NetlinkEvent:
+        return NetlinkEvent(L.CMD_RECONFIG_DEVICE, MIRROR.name, 1, 7, **kw)
+
+    assert d._reconfig(ev(dev_cfg="mirror/" + MIRROR.cfgstring)) == 0
+    assert d._reconfig(ev(dev_cfg=MIRROR.cfgstring)) == 0
+    assert d._reconfig(ev(dev_size=1 << 20)) == 0
+    assert d._reconfig(ev(writecache=False)) == 0
+    assert d._reconfig(ev(dev_cfg="mirror/a=/x/other.img;b=/x/b.img")) == -95
+    assert d._reconfig(ev(dev_size=2 << 20)) == -95
+    unknown = NetlinkEvent(L.CMD_RECONFIG_DEVICE, "tcm-user/9/zz/mirror/a=/q;b=/r", 9, 9,
+                           dev_size=1 << 20)
+    assert d._reconfig(unknown) == -95
