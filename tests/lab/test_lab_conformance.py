@@ -73,10 +73,9 @@ UNSTEADY: dict[str, str] = {
 
 KNOWN_DIFFERENCES: dict[str, str] = {
     "SCSI.Reserve6.Logout":
-        "NOT UNDERSTOOD YET: since the merge of 2026-11-26 it failed on user:mirror in both lab "
-        "runs (user:file failed it once too, fileio passed); RESERVE(6) and its release on "
-        "logout are LIO core's, so the cause is likely timing around our logout; see "
-        "docs/conformance.md",
+        "flips on every backstore (LIO core's RESERVE release on logout): in four runs of "
+        "2026-11-26 it failed on user:mirror twice, user:file once and fileio once; also in "
+        "UNSTEADY; see docs/conformance.md",
     "SCSI.ReceiveCopyResults.OpParams":
         "third-party copy (EXTENDED COPY, RECEIVE COPY RESULTS) is not implemented (3PC=0); "
         "the test is skipped as unsupported on user:mirror",
