@@ -162,19 +162,8 @@ _MIRROR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 def parse_volume(body: str) -> VolumeSpec:
     """``mirror=NAME;volume=2`` (keys in any order, both required, nothing else)."""
-    values: dict[str, str] = {}
-    for item in body.split(";"):
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"cfgstring item {item!r}: expected key=value")
-        if key not in (MIRROR_KEY, VOLUME_KEY):
-            raise ConfigError(f"cfgstring key {key!r} is not allowed in a volume cfgstring; "
-                              f"expected {MIRROR_KEY}=NAME;{VOLUME_KEY}=2")
-        if key in values:
-            raise ConfigError(f"cfgstring key {key!r} is given twice")
-        values[key] = value
+    values = _pairs(body, {MIRROR_KEY, VOLUME_KEY},
+                    where=f"a volume cfgstring; expected {MIRROR_KEY}=NAME;{VOLUME_KEY}=2")
     for key in (MIRROR_KEY, VOLUME_KEY):
         if key not in values:
             raise ConfigError(f"cfgstring lacks key '{key}' (expected "
@@ -229,7 +218,9 @@ def parse_any(cfgstring: str) -> MirrorSpec | SnapshotSpec | VolumeSpec:
     return parse(cfgstring)
 
 
-def _pairs(text: str, allowed: set[str]) -> dict[str, str]:
+def _pairs(text: str, allowed: set[str], where: str | None = None) -> dict[str, str]:
+    """``key=value;...`` into a dict: every key in ``allowed``, none twice, empty items skipped.
+    ``where`` names the kind of cfgstring in the unknown-key error."""
     values: dict[str, str] = {}
     for item in text.split(";"):
         if not item:
@@ -238,6 +229,8 @@ def _pairs(text: str, allowed: set[str]) -> dict[str, str]:
         if not sep:
             raise ConfigError(f"cfgstring item {item!r}: expected key=value")
         if key not in allowed:
+            if where is not None:
+                raise ConfigError(f"cfgstring key {key!r} is not allowed in {where}")
             raise ConfigError(f"cfgstring key {key!r} is unknown here; expected one of "
                               f"{', '.join(sorted(allowed))}")
         if key in values:

@@ -201,7 +201,7 @@ class MirrorCommands:
         return _MirrorJob(scsi, cdb, iov, io, parsed, extent, self.stats)
 
 
-def _count(stats: CommandStats, io: MirrorIO, kind: int, n: int, elapsed_ns: int) -> None:
+def _record_io(stats: CommandStats, io: MirrorIO, kind: int, n: int, elapsed_ns: int) -> None:
     """Metrics for one finished read or write of ``n`` bytes (0 if it failed): integer
     additions into this thread's shard (see daemon/metrics.py), bytes per leg touched."""
     if kind == WRITE:
@@ -242,10 +242,10 @@ class _MirrorJob:
         ext = self.extent
         ok = res.status == C.Status.GOOD
         if ext is not None:
-            _count(self.stats, self.io, WRITE, ext[1] - ext[0] if ok else 0, elapsed_ns)
+            _record_io(self.stats, self.io, WRITE, ext[1] - ext[0] if ok else 0, elapsed_ns)
         elif type(self.parsed) is ReadCdb:
             n = self.parsed.blocks * self.io.block_size if ok else 0
-            _count(self.stats, self.io, READ, n, elapsed_ns)
+            _record_io(self.stats, self.io, READ, n, elapsed_ns)
         else:
             self.stats.record(OTHER, elapsed_ns)
 
@@ -357,7 +357,7 @@ class _PlainJob:
             res = self.scsi.execute_plain(self.write, self.offset, self.iov, self.fua, io)
         finally:
             io.finish()
-        _count(self.stats, io, WRITE if self.write else READ,
+        _record_io(self.stats, io, WRITE if self.write else READ,
                self.length if res.status == C.Status.GOOD else 0, perf_counter_ns() - t0)
         return res
 
