@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import os
 import pstats
@@ -34,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from targetmirror import express
 from targetmirror.daemon.device import MirrorCommands
 from targetmirror.daemon.runner import DeviceRunner
 from targetmirror.mirror.mirror import Mirror
@@ -90,10 +92,12 @@ def _cpu() -> float:
 
 
 def drain_rounds(mirror: Mirror, workers: int, op: str, batch: int, rounds: int,
-                 profile: cProfile.Profile | None = None) -> tuple[float, float, int, float]:
+                 profile: cProfile.Profile | None = None, express_on: bool = False
+                 ) -> tuple[float, float, int, float, int]:
     """Prefill ``batch`` commands, let the handler drain them; ``rounds`` times.
 
-    Returns (wall s, process cpu s, notifies, ring-thread cpu s) summed over the drains only:
+    Returns (wall s, process cpu s, notifies, ring-thread cpu s, commands the express lane
+    served) summed over the drains only:
     queueing and reaping (the kernel double's work) happen while the handler is idle and are
     not counted.
     """
@@ -106,7 +110,8 @@ def drain_rounds(mirror: Mirror, workers: int, op: str, batch: int, rounds: int,
     cmds = MirrorCommands(mirror, lambda: DeviceIdentity(serial="bench",
                                                          max_transfer_blocks=2048))
     runner = DeviceRunner("bench", uio, Ring(producer.buf), cmds.admit, workers=workers,
-                          before_dispatch=cmds.commit)
+                          before_dispatch=cmds.commit,
+                          express=cmds.express if express_on and cmds.lane else None)
     ring_cpu = [0.0]
     target = runner.run
 
@@ -145,7 +150,7 @@ def drain_rounds(mirror: Mirror, workers: int, op: str, batch: int, rounds: int,
     runner.join(10)
     producer.buf.close()
     os.close(uio.efd)
-    return wall, cpu, uio.notifies, ring_cpu[0]
+    return wall, cpu, uio.notifies, ring_cpu[0], cmds.lane.served if cmds.lane else 0
 
 
 def make_mirror(kind: str, d: str, store: StateStore | None = None) -> Mirror:
@@ -166,6 +171,10 @@ def main() -> None:
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--profile", action="store_true")
+    why = "" if express.available() else f": {express.WHY_NOT}"
+    ap.add_argument("--express", default="0,1" if express.available() else "0",
+                    help="without (0) and with (1) the compiled express lane "
+                    f"(default %(default)s{why})")
     ap.add_argument("--state", action="store_true",
                     help="give the mirror a state directory: bitmap and write-intent on, as in "
                     "the daemon")
@@ -176,7 +185,8 @@ def main() -> None:
             mirror = make_mirror(args.backends.split(",")[0], d,
                                  StateStore(os.path.join(d, "state")) if args.state else None)
             prof = cProfile.Profile()
-            drain_rounds(mirror, 0, "write", args.batch, args.rounds, prof)
+            drain_rounds(mirror, 0, "write", args.batch, args.rounds, prof,
+                         express_on=args.express.split(",")[-1] == "1")
             mirror.close()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
             return
@@ -185,21 +195,26 @@ def main() -> None:
                                  StateStore(os.path.join(d, f"state-{kind}")) if args.state
                                  else None)
             try:
-                for op in ("write", "read"):
-                    for w in (int(x) for x in args.workers.split(",")):
-                        wall, cpu, notifies, ring_cpu = drain_rounds(
-                            mirror, w, op, args.batch, args.rounds)
-                        total = args.batch * args.rounds
-                        rate = total / wall
-                        row = {"backend": kind, "op": op, "workers": w, "cmds_per_s": rate,
-                               "cpu_us_per_cmd": cpu / total * 1e6,
-                               "ring_thread_cpu_us_per_cmd": ring_cpu / total * 1e6,
-                               "cmds_per_notify": total / max(notifies, 1)}
-                        results.append(row)
-                        print(f"{kind:5} 4k {op:5} workers={w}: {rate:9.0f} cmds/s  "
-                              f"CPU {row['cpu_us_per_cmd']:6.1f} us/cmd "
-                              f"(ring thread {row['ring_thread_cpu_us_per_cmd']:5.1f})  "
-                              f"{row['cmds_per_notify']:6.1f} cmds/notify", flush=True)
+                for op, w, ex in itertools.product(
+                        ("write", "read"), (int(x) for x in args.workers.split(",")),
+                        (x == "1" for x in args.express.split(","))):
+                    if ex and kind == "null":
+                        continue  # the lane writes real fds; a null leg has none
+                    wall, cpu, notifies, ring_cpu, served = drain_rounds(
+                        mirror, w, op, args.batch, args.rounds, express_on=ex)
+                    total = args.batch * args.rounds
+                    rate = total / wall
+                    row = {"backend": kind, "op": op, "workers": w, "express": ex,
+                           "cmds_per_s": rate, "cpu_us_per_cmd": cpu / total * 1e6,
+                           "ring_thread_cpu_us_per_cmd": ring_cpu / total * 1e6,
+                           "cmds_per_notify": total / max(notifies, 1),
+                           "express_share": served / total}
+                    results.append(row)
+                    print(f"{kind:5} 4k {op:5} workers={w} express={int(ex)}: {rate:9.0f} "
+                          f"cmds/s  CPU {row['cpu_us_per_cmd']:6.1f} us/cmd "
+                          f"(ring thread {row['ring_thread_cpu_us_per_cmd']:5.1f})  "
+                          f"{row['cmds_per_notify']:6.1f} cmds/notify  "
+                          f"lane {served / total:4.0%}", flush=True)
             finally:
                 mirror.close()
     if args.json:

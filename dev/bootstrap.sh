@@ -30,7 +30,10 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$SYSPY" -m venv --system-site-packages "$VENV"
 fi
-stamp="$VENV/.installed-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+# setup.py and the C source are in the stamp: the express lane is built in place by the
+# editable install, and a stale build must not be what the lab guest loads.
+stamp="$VENV/.installed-$(cat setup.cfg pyproject.toml setup.py targetmirror/express/_lane.c \
+    | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e '.[test]'

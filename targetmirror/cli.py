@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -228,7 +229,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

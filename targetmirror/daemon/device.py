@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import Protocol
 
-from targetmirror import __version__
+from targetmirror import __version__, express
 from targetmirror.config.cfgstring import (
     MirrorSpec,
     SnapshotSpec,
@@ -28,7 +29,7 @@ from targetmirror.daemon.metrics import OTHER, READ, WRITE, CommandStats
 from targetmirror.daemon.runner import Admit, DeviceRunner, Job, PlainJob
 from targetmirror.errors import MirrorError, TargetMirrorError
 from targetmirror.mirror.bitmap import DEFAULT_REGION
-from targetmirror.mirror.mirror import WI_EXTENT, Mirror, MirrorIO
+from targetmirror.mirror.mirror import LEG_A, WI_EXTENT, Mirror, MirrorIO, QuietPlan
 from targetmirror.mirror.snapshot import SnapshotVolume, owning_split_mirror
 from targetmirror.mirror.state import StateStore
 from targetmirror.scsi import constants as C
@@ -48,6 +49,11 @@ log = logging.getLogger("targetmirror.device")
 
 INLINE_MAX = 64 * 1024
 """Plain reads and writes up to this size run on the ring thread when they need not wait."""
+EXPRESS_MAX = 1 << 20
+"""Largest transfer the express lane serves itself (it writes the legs one after the other on
+the ring thread); larger ones go to the workers, which write both legs in parallel."""
+TOUCHED_MAX = 4096
+"""Regions one lane run may report as written before it stops and lets the ring go on."""
 
 # LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED (04/03)
 _NOT_READY = ScsiResult(C.Status.CHECK_CONDITION,
@@ -69,6 +75,8 @@ class ServedDevice:
     that device's Mirror and never closes it."""
     stats: CommandStats | None = None
     """Per-command counters for the metrics endpoint (mirrors only)."""
+    lane: _Lane | None = None
+    """The express lane's counters (volume 1 of a mirror, when the lane is built)."""
 
     def close(self) -> None:
         """Stop the ring loop (finishing in-flight commands), then close ring and images."""
@@ -163,9 +171,26 @@ class MirrorCommands:
         self._lock = threading.Lock()
         self.stats = CommandStats()
 
+        self.lane = _Lane(self.stats) if express.available() and volume == 1 else None
+        """The express lane of this device (None: not built, disabled, or not volume 1)."""
+
     def commit(self) -> None:
         """Once per ring batch, before it runs: one sync for the bits admission marked."""
         self._mirror.commit_marks()
+
+    def express(self, ring: Ring) -> int:
+        """Before a batch is fetched: let the compiled lane serve what it can, straight from
+        the ring; return how many commands it answered (see ``targetmirror/express``)."""
+        lane = self.lane
+        scsi = self._scsi
+        if lane is None or scsi is None:  # the first command builds the SCSI device
+            return 0
+        lane.ring = ring
+        lane.write_protected = scsi.write_protected
+        m = self._mirror
+        lane.max_bytes = min(EXPRESS_MAX, self._max_blocks * m.block_size)
+        lane.geometry = (m.block_size, m.num_blocks)
+        return m.quiet(1, lane.serve)
 
     def _device(self) -> ScsiDevice:
         scsi = self._scsi
@@ -199,6 +224,58 @@ class MirrorCommands:
         io = (mirror.admit(tag, extent) if volume == 1
               else mirror.admit(tag, extent, volume))
         return _MirrorJob(scsi, cdb, iov, io, parsed, extent, self.stats)
+
+
+class _Lane:
+    """One device's express lane: preallocated buffers and the call into ``_lane.drain``.
+
+    :meth:`serve` is what :meth:`Mirror.quiet` calls with the mirror held still; it offers the
+    ring to the lane (:meth:`Ring.express`, which checks nothing is in flight) and hands back
+    the regions written.  Counters say how often it ran and why it stopped.
+    """
+
+    __slots__ = ("_bounds", "_bytes_off", "_ntouched", "_plan", "_shard", "_stride", "_touched",
+                 "geometry", "max_bytes", "ring", "runs", "served", "stops", "write_protected")
+
+    def __init__(self, stats: CommandStats) -> None:
+        self._shard = stats.array_shard()
+        self._bounds, self._stride, self._bytes_off = stats.layout()
+        self._touched = array("Q", bytes(8 * TOUCHED_MAX))
+        self._plan: QuietPlan | None = None
+        self.ring: Ring | None = None
+        self.write_protected = False
+        self.max_bytes = 0
+        self.geometry = (512, 0)
+        self.runs = 0
+        self.served = 0
+        self.stops = [0] * len(express.STOP_NAMES)
+        """How many runs stopped for each reason (``express.STOP_NAMES`` by code)."""
+
+    def serve(self, plan: QuietPlan) -> tuple[int, Sequence[int]]:
+        ring = self.ring
+        assert ring is not None
+        self._plan = plan
+        self._ntouched = 0
+        served = ring.express(self)
+        n = self._ntouched
+        return served, self._touched[:n] if n else ()
+
+    def __call__(self, mv: memoryview, cmdr_off: int, cmdr_size: int, rp: int
+                 ) -> tuple[int, int]:
+        plan = self._plan
+        assert plan is not None and express.drain is not None
+        wa, wb = (-1, -1) if self.write_protected else (plan.write_a, plan.write_b)
+        gate = plan.gate
+        bs, nblocks = self.geometry
+        rp, served, self._ntouched, stop, _err = express.drain(
+            mv, cmdr_off, cmdr_size, rp, wa, wb, plan.read_fd, 0 if plan.read_leg == LEG_A
+            else 1, bs, nblocks, self.max_bytes, None if gate is None else gate.bits,
+            0 if gate is None else gate.shift, 0 if gate is None else gate.regions,
+            self._touched, self._shard, self._bounds, self._stride, self._bytes_off)
+        self.runs += 1
+        self.served += served
+        self.stops[stop] += 1
+        return rp, served
 
 
 def _record_io(stats: CommandStats, io: MirrorIO, kind: int, n: int, elapsed_ns: int) -> None:
@@ -389,6 +466,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     volume = 1
     stats: CommandStats | None = None
     before_dispatch: Callable[[], None] | None = None
+    commands: MirrorCommands | None = None
     admit: Admit
     try:
         spec = parse_any(info.cfgstring)
@@ -418,6 +496,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
             before_dispatch = commands.commit
     except (TargetMirrorError, OSError) as exc:
         reason = str(exc)
+        commands = None
         log.error("cannot serve %s: %s; answering NOT READY until it is fixed", info.dev_name,
                   reason, extra={"device": info.dev_name})
 
@@ -442,7 +521,9 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
         raise
     runner = DeviceRunner(info.dev_name, uio, uio.ring, admit, workers=workers,
                           tag=mirror.epoch if mirror is not None else 0,
-                          before_dispatch=before_dispatch)
+                          before_dispatch=before_dispatch,
+                          express=(commands.express if commands is not None
+                                   and commands.lane is not None else None))
     runner.start()
     if mirror is not None and volume == 2:
         log.info("serving %s: volume 2 of mirror %s", info.dev_name, mirror.name,
@@ -454,7 +535,8 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     if snapshot is not None:
         log.info("serving %s: read-only snapshot of %s (%s)", info.dev_name, snapshot.mirror,
                  snapshot.image.path, extra={"device": info.dev_name})
-    return ServedDevice(info, uio, runner, mirror, reason, snapshot, volume, stats)
+    return ServedDevice(info, uio, runner, mirror, reason, snapshot, volume, stats,
+                        commands.lane if commands is not None else None)
 
 
 def not_ready_admit(identity: Callable[[], DeviceIdentity],

@@ -23,7 +23,7 @@ import time
 from types import FrameType
 from typing import Any
 
-from targetmirror import __version__
+from targetmirror import __version__, express
 from targetmirror.config.cfgstring import (
     MirrorSpec,
     SnapshotSpec,
@@ -291,6 +291,10 @@ class Daemon:
             else:
                 st = {"name": dev.info.dev_name, "state": "not-ready", "reason": dev.reason}
             st["commands"] = dev.runner.commands
+            if dev.lane is not None:
+                st["express"] = {"commands": dev.lane.served, "runs": dev.lane.runs,
+                                 "stops": {why: dev.lane.stops[code]
+                                           for code, why in express.STOP_NAMES.items()}}
             if self.watchdog is not None:
                 st["stuck_commands"] = self.watchdog.stuck(dev.info.dev_name)
             out.append(st)
@@ -493,7 +497,8 @@ class Daemon:
             bus = HandlerService(check=self.check_config)
             if not bus.start():
                 bus = None
-        log.info("targetmirrord %s serving %d device(s)", __version__, len(self.devices))
+        log.info("targetmirrord %s serving %d device(s); express lane %s", __version__,
+                 len(self.devices), "on" if express.available() else f"off: {express.WHY_NOT}")
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
         try:
             while not self._stop.is_set():

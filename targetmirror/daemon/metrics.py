@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from targetmirror import __version__
+from targetmirror import __version__, express
 from targetmirror.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -61,10 +62,23 @@ class CommandStats:
     count before its bytes, which a scrape tolerates (the next scrape is exact).
     """
 
-    __slots__ = ("_shards",)
+    __slots__ = ("_arrays", "_shards")
 
     def __init__(self) -> None:
         self._shards: dict[int, list[int]] = {}
+        self._arrays: list[array[int]] = []
+
+    def array_shard(self) -> array[int]:
+        """A shard as a flat int64 array, for a writer in C (the express lane, which adds
+        into it with the layout below: ``layout()``).  Owned by one thread, like the others."""
+        shard = array("q", bytes(8 * _SHARD_LEN))
+        self._arrays.append(shard)
+        return shard
+
+    @staticmethod
+    def layout() -> tuple[array[int], int, int]:
+        """``(latency bounds in ns, stride per direction, offset of the byte counters)``."""
+        return array("q", LATENCY_BOUNDS_NS), _STRIDE, _BYTES
 
     def record(self, direction: int, elapsed_ns: int, a_bytes: int = 0, b_bytes: int = 0
                ) -> None:
@@ -84,7 +98,7 @@ class CommandStats:
     def totals(self) -> list[int]:
         """The shards summed (scrape time)."""
         out = [0] * _SHARD_LEN
-        for shard in list(self._shards.values()):
+        for shard in [*self._shards.values(), *self._arrays]:
             for i, v in enumerate(shard):
                 out[i] += v
         return out
@@ -160,6 +174,13 @@ class MirrorCollector:
         ring_batches = CounterMetricFamily("targetmirror_ring_batches",
                                            "batches fetched (one kernel notify each)",
                                            labels=["device"])
+        lane_cmds = CounterMetricFamily("targetmirror_express_commands",
+                                        "commands the compiled express lane served straight "
+                                        "from the ring", labels=["device"])
+        lane_runs = CounterMetricFamily("targetmirror_express_runs",
+                                        "express lane runs, by why each stopped (head: ring "
+                                        "empty; entry, gate, io, full: Python took over)",
+                                        labels=["device", "stop"])
         m_state = StateSetMetricFamily("targetmirror_mirror_state", "where the mirror is in its "
                                        "split / rejoin cycle", labels=["mirror"])
         m_info = InfoMetricFamily("targetmirror_mirror", "the mirror's images",
@@ -202,6 +223,11 @@ class MirrorCollector:
             ready.add_metric([name], 0.0 if dev.reason else 1.0)
             ring_cmds.add_metric([name], dev.runner.commands)
             ring_batches.add_metric([name], dev.runner.batches)
+            lane = dev.lane
+            if lane is not None:
+                lane_cmds.add_metric([name], lane.served)
+                for code, why in express.STOP_NAMES.items():
+                    lane_runs.add_metric([name, why], lane.stops[code])
             m = dev.mirror
             if m is None:
                 continue
@@ -255,8 +281,9 @@ class MirrorCollector:
                     for li, leg in enumerate(LEGS):
                         nbytes.add_metric([name, dname, leg], stats.bytes(t, d, li))
 
-        yield from (ready, ring_cmds, ring_batches, m_state, m_info, epoch, size, l_state,
-                    inflight, pre, dirty, regions, region_size, split_epoch, split_instant,
+        yield from (ready, ring_cmds, ring_batches, lane_cmds, lane_runs, m_state, m_info,
+                    epoch, size, l_state, inflight, pre, dirty, regions, region_size,
+                    split_epoch, split_instant,
                     split_drain, split_info, resync_active, resync_bytes, resync_total,
                     resync_eta, commands, nbytes, latency)
 

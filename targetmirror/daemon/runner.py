@@ -105,7 +105,8 @@ class DeviceRunner:
 
     def __init__(self, name: str, uio: UioLike, ring: Ring, admit: Admit, *,
                  workers: int = 2, tag: int = 0,
-                 before_dispatch: Callable[[], None] | None = None) -> None:
+                 before_dispatch: Callable[[], None] | None = None,
+                 express: Callable[[Ring], int] | None = None) -> None:
         self.name = name
         self.uio = uio
         self.ring = ring
@@ -113,6 +114,10 @@ class DeviceRunner:
         self.before_dispatch = before_dispatch
         """Called once per admitted batch, before any of it runs (outside the ring lock): the
         mirror makes the batch's write-intent bits durable with one sync there."""
+        self.express = express
+        """Offered the ring (under :attr:`lock`) before each fetch while nothing of this device
+        is in flight and no split boundary is pending: it answers what it can of the queued
+        commands in place and returns how many (``targetmirror/express``)."""
         self.workers = workers
         self.tag = tag
         """Given to each command at admission; switched at a split boundary."""
@@ -232,8 +237,13 @@ class DeviceRunner:
             self._drain_on_exit()
 
     def _fetch_and_dispatch(self) -> None:
+        served = 0
         with self.lock:
             boundary = self._boundary
+            if (boundary is None and self.express is not None and not self._futures
+                    and not self._done):
+                served = self.express(self.ring)
+                self.commands += served
             if boundary is None:
                 jobs = self._admit_all(self.ring.fetch())
             else:
@@ -243,6 +253,10 @@ class DeviceRunner:
                 self.tag = new_tag
                 on_passed()
                 jobs += self._admit_all(self.ring.fetch())
+        if served and not (jobs and all(job.inline for _, job in jobs)):
+            # The lane's answers are in the ring; tell the kernel now unless inline jobs are
+            # about to finish and notify for everything at once.
+            self.uio.notify()
         if not jobs:
             return
         if self.before_dispatch is not None:

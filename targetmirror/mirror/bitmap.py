@@ -132,6 +132,12 @@ class Bitmap:
         return bool(self.bits[region >> 3] & (1 << (region & 7)))
 
     @property
+    def settled(self) -> bool:
+        """True if the file holds every bit as memory has it now (no change awaits a sync):
+        a set bit may then be trusted as durable by a writer that checks it without marking."""
+        return self._synced_gen >= self._gen
+
+    @property
     def count(self) -> int:
         """Regions marked."""
         return self._count

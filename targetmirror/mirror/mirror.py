@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from targetmirror.errors import MirrorError, StoreError
 from targetmirror.mirror.bitmap import DEFAULT_REGION, Bitmap
@@ -73,6 +73,22 @@ or arrive while a copy runs mark their regions exactly, so a rejoin or repair co
 changed."""
 LEG_TIMEOUT = 20.0
 """A leg call older than this fails the leg (below LIO's default 30 s cmd_time_out)."""
+
+
+class QuietPlan(NamedTuple):
+    """What the express lane may do while :meth:`Mirror.quiet` holds the mirror still."""
+
+    write_a: int
+    """fd to write leg A through, or -1: writes do not go to A."""
+    write_b: int
+    """fd to write leg B through, or -1 (with ``write_a`` -1 too: no write may run)."""
+    read_fd: int
+    """fd of the leg reads come from (a complete copy)."""
+    read_leg: int
+    """LEG_A or LEG_B: the leg ``read_fd`` belongs to (metrics)."""
+    gate: Bitmap | None
+    """A write may run only if every bit of its regions is set here; None: no bitmap to
+    keep (no bitmap, or write-intent off while mirrored)."""
 
 
 class MirrorIO:
@@ -528,6 +544,69 @@ class Mirror:
                     self._pending_mark = gen
                 premark = gen
         return MirrorIO(self, tag, legs, extent, ticket, key, granted, premark)
+
+    def quiet(self, volume: int, serve: Callable[[QuietPlan], tuple[int, Sequence[int]]]
+              ) -> int:
+        """Call ``serve(plan)`` if the mirror is quiet enough for writes that skip admission.
+
+        The express lane (``targetmirror/express``) writes and reads the legs' file descriptors
+        itself, without tickets or marks.  That is only the same as admitting each command when
+        nothing could tell the difference, so ``serve`` runs only if: the mirror is mirrored,
+        or split with the drain finished (not one-way); no leg is failed; no command, copy or
+        verify holds or waits for a range; the bitmap's file holds every bit memory has.  For
+        the whole call the admission lock and the range lock are held, so no split, rejoin,
+        clear pass, repair or range can start half-way (a split instant waits for the ring
+        lock the caller holds anyway).  A write may run only if its region bits are already
+        set (``plan.gate``; a write that needs a new mark is left to admission).  ``serve``
+        returns how many commands it served and the regions it wrote, which count as touched
+        for the clear pass exactly as an admitted write's regions do.
+
+        Returns the number served (0 when not quiet: ``serve`` was not called).  Never blocks:
+        a contended lock means "not now".
+        """
+        if volume != 1 or not self._mu.acquire(blocking=False):
+            return 0
+        try:
+            plan = self._quiet_plan_locked()
+            if plan is None:
+                return 0
+            locks = self.locks
+            with locks.guard:  # a C-level lock: no generator on this per-batch path
+                if not locks.idle_locked():
+                    return 0
+                served, touched = serve(plan)
+            if touched:
+                self._touched.update(touched)
+            return served
+        finally:
+            self._mu.release()
+
+    def _quiet_plan_locked(self) -> QuietPlan | None:
+        state = self.st.state
+        if (self._failed_mask or self._busy or self._inflight or self._pending_mark
+                or self._copier_running()):
+            return None
+        bm = self.bitmap
+        if bm is not None and not bm.settled:
+            return None
+        writable = self.write_cache  # write-through means a flush per write: Python's job
+        b = self.b.express_fd()
+        if b is None:
+            return None
+        if state == State.MIRRORED:
+            a = self.a.express_fd()
+            if a is None:
+                return None
+            gate = bm if bm is not None and self.write_intent else None
+            return QuietPlan(a if writable else -1, b if writable else -1, b, LEG_B, gate)
+        if (state == State.SPLIT and self.st.split is not None and not self.st.split.one_way
+                and self._post_split is None):
+            return QuietPlan(-1, b if writable else -1, b, LEG_B, bm)
+        return None
+
+    def _copier_running(self) -> bool:
+        t = self._resync_thread
+        return t is not None and t.is_alive()
 
     def _wi_span(self, offset: int, length: int) -> tuple[int, int]:
         """The write-intent extents around a mirrored write (see ``WI_EXTENT``)."""

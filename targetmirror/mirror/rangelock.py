@@ -143,6 +143,17 @@ class RangeLock:
                 return True
         return False
 
+    @property
+    def guard(self) -> threading.Lock:
+        """The lock every take, wait and release goes through.  Held by a caller that writes
+        without taking ranges (the express lane), it keeps every new range out meanwhile;
+        check :meth:`idle_locked` under it.  Never block on anything else while holding it."""
+        return self._guard
+
+    def idle_locked(self) -> bool:
+        """With :attr:`guard` held: True if no range is granted or queued."""
+        return not self._queue
+
     def held(self) -> int:
         """How many ranges are granted or waiting (for status and tests)."""
         with self._guard:

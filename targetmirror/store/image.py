@@ -102,6 +102,20 @@ class Image:
         the ring thread may run them itself rather than pay for a hand-off to a worker.  An
         image whose I/O can take as long as the medium's latency says False."""
 
+    def express_fd(self, write: bool = True) -> int | None:
+        """The descriptor the express lane may ``pwritev``/``preadv`` itself, or None.
+
+        Only a plain image in the page cache qualifies: the lane runs on the ring thread, so a
+        slow medium would stall the ring, and a subclass (fault injection, a cluster leg) puts
+        logic between the caller and the fd that the lane must not skip -- a subclass is
+        refused unless it overrides this on purpose.  A frozen image is
+        never offered for writing (``write``): the freeze that guards a split copy holds for
+        the lane too.
+        """
+        if type(self) is not Image or not self.fast or self._closed or (write and self.frozen):
+            return None
+        return self.fd
+
     def freeze(self) -> None:
         """Refuse every write from now on (A after a split: it must never change again).
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import struct
+from collections.abc import Callable
 from typing import NamedTuple, TypeAlias
 
 from targetmirror.errors import RingError
@@ -293,6 +294,29 @@ class Ring:
         if new_tail != tail:
             L.U32.pack_into(mv, L.MB_CMD_TAIL_OFF, new_tail)
         return out
+
+    def express(self, lane: Callable[[memoryview, int, int, int], tuple[int, int]]) -> int:
+        """Let a compiled lane serve commands in place; return how many it answered.
+
+        ``lane(map, cmdr_off, cmdr_size, rp)`` walks from ``rp``, answers each command it can
+        serve in its own slot, stores ``cmd_tail`` and returns ``(new rp, served)``; it stops
+        at the first entry it leaves to :meth:`fetch` (see ``targetmirror/express``).  Offered
+        only when no fetched command is unanswered and ``cmd_tail`` equals the read pointer:
+        then answering in place, in ring order, is exactly what :meth:`complete` would do, and
+        nothing here has to know about the lane's commands afterwards.  The caller notifies
+        the kernel if anything was served.
+        """
+        if self._pending:
+            return 0
+        mv = self._live()
+        rp = self._rp
+        if _U32_UNPACK(mv, L.MB_CMD_TAIL_OFF)[0] != rp:
+            return 0
+        new_rp, served = lane(mv, self._cmdr_off, self._cmdr_size, rp)
+        if new_rp >= self._cmdr_size or new_rp % L.OP_ALIGN:
+            raise RingError(f"the express lane returned ring offset {new_rp}")
+        self._rp = new_rp
+        return served
 
     def _parse_cmd(self, mv: memoryview, eoff: int, length: int, cmd_id: int) -> Entry:
         if length < L.CMD_ENTRY_SIZE:

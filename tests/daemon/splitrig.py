@@ -171,6 +171,15 @@ class JitterImage(Image):
         self.writes: list[tuple[int, int]] = []
         """(offset, length) of every write that reached the file, in order."""
 
+    express = False
+    """Set by ``make_device(express=True)``: the express lane may write the fd itself, past
+    the jitter, the gates and ``writes`` (the Python path still goes through them)."""
+
+    def express_fd(self, write: bool = True) -> int | None:
+        if not self.express or not self.fast or (write and self.frozen):
+            return None
+        return self.fd
+
     def gate(self, offset: int) -> tuple[threading.Event, threading.Event]:
         g = (threading.Event(), threading.Event())
         self.gates[offset] = g
@@ -262,14 +271,16 @@ def make_device(directory: str, name: str, nblocks: int, *, workers: int,
                 mirror_name: str | None = None, images: tuple[str, str] | None = None,
                 clock: Callable[[], int] | None = None, start: bool = True,
                 cmdr_size: int = 256 * 1024, data_size: int = 2 << 20,
-                fast: bool = False) -> RigDevice:
+                fast: bool = False, express: bool = False) -> RigDevice:
     """Images with the initial content, a Mirror over jittery Images, a Producer whose ring
     does not wrap within a trial, and a started DeviceRunner.  ``fast`` images let the ring
-    thread run small commands itself (never with gates: a gated write would stall it)."""
+    thread run small commands itself (never with gates: a gated write would stall it);
+    ``express`` (with ``fast``) also gives the runner the compiled express lane, if built."""
     pa, pb = images if images is not None else prepare_images(directory, name, nblocks)
     a = JitterImage(pa, rng, max_delay, p_delay)
     b = JitterImage(pb, rng, max_delay, p_delay)
     a.fast = b.fast = fast
+    a.express = b.express = express
     mirror = Mirror(mirror_name or name, a, b, size=nblocks * BS, block_size=BS, store=store)
     commands = MirrorCommands(
         mirror, lambda: DeviceIdentity(serial=f"{name}0001"[:16], max_transfer_blocks=2048))
@@ -277,7 +288,8 @@ def make_device(directory: str, name: str, nblocks: int, *, workers: int,
     uio = RecordingUio(producer, clock)
     runner = DeviceRunner(name, uio, Ring(producer.buf), commands.admit,
                           before_dispatch=commands.commit, workers=workers,
-                          tag=mirror.epoch)
+                          tag=mirror.epoch,
+                          express=commands.express if express and commands.lane else None)
     if start:
         runner.start()
     info = UioInfo(name=f"tcm-user/0/{name}/mirror/{pa}|{pb}", minor=0, hba=0, dev_name=name,
@@ -285,7 +297,7 @@ def make_device(directory: str, name: str, nblocks: int, *, workers: int,
                    dev_path="/dev/null")
     served = ServedDevice(info, uio, runner, mirror,  # type: ignore[arg-type]
                           stats=commands.stats)
-    return RigDevice(served, uio, producer, a, b)
+    return RigDevice(served, uio, producer, a, b, extra={"commands": commands})
 
 
 # -- the model ---------------------------------------------------------------------------------

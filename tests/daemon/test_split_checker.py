@@ -41,6 +41,7 @@ from typing import Any
 
 import pytest
 
+from targetmirror import express as express_mod
 from targetmirror.daemon.split import split
 from targetmirror.errors import StoreError
 from targetmirror.mirror.state import State, StateStore
@@ -216,9 +217,11 @@ def split_trial(seed: int, directory: str, store: StateStore, name: str) -> dict
     # the instant lands in the middle of the stream (perturbation, not synchronisation).
     gap = rng.choice([0.0, 20e-6, 100e-6, 400e-6])
     gaps = random.Random(rng.getrandbits(64))
+    fast = rng.random() < 0.5
+    express = fast and rng.random() < 0.5  # the compiled lane serves part of the trial
     dev = make_device(directory, "t", nblocks, workers=workers, store=store,
                       rng=random.Random(rng.getrandbits(64)), max_delay=max_delay,
-                      p_delay=0.5, mirror_name=name, fast=rng.random() < 0.5)
+                      p_delay=0.5, mirror_name=name, fast=fast, express=express)
     initial = initial_image(nblocks)
     results: list[dict[str, Any]] = []
     try:
@@ -248,6 +251,8 @@ def split_trial(seed: int, directory: str, store: StateStore, name: str) -> dict
         assert res["name"] == name and res["epoch"] == 1
         stats = check_device(dev, res, initial, store)
         stats["workers"] = workers
+        lane = dev.extra["commands"].lane
+        stats["express_served"] = lane.served if express and lane is not None else 0
         return stats
     finally:
         dev.close()
@@ -299,6 +304,8 @@ def test_split_checker(tmp_path):
         assert totals["drained"] > 0, "no trial had a pre-split write in flight at the instant"
         assert 0 < totals["pre_writes"] < totals["writes"]
         assert totals["strict_reads"] > 0
+        if express_mod.available():
+            assert totals["express_served"] > 0, "the express lane never served a command"
 
 
 # -- the consistency-group checker ---------------------------------------------------------------
@@ -312,9 +319,11 @@ def group_trial(seed: int, directory: str, store: StateStore, name: str) -> dict
     clock = shared_clock()
     jitter = random.Random(rng.getrandbits(64))
     max_delay = rng.choice([0.0, 50e-6, 200e-6])
+    fast = [rng.random() < 0.5 for _ in range(2)]
     devs = [make_device(directory, f"g{k}", nblocks, workers=rng.choice([0, 2, 4]), store=store,
                         rng=jitter, max_delay=max_delay, p_delay=0.5,
-                        mirror_name=f"{name}-{k}", clock=clock, fast=rng.random() < 0.5)
+                        mirror_name=f"{name}-{k}", clock=clock, fast=fast[k],
+                        express=fast[k] and rng.random() < 0.5)
             for k in range(2)]
     # Every (chain, step) writes its own 1-3 blocks of a slot of 4: presence is unambiguous.
     slots = [rng.sample(range(nblocks // 4), nblocks // 4) for _ in devs]
@@ -381,6 +390,8 @@ def group_trial(seed: int, directory: str, store: StateStore, name: str) -> dict
             assert st is not None and st.split is not None
             assert st.split.group == sorted(x.name for x in devs)
         stats["partial_chains"] = sum(1 for k in prefix_lengths if 0 < k < steps)
+        stats["express_served"] = sum(d.extra["commands"].lane.served for d in devs
+                                      if d.served.runner.express is not None)
         return stats
     finally:
         for d in devs:

@@ -1,0 +1,71 @@
+"""The express lane: runs of plain READ/WRITE commands served by a small compiled core.
+
+Why: on the lab's emulated CPU, and on real hosts under load, a mirrored 4 KiB write costs the
+Python path about 125 interpreter calls (ring parse, decode, admission, range lock, bitmap test,
+two ``pwritev``, metrics, completion).  The profile says that, not the disk, is the wall
+(docs/performance.md).  ``_lane.c`` does the same work in C, for one wake-up's run of commands,
+with the GIL released.
+
+When it may run is decided in Python, every time, by the layer that owns each rule:
+
+* the ring (:meth:`targetmirror.tcmu.ring.Ring.express`): nothing of this device is in flight,
+  so the lane answers every command in place, in ring order, and moves ``cmd_tail`` with it;
+* the mirror (:meth:`targetmirror.mirror.mirror.Mirror.quiet`): mirrored or fully split, both
+  legs healthy, no copy or verify running, no range held, the bitmap fully synced; it holds the
+  admission lock across the call, so no split, rejoin or clear pass can start half-way; a
+  write runs only if its bitmap bits are already set (the gate), and the regions it wrote are
+  counted as touched, exactly as admission would;
+* the device (:class:`targetmirror.daemon.device.MirrorCommands`): both legs are plain files or
+  block devices in the page cache, the LUN is writable and its write cache on (FUA stays in
+  Python).
+
+The lane stops at the first entry it does not fully understand, or whose write would need a new
+bitmap mark, or whose I/O fails; Python continues from exactly that entry, so every unusual
+command, every error and every sense code still comes from the one general path.
+
+**Fallback.**  The pure-Python path is complete on its own.  If the extension was not built (no
+compiler when the package was installed) or ``TARGETMIRROR_EXPRESS=0`` is set, :data:`drain` is
+None and nothing changes but speed; :data:`WHY_NOT` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+drain: Callable[..., tuple[int, int, int, int, int]] | None
+WHY_NOT: str | None = None
+STOP_HEAD = STOP_ENTRY = STOP_GATE = STOP_IO = STOP_FULL = STOP_CORRUPT = -1
+
+if os.environ.get("TARGETMIRROR_EXPRESS", "1") == "0":
+    drain = None
+    WHY_NOT = "disabled by TARGETMIRROR_EXPRESS=0"
+else:
+    try:
+        from targetmirror.express import _lane  # type: ignore[attr-defined]
+    except ImportError as exc:  # not built: the Python path serves everything
+        drain = None
+        WHY_NOT = f"the compiled lane is not built ({exc})"
+    else:
+        _mod: Any = _lane
+        _src = os.path.join(os.path.dirname(__file__), "_lane.c")
+        with contextlib.suppress(OSError):  # an installed wheel carries no source
+            if os.stat(_src).st_mtime > os.stat(_mod.__file__).st_mtime:
+                WHY_NOT = "the compiled lane is older than _lane.c (run: pip install -e .)"
+    if WHY_NOT is not None:
+        drain = None
+    else:
+        drain = _mod.drain
+        STOP_HEAD, STOP_ENTRY, STOP_GATE = _mod.STOP_HEAD, _mod.STOP_ENTRY, _mod.STOP_GATE
+        STOP_IO, STOP_FULL, STOP_CORRUPT = _mod.STOP_IO, _mod.STOP_FULL, _mod.STOP_CORRUPT
+
+STOP_NAMES = {STOP_HEAD: "head", STOP_ENTRY: "entry", STOP_GATE: "gate", STOP_IO: "io",
+              STOP_FULL: "full", STOP_CORRUPT: "corrupt"}
+"""Why a run stopped, by code (for counters and tests)."""
+
+
+def available() -> bool:
+    """True if the compiled lane is loaded and enabled."""
+    return drain is not None
