@@ -355,7 +355,12 @@ def find_scsi_disk(iqn: str, lun: int = 0, *, timeout: float = 30.0) -> str:
         names = _session_disks(iqn, lun)
         if len(names) != 1:
             return None
-        size = Path("/sys/block", names[0], "size").read_text().strip()
+        try:
+            size = Path("/sys/block", names[0], "size").read_text().strip()
+        except OSError:
+            # the session already lists the disk but the block device is not (or no longer)
+            # registered: a scan still in progress, or an old disk of a re-login going away
+            return None
         return names[0] if size != "0" else None
 
     name = wait_for(ready, timeout=timeout, what=f"LUN {lun} of {iqn} to appear as a disk")
