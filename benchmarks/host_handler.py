@@ -69,6 +69,9 @@ class CountingUio:
         except BlockingIOError:
             return False
 
+    def ack(self) -> None:
+        self.wait(0)
+
     def notify(self) -> None:
         self.notifies += 1
         # completed entries: cmd_tail caught up with cmd_head

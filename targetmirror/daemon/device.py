@@ -180,17 +180,20 @@ class MirrorCommands:
 
     def express(self, ring: Ring) -> int:
         """Before a batch is fetched: let the compiled lane serve what it can, straight from
-        the ring; return how many commands it answered (see ``targetmirror/express``)."""
+        the ring; return how many commands it answered (see ``targetmirror/express``).
+
+        Called once per ring wake-up, so it is kept to a few operations: the lane's fixed
+        parameters are set once, when the first command has built the SCSI device."""
         lane = self.lane
-        scsi = self._scsi
-        if lane is None or scsi is None:  # the first command builds the SCSI device
+        if lane is None or self._scsi is None:  # the first command builds the SCSI device
             return 0
-        lane.ring = ring
-        lane.write_protected = scsi.write_protected
-        m = self._mirror
-        lane.max_bytes = min(EXPRESS_MAX, self._max_blocks * m.block_size)
-        lane.geometry = (m.block_size, m.num_blocks)
-        return m.quiet(1, lane.serve)
+        if lane.ring is not ring:
+            m = self._mirror
+            lane.write_protected = self._scsi.write_protected
+            lane.max_bytes = min(EXPRESS_MAX, self._max_blocks * m.block_size)
+            lane.geometry = (m.block_size, m.num_blocks)
+            lane.ring = ring
+        return self._mirror.quiet(1, lane.serve)
 
     def _device(self) -> ScsiDevice:
         scsi = self._scsi

@@ -97,6 +97,7 @@ class UioLike(Protocol):
 
     def fileno(self) -> int: ...
     def wait(self, timeout: float | None = None) -> bool: ...
+    def ack(self) -> None: ...
     def notify(self) -> None: ...
 
 
@@ -217,7 +218,7 @@ class DeviceRunner:
                     if fd == uio_fd:
                         if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                             raise DeviceError(f"device {self.name} went away")
-                        self.uio.wait(0)  # consume the event count
+                        self.uio.ack()  # consume the event count (poll said it is there)
                     else:
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(self._wake)
@@ -243,7 +244,12 @@ class DeviceRunner:
             if (boundary is None and self.express is not None and not self._futures
                     and not self._done):
                 served = self.express(self.ring)
-                self.commands += served
+                if served:
+                    self.commands += served
+                    if not self.ring.has_entries():  # the lane answered the whole wake-up
+                        self.batches += 1
+                        self.uio.notify()
+                        return
             if boundary is None:
                 jobs = self._admit_all(self.ring.fetch())
             else:

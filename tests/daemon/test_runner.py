@@ -48,6 +48,9 @@ class FakeUio:
         except BlockingIOError:
             return False
 
+    def ack(self) -> None:
+        self.wait(0)
+
     def notify(self) -> None:
         with self.lock:
             self.notifies += 1

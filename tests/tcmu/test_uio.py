@@ -173,6 +173,18 @@ def test_wait_and_notify(paired: tuple[UioDevice, socket.socket]) -> None:
         assert kernel.recv(16) == bytes(4)
 
 
+def test_ack_consumes_the_event_the_callers_poll_saw(
+        paired: tuple[UioDevice, socket.socket]) -> None:
+    dev, kernel = paired
+    with kernel, dev:
+        kernel.send((3).to_bytes(4, "little"))
+        dev.ack()
+        assert dev.wait(0) is False  # consumed: nothing left to read
+        kernel.send(b"\x01")
+        with pytest.raises(DeviceError, match="short event read"):
+            dev.ack()
+
+
 def test_short_read_is_a_device_error(paired: tuple[UioDevice, socket.socket]) -> None:
     dev, kernel = paired
     with kernel, dev:
@@ -181,7 +193,8 @@ def test_short_read_is_a_device_error(paired: tuple[UioDevice, socket.socket]) -
             dev.wait(1)
 
 
-@pytest.mark.parametrize(("call", "name"), [("wait", "read"), ("notify", "write")])
+@pytest.mark.parametrize(("call", "name"), [("wait", "read"), ("ack", "read"),
+                                            ("notify", "write")])
 def test_eio_means_device_removed(
     paired: tuple[UioDevice, socket.socket], monkeypatch: pytest.MonkeyPatch, call: str, name: str
 ) -> None:
