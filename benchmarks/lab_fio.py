@@ -1,8 +1,11 @@
 """Lab benchmark: fio over iSCSI against user:mirror, tcmu-runner user:file and kernel fileio.
 
 Runs *inside* the lab guest (one boot), all three LUNs on guest tmpfs, same fio jobs, two rounds
-in opposite order to even out drift.  Prints a table with IOPS, MB/s and p50/p99 latency, the
-ratios targetmirror/tcmu-runner and targetmirror/fileio, and writes JSON to --out.
+in opposite order to even out drift; then, unless ``--no-python-pass``, targetmirrord is
+restarted with ``--no-express`` and the jobs run again on the same LUN (``targetmirror-python``:
+what the compiled express lane is worth, measured in the same boot).  Prints a table with
+IOPS, MB/s and p50/p99 latency, the ratios targetmirror/tcmu-runner and targetmirror/fileio,
+and writes JSON to --out.
 
 From the host (boots the guest):
 
@@ -69,6 +72,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="targetmirrord --workers")
     ap.add_argument("--out", default=None)
     ap.add_argument("--jobs", default=",".join(JOBS))
+    ap.add_argument("--no-python-pass", dest="python_pass", action="store_false",
+                    help="skip the last pass, which restarts targetmirrord with --no-express "
+                    "and runs the jobs again on the same LUN (column targetmirror-python)")
     args = ap.parse_args()
     guest.setup_kernel()
     guest.iscsi_logout_all()
@@ -115,6 +121,21 @@ def main() -> int:
                           f"{r['mbps']:8.1f} MB/s p50 {r['p50_us']:8.0f} us "
                           f"p99 {r['p99_us']:8.0f} us cpu {r['cpu_us_per_io']:6.0f} us/io",
                           flush=True)
+        if args.python_pass:
+            # The same LUN, the same boot, the daemon restarted with the express lane off: what
+            # the compiled lane is worth, free of the drift between boots.
+            daemon.stop()
+            daemon.extra_args = ["--no-express"]
+            daemon.start()
+            daemon.wait_serving("b_mirror")
+            assert daemon.proc is not None
+            for rnd in range(args.rounds):
+                for job in args.jobs.split(","):
+                    r = fio(devs["targetmirror"], job, JOBS[job], args.seconds, daemon.proc.pid)
+                    results[job].setdefault("targetmirror-python", []).append(r)
+                    print(f"round {rnd + 1} {job:18} {'tm-python':13} {r['iops']:9.0f} IOPS "
+                          f"{r['mbps']:8.1f} MB/s cpu {r['cpu_us_per_io']:6.0f} us/io",
+                          flush=True)
         print(f"\n{'job':18} {'backstore':13} {'IOPS':>9} {'MB/s':>8} {'p50 us':>8} "
               f"{'p99 us':>8} {'cpu us/io':>9}   tm/runner  tm/fileio")
         summary = {}
@@ -123,7 +144,7 @@ def main() -> int:
             summary[job] = avg
             for name, r in avg.items():
                 ratio = ""
-                if name == "targetmirror":
+                if name.startswith("targetmirror"):
                     ratio = (f"   {r['iops'] / avg['tcmu-runner']['iops']:9.2f} "
                              f"{r['iops'] / avg['fileio']['iops']:10.2f}")
                 print(f"{job:18} {name:13} {r['iops']:9.0f} {r['mbps']:8.1f} "

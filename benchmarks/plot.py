@@ -11,8 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-ORDER = ("fileio", "tcmu-runner", "targetmirror")
-COLOURS = {"fileio": "#888888", "tcmu-runner": "#4477aa", "targetmirror": "#cc6677"}
+ORDER = ("fileio", "tcmu-runner", "targetmirror", "targetmirror-python")
+COLOURS = {"fileio": "#888888", "tcmu-runner": "#4477aa", "targetmirror": "#cc6677",
+           "targetmirror-python": "#ddaa33"}
 
 
 def main() -> None:
@@ -34,10 +35,11 @@ def main() -> None:
                                                            max(len(large), 1)]})
     for ax, jobs, key, label in ((axes[0], small, "iops", "IOPS"),
                                  (axes[1], large, "mbps", "MB/s")):
-        width = 0.8 / len(ORDER)
-        for k, name in enumerate(ORDER):
+        names = [n for n in ORDER if any(n in mean[j] for j in mean)]
+        width = 0.8 / len(names)
+        for k, name in enumerate(names):
             vals = [mean[j].get(name, {}).get(key, 0.0) for j in jobs]
-            xs = [i + (k - 1) * width for i in range(len(jobs))]
+            xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(jobs))]
             ax.bar(xs, vals, width, label=name, color=COLOURS[name])
         ax.set_xticks(range(len(jobs)))
         ax.set_xticklabels(jobs, rotation=15, fontsize=8)

@@ -237,10 +237,14 @@ class _Lane:
     the regions written.  Counters say how often it ran and why it stopped.
     """
 
-    __slots__ = ("_bounds", "_bytes_off", "_ntouched", "_plan", "_shard", "_stride", "_touched",
+    __slots__ = ("_bounds", "_bytes_off", "_drain", "_ntouched", "_plan", "_shard", "_stride",
+                 "_touched",
                  "geometry", "max_bytes", "ring", "runs", "served", "stops", "write_protected")
 
     def __init__(self, stats: CommandStats) -> None:
+        drain = express.drain
+        assert drain is not None, "a lane is only built when the extension is available"
+        self._drain = drain
         self._shard = stats.array_shard()
         self._bounds, self._stride, self._bytes_off = stats.layout()
         self._touched = array("Q", bytes(8 * TOUCHED_MAX))
@@ -266,11 +270,11 @@ class _Lane:
     def __call__(self, mv: memoryview, cmdr_off: int, cmdr_size: int, rp: int
                  ) -> tuple[int, int]:
         plan = self._plan
-        assert plan is not None and express.drain is not None
+        assert plan is not None
         wa, wb = (-1, -1) if self.write_protected else (plan.write_a, plan.write_b)
         gate = plan.gate
         bs, nblocks = self.geometry
-        rp, served, self._ntouched, stop, _err = express.drain(
+        rp, served, self._ntouched, stop, _err = self._drain(
             mv, cmdr_off, cmdr_size, rp, wa, wb, plan.read_fd, 0 if plan.read_leg == LEG_A
             else 1, bs, nblocks, self.max_bytes, None if gate is None else gate.bits,
             0 if gate is None else gate.shift, 0 if gate is None else gate.regions,

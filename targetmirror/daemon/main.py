@@ -585,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", action="append", default=None, metavar="DIR",
                    help="serve only images that resolve into DIR (repeatable; default: the "
                    "file's image_dirs, else images are not confined)")
+    p.add_argument("--no-express", action="store_true",
+                   help="serve every command from Python: the compiled express lane off (to "
+                   "compare, or to rule it out; env TARGETMIRROR_EXPRESS=0 does the same)")
     p.add_argument("--no-dbus", action="store_true",
                    help="do not offer user:mirror to targetcli on the D-Bus system bus")
     return p
@@ -613,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be 0 or more")
     if args.stuck_after < 0:
         p.error("--stuck-after must be 0 or more")
+    if args.no_express:
+        express.disable("--no-express")
     wi_extent = d.write_intent_extent if d else WI_EXTENT
     if args.write_intent_extent is not None:
         ext = parse_size(args.write_intent_extent)

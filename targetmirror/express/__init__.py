@@ -66,6 +66,13 @@ STOP_NAMES = {STOP_HEAD: "head", STOP_ENTRY: "entry", STOP_GATE: "gate", STOP_IO
 """Why a run stopped, by code (for counters and tests)."""
 
 
+def disable(reason: str) -> None:
+    """Turn the lane off for devices served from now on (``targetmirrord --no-express``)."""
+    global drain, WHY_NOT
+    drain = None
+    WHY_NOT = f"disabled by {reason}"
+
+
 def available() -> bool:
     """True if the compiled lane is loaded and enabled."""
     return drain is not None
