@@ -69,8 +69,8 @@ class CountingUio:
         except BlockingIOError:
             return False
 
-    def ack(self) -> None:
-        self.wait(0)
+    def ack(self) -> bool:
+        return self.wait(0)
 
     def notify(self) -> None:
         self.notifies += 1

@@ -207,6 +207,15 @@ class UioDevice:
         ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
         if not self._poll.poll(ms):  # EINTR is retried by Python (PEP 475)
             return False
+        return self.ack()
+
+    def ack(self) -> bool:
+        """Consume the event count after a ``poll`` said the fd is readable; True if read.
+
+        The ring loop calls this after its own ``poll``: :meth:`wait` with a zero timeout
+        would poll a second time first, one syscall per ring wake-up for nothing, and under
+        the lab's emulated CPU a syscall is dear.
+        """
         try:
             data = os.read(self._fd, 4)
         except (BlockingIOError, InterruptedError):
@@ -218,23 +227,6 @@ class UioDevice:
         if len(data) != 4:
             raise DeviceError(f"{self.info.dev_path}: short event read ({len(data)} bytes)")
         return True
-
-    def ack(self) -> None:
-        """Consume the event count after the caller's own ``poll`` said the fd is readable.
-
-        :meth:`wait` with a zero timeout would poll a second time first: one syscall per ring
-        wake-up for nothing, and under the lab's emulated CPU a syscall is dear.
-        """
-        try:
-            data = os.read(self._fd, 4)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            if exc.errno == errno.EIO:
-                raise DeviceError(f"{self.info.dev_path}: device removed") from exc
-            raise DeviceError(f"{self.info.dev_path}: read failed: {exc}") from exc
-        if len(data) != 4:
-            raise DeviceError(f"{self.info.dev_path}: short event read ({len(data)} bytes)")
 
     def notify(self) -> None:
         """Tell the kernel to reap completions (once per batch: it is an expensive syscall)."""

@@ -48,8 +48,8 @@ class FakeUio:
         except BlockingIOError:
             return False
 
-    def ack(self) -> None:
-        self.wait(0)
+    def ack(self) -> bool:
+        return self.wait(0)
 
     def notify(self) -> None:
         with self.lock:
