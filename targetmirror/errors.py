@@ -68,10 +68,23 @@ class StoreError(TargetMirrorError):
         self.errno = errno
 
 
+class FrozenImageError(StoreError):
+    """A write reached an image frozen as a split copy: a bug guard, never a leg failure."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message, kind="frozen", path=path)
+
+
 class MirrorError(TargetMirrorError):
     """A mirror operation is not allowed in the mirror's current state."""
 
     code = "mirror"
+
+
+class MirrorBusy(MirrorError):
+    """Another lifecycle operation is running on the mirror; the message names it."""
+
+    code = "busy"
 
 
 class LioError(TargetMirrorError):

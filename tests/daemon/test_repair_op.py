@@ -29,7 +29,7 @@ def test_repair_op_brings_a_failed_leg_back(tmp_path):
     d.devices["uio0"] = SimpleNamespace(info=SimpleNamespace(dev_name="m"), mirror=m,
                                         reason=None)  # type: ignore[assignment]
     try:
-        with pytest.raises(MirrorError, match="no leg is failed"):
+        with pytest.raises(MirrorError, match="no failed leg"):
             d.op_repair({"name": "m"})
         with pytest.raises(MirrorError, match="absolute"):
             d.op_repair({"name": "m", "replace": "rel.img"})
