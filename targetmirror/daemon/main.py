@@ -13,6 +13,7 @@ close every device and image before exiting 0.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import logging
 import os
@@ -162,10 +163,18 @@ class Daemon:
                             guard=self._check_images, wi_extent=self.wi_extent)
                 self.devices[info.name] = dev
                 if dev.mirror is not None and dev.volume == 1:
+                    dev.mirror.a_readers = functools.partial(self._a_readers, dev.mirror.name)
                     dev.mirror.resume()
             except TargetMirrorError as exc:
                 log.error("cannot open %s: %s", info.dev_path, exc,
                           extra={"device": info.dev_name})
+
+    def _a_readers(self, mirror: str) -> list[str]:
+        """The snapshot LUNs this daemon serves from ``mirror``'s A (A must not change
+        under them: the mirror refuses a rejoin, a sync or a repair of A meanwhile)."""
+        with self._lock:
+            return sorted(d.info.dev_name for d in self.devices.values()
+                          if d.snapshot is not None and d.snapshot.mirror == mirror)
 
     def detach(self, name: str) -> None:
         """Stop serving the device whose UIO name is ``name`` (and a mirror's volume 2s
