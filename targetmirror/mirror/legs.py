@@ -26,6 +26,7 @@ a shutdown is not a medium error (issue 15, defect 3).
 from __future__ import annotations
 
 import errno as errno_mod
+import itertools
 import logging
 import struct
 import threading
@@ -84,7 +85,9 @@ class Legs:
         self._mu = threading.Lock()
         self._idle = threading.Condition(self._mu)
         self._calls: dict[int, dict[int, tuple[float, str, int]]] = {LEG_A: {}, LEG_B: {}}
-        self._next = 0
+        self._keys = itertools.count(1)
+        self._waiters = 0
+        """Threads waiting in :meth:`swap` or :meth:`close` for a leg's calls to end."""
         self._closing = False
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{name}-leg")
         self.lane_clock = bytearray(_CLOCK.size)
@@ -104,21 +107,28 @@ class Legs:
 
     # -- calls -----------------------------------------------------------------------------
     def _enter(self, leg: int, what: str, nbytes: int) -> tuple[int, Image] | None:
-        with self._mu:
+        # Lock-free on the hot path (four of these per mirrored write): register first, then
+        # check.  A repair swaps a leg only once it is failed and no call is registered, so a
+        # call that registered before the swap looked is waited for, and one that registered
+        # after it sees the leg failed and withdraws.  (Dict updates and ``next`` on a count
+        # are atomic under the GIL.)
+        if self._closing:
+            raise LegsClosed(self.name)
+        key = next(self._keys)
+        calls = self._calls[leg]
+        calls[key] = (time.monotonic(), what, nbytes)
+        if self.failed & leg or self._closing:
+            self._leave(leg, key)
             if self._closing:
                 raise LegsClosed(self.name)
-            if self.failed & leg:
-                return None
-            self._next += 1
-            key = self._next
-            self._calls[leg][key] = (time.monotonic(), what, nbytes)
-            return key, self.images[leg]
+            return None
+        return key, self.images[leg]
 
     def _leave(self, leg: int, key: int) -> None:
-        with self._mu:
-            calls = self._calls[leg]
-            del calls[key]
-            if not calls:
+        calls = self._calls[leg]
+        del calls[key]
+        if self._waiters and not calls:
+            with self._idle:
                 self._idle.notify_all()
 
     def call(self, leg: int, what: str, fn: Callable[..., T], *args: Any,
@@ -206,7 +216,7 @@ class Legs:
                 if self.failed & leg:
                     continue
                 worst: tuple[float, str, int, float] | None = None
-                for start, what, nbytes in calls.values():
+                for start, what, nbytes in list(calls.values()):  # atomic copy (C)
                     limit = self.deadlines.for_call(what, nbytes)
                     if limit is not None and now - start > limit and (
                             worst is None or now - start - limit > worst[3]):
@@ -238,7 +248,12 @@ class Legs:
         back once the mirror has recorded the repair."""
         with self._idle:
             assert self.failed & leg, "only a failed leg is swapped"
-            if not self._idle.wait_for(lambda: not self._calls[leg], timeout):
+            self._waiters += 1
+            try:
+                idle = self._idle.wait_for(lambda: not self._calls[leg], timeout)
+            finally:
+                self._waiters -= 1
+            if not idle:
                 raise MirrorBusy(f"mirror {self.name}: {len(self._calls[leg])} call(s) to leg "
                                  f"{LEG_NAMES[leg].upper()} have still not returned; try "
                                  "again later")
@@ -257,7 +272,11 @@ class Legs:
         it would let the kernel reuse its descriptor under that call."""
         with self._idle:
             self._closing = True
-            self._idle.wait_for(lambda: not any(self._calls.values()), wait)
+            self._waiters += 1
+            try:
+                self._idle.wait_for(lambda: not any(self._calls.values()), wait)
+            finally:
+                self._waiters -= 1
             busy = [leg for leg, calls in self._calls.items() if calls]
         self._pool.shutdown(wait=not busy)
         for leg, image in self.images.items():
