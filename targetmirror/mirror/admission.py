@@ -409,7 +409,9 @@ class Admission:
                 # another ring's lane holds the mirror: wait until it hands it back
                 m.lane.wait_locked()
             view = m.cached_view
-            legs = policy.write_legs(view, tag, volume) & ~m.legs.failed
+            fixed = m.fixed_write_legs
+            legs = (fixed if fixed is not None else policy.write_legs(view, tag, volume)
+                    ) & ~m.legs.failed
             wide = legs == BOTH and view.state == State.MIRRORED
             if extent is not None:
                 flight.inflight[tag] = flight.inflight.get(tag, 0) + 1

@@ -146,6 +146,10 @@ class Mirror:
         """Leg failures not yet saved: writes are refused until they are (see run_legs)."""
         self.cached_view = View(State.MIRRORED)
         self.reads_from_a = False
+        self.cached_complete = BOTH
+        """The complete legs of the current state, before failures (cached per state)."""
+        self.fixed_write_legs: int | None = BOTH
+        """The legs every write goes to in this state, or None when tags/volumes matter."""
         self.bitmap: Bitmap | None = None
         self.records = Records(store, MirrorState(name), self.mu)
         try:
@@ -210,6 +214,12 @@ class Mirror:
             st.resync_from, st.resync_kind)
         self.reads_from_a = st.state != State.MIRRORED and policy.read_legs(
             self.cached_view) == [LEG_A]
+        self.cached_complete = policy.complete_legs(self.cached_view)
+        # the legs every write goes to when the state does not look at tags or volumes (all
+        # states but a split in progress and one-way): admission skips the table call then
+        v = self.cached_view
+        fixed = {policy.write_legs(v, tag, vol) for tag in (-1, 1 << 62) for vol in (1, 2)}
+        self.fixed_write_legs = fixed.pop() if len(fixed) == 1 else None
 
     def refresh_view(self) -> None:
         with self.mu:
@@ -399,7 +409,7 @@ class Mirror:
             raise err  # a bug guard (a write to the split copy), never a leg failure
         if need == 0:
             return
-        if done & (policy.complete_legs(self.view()) if need is None else need):
+        if done & (self.cached_complete & ~self.legs.failed if need is None else need):
             if self._unrecorded and what != "read" and not self._record_failures():
                 raise StoreError(f"mirror {self.name}: {what}: a leg failed and its failure "
                                  "cannot be recorded", kind="write")
