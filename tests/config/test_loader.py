@@ -218,8 +218,8 @@ def _assert_apply_changes_nothing(tmp: Path, path: Path, monkeypatch: pytest.Mon
                                   capsys: pytest.CaptureFixture[str], key: str) -> None:
     fake = FakeLio()
     groups = FakeGroups()
-    monkeypatch.setattr(cli, "_lio_seam", lambda: fake)
-    monkeypatch.setattr(cli, "_DaemonGroups", lambda socket: groups)
+    monkeypatch.setattr(cli.common, "lio_seam", lambda: fake)
+    monkeypatch.setattr(cli.ui_config, "DaemonGroups", lambda socket: groups)
     before = sorted(p.name for p in (tmp / "images").iterdir())
     rc = cli.main(["apply", "--config", str(path)])
     err = capsys.readouterr().err

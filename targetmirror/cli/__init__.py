@@ -1,0 +1,71 @@
+"""``targetmirror``: the admin's command line.
+
+One module per area, like targetcli-fb's ``ui_*.py``; each adds its subcommands' parsers with
+``register(sub)`` and holds their ``cmd_*`` functions:
+
+* :mod:`~targetmirror.cli.ui_lio` -- ``create`` / ``create-volume2`` / ``delete`` /
+  ``export-snapshot`` / ``check-config``: ``user:mirror`` backstores and iSCSI exports through
+  rtslib-fb (optionally creating the image files);
+* :mod:`~targetmirror.cli.ui_config` -- ``apply`` makes LIO match the YAML configuration
+  (:mod:`targetmirror.config.plan`); ``list`` shows the ``user:mirror`` backstores LIO has, with
+  exports and ownership;
+* :mod:`~targetmirror.cli.ui_mirror` -- ``split``, ``status``, ``group``, ``cancel``,
+  ``rejoin``, ``repair``, ``sync``, ``verify``: talk to ``targetmirrord`` over its control
+  socket; the daemon does the work, the CLI only asks and shows;
+* :mod:`~targetmirror.cli.ui_backup` -- ``backup`` and ``rbd-snapshots``.
+
+Every failure prints one line ``targetmirror: <code>: <message>`` and exits non-zero; nothing is
+left half made.  ``--json`` prints the daemon's machine-readable answer instead of a table.
+
+Exit codes: 0 success, 1 a targetmirror error (bad input, refused operation, daemon
+unreachable), 2 usage error, 3 the backup command run by ``backup --exec`` failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from targetmirror import __version__
+from targetmirror.cli import ui_backup, ui_config, ui_lio, ui_mirror
+from targetmirror.cli.common import parse_size
+from targetmirror.errors import ConfigError, TargetMirrorError
+
+EXIT_CODES = """\
+exit status:
+  0  success (apply: LIO matches the file, whether or not something changed)
+  1  targetmirror error: bad input or configuration, refused operation, daemon
+     unreachable, LIO failure (stderr: 'targetmirror: CODE: WHY', a config error
+     lists every problem of the file on its own line;
+     CODE is the error's stable code: config, mirror, lio, store, protocol, ...)
+  2  usage error (unknown command or option)
+  3  the command run by 'backup --exec' failed (the mirror stays split)
+
+The configuration file is $TARGETMIRROR_CONFIG or /etc/targetmirror/targetmirror.yaml
+unless --config is given; see docs/operations.md."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also the source of the man page)."""
+    p = argparse.ArgumentParser(prog="targetmirror",
+                                description="Split-mirror block service for LIO (TCMU).",
+                                epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for area in (ui_lio, ui_config, ui_mirror, ui_backup):
+        area.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``targetmirror``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (TargetMirrorError, ConfigError) as exc:
+        print(f"targetmirror: {exc.code}: {exc}", file=sys.stderr)
+        return 1
+
+
+__all__ = ["build_parser", "main", "parse_size"]

@@ -1,0 +1,151 @@
+"""``apply`` and ``list``: the YAML configuration file against LIO and the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from targetmirror.cli import common
+from targetmirror.daemon.control import DEFAULT_SOCKET
+from targetmirror.errors import MirrorError, TargetMirrorError
+
+
+class DaemonGroups:
+    """Consistency groups through targetmirrord's control API."""
+
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+
+    def all(self) -> dict[str, list[str]]:
+        from targetmirror.daemon.control import call
+
+        return dict(call(self.socket, "status")["groups"])
+
+    def create(self, group: str, names: list[str]) -> None:
+        from targetmirror.daemon.control import call
+
+        call(self.socket, "group-create", group=group, names=names)
+
+    def delete(self, group: str) -> None:
+        from targetmirror.daemon.control import call
+
+        call(self.socket, "group-delete", group=group)
+
+
+class NoGroups:
+    """Stands in when the daemon is down and neither the file nor the manifest has groups."""
+
+    def all(self) -> dict[str, list[str]]:
+        return {}
+
+    def create(self, group: str, names: list[str]) -> None:
+        raise MirrorError("consistency groups need targetmirrord running")
+
+    delete = create
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Make LIO (and the daemon's groups) match the YAML file; see targetmirror.config.plan."""
+    from targetmirror.config import apply as ap
+    from targetmirror.config import loader
+    from targetmirror.config.plan import Manifest, manifest_path
+
+    config = loader.load(args.config)
+    socket = args.socket or config.daemon.control_socket
+    groups: Any = DaemonGroups(socket)
+    try:
+        groups.all()
+    except TargetMirrorError as exc:
+        if config.groups or Manifest.load(manifest_path(config)).groups:
+            raise MirrorError(f"the file's consistency groups live in targetmirrord, which "
+                              f"does not answer on {socket} ({exc}); start it first") from exc
+        groups = NoGroups()
+    lines: list[str] = []
+    result = ap.apply(config, common.lio_seam(), groups, dry_run=args.dry_run,
+                      out=lines.append if args.json else print)
+    if args.json:
+        print(json.dumps({"config": config.path, "dry_run": args.dry_run,
+                          "plan": [a.text for a in result.actions],
+                          "applied": [a.text for a in result.done]}, indent=1))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Every user:mirror backstore in LIO: images, exports, who made it, the daemon's view."""
+    from targetmirror.config import loader
+    from targetmirror.config.cfgstring import parse_any
+    from targetmirror.config.plan import Manifest, manifest_path
+
+    state = common.lio_seam().read_state()
+    owned: dict[str, str] = {}
+    socket = args.socket
+    try:
+        config = loader.load(args.config)
+        owned = Manifest.load(manifest_path(config)).backstores
+        socket = socket or config.daemon.control_socket
+    except TargetMirrorError:
+        config = None  # no (valid) file: ownership is unknown, list LIO as it is
+    try:
+        st = common.call(argparse.Namespace(socket=socket or DEFAULT_SOCKET), "status")
+        daemon: dict[str, Any] = {m["name"]: m for m in st["mirrors"]}
+        group_of = {n: g for g, names in st.get("groups", {}).items() for n in names}
+    except TargetMirrorError:
+        daemon, group_of = {}, {}
+    out = []
+    for name, bs in sorted(state.backstores.items()):
+        try:
+            spec: Any = parse_any(bs.config)
+        except TargetMirrorError:
+            spec = None
+        exports = [{"target": iqn, "lun": lun} for iqn, t in sorted(state.targets.items())
+                   for lun, so in sorted(t.luns.items()) if so == name]
+        m = daemon.get(name)
+        out.append({
+            "name": name, "size": bs.size, "cfgstring": bs.config, "wwn": bs.wwn,
+            "image_a": getattr(spec, "image_a", None), "image_b": getattr(spec, "image_b", None),
+            "snapshot_of": getattr(spec, "image", None),
+            "exports": exports, "group": group_of.get(name),
+            "managed_by_apply": owned.get(name) == bs.wwn and bool(bs.wwn),
+            "state": m["state"] if m else ("unknown" if not daemon else "not-served")})
+    if args.json:
+        print(json.dumps({"config": config.path if config else None, "mirrors": out},
+                         indent=1))
+        return 0
+    rows = [("NAME", "SIZE", "STATE", "GROUP", "EXPORTED AS", "MADE BY", "IMAGE A", "IMAGE B")]
+    for r in out:
+        rows.append((r["name"], common.human(r["size"]), r["state"], r["group"] or "-",
+                     ", ".join(f"{e['target']} LUN {e['lun']}" for e in r["exports"]) or "-",
+                     "apply" if r["managed_by_apply"] else "hand",
+                     r["image_a"] or (f"snapshot {r['snapshot_of']}" if r["snapshot_of"]
+                                      else "-"),
+                     r["image_b"] or "-"))
+    common.table(rows)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """The configuration file commands' parsers."""
+    ap = sub.add_parser("apply", help="make LIO match the YAML configuration file",
+                        description="Create, change and remove LIO objects (user:mirror "
+                        "backstores, iSCSI targets, LUNs, ACLs, CHAP) and consistency groups "
+                        "so that they match the file. Idempotent; removes only what an earlier "
+                        "apply created (see docs/operations.md).")
+    ap.add_argument("--config", default=None,
+                    help="the YAML file (default $TARGETMIRROR_CONFIG or "
+                         "/etc/targetmirror/targetmirror.yaml)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="validate and print the plan; change nothing")
+    ap.add_argument("--socket", default=None,
+                    help="targetmirrord's control socket (default: daemon.control_socket "
+                         "of the file)")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    ap.set_defaults(func=cmd_apply)
+
+    ls = sub.add_parser("list", help="list user:mirror backstores: exports, group, state, "
+                        "and whether apply made them")
+    ls.add_argument("--config", default=None,
+                    help="the YAML file whose state directory records what apply made")
+    ls.add_argument("--socket", default=None, help="targetmirrord's control socket")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_list)
