@@ -8,6 +8,8 @@ handle; anything else is a bug.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 
 class TargetMirrorError(Exception):
     """Base class: a failure targetmirror knows how to name."""
@@ -50,12 +52,27 @@ class DeviceError(TargetMirrorError):
     code = "device"
 
 
+class StoreErrorKind(StrEnum):
+    """Which operation of an image failed (:attr:`StoreError.kind`).
+
+    A ``StrEnum``: ``err.kind == "read"`` keeps working where a plain string was compared."""
+
+    IO = "io"
+    OPEN = "open"
+    READ = "read"
+    WRITE = "write"
+    FLUSH = "flush"
+    DISCARD = "discard"
+    TIMEOUT = "timeout"
+    SNAPSHOT = "snapshot"
+
+
 class StoreError(TargetMirrorError):
     """An image (backing file or block device) failed an open, read, write, flush or discard.
 
-    ``kind`` says which operation failed ("open", "read", "write", "flush", "discard") so the SCSI
-    layer can pick the right sense (MEDIUM ERROR unrecovered read error vs write error) and the
-    mirror can decide which leg failed.
+    ``kind`` says which operation failed (a :class:`StoreErrorKind`; a kind it does not list
+    stays the plain string it was given) so the SCSI layer can pick the right sense (MEDIUM
+    ERROR unrecovered read error vs write error) and the mirror can decide which leg failed.
     """
 
     code = "store"
@@ -63,9 +80,19 @@ class StoreError(TargetMirrorError):
     def __init__(self, message: str, *, kind: str = "io", path: str | None = None,
                  errno: int | None = None) -> None:
         super().__init__(message)
-        self.kind = kind
+        self.kind: StoreErrorKind | str = (StoreErrorKind(kind)
+                                           if kind in StoreErrorKind.__members__.values()
+                                           else kind)
         self.path = path
         self.errno = errno
+
+
+class FrozenImageError(StoreError):
+    """A write reached an image that is frozen (a split copy): a bug guard, never a failure of
+    the leg.  Its message still says "frozen" for code that looked for the word."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message, kind=StoreErrorKind.WRITE, path=path)
 
 
 class MirrorError(TargetMirrorError):
@@ -78,6 +105,31 @@ class LioError(TargetMirrorError):
     """Creating, finding or deleting a LIO object through rtslib-fb failed."""
 
     code = "lio"
+
+
+class ProtocolError(TargetMirrorError):
+    """A control request or reply that is not valid JSON, too large, of an unknown version or
+    operation, or whose arguments do not fit the operation."""
+
+    code = "protocol"
+
+
+class AccessDenied(TargetMirrorError):
+    """The daemon refused a control connection from a user it does not accept."""
+
+    code = "permission"
+
+
+class BusyError(TargetMirrorError):
+    """The daemon serves as many control connections as it allows; try again."""
+
+    code = "busy"
+
+
+class InternalError(TargetMirrorError):
+    """An operation failed in a way its code did not foresee (a bug; the daemon logs it)."""
+
+    code = "internal"
 
 
 class LabError(TargetMirrorError):

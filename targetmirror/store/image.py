@@ -19,7 +19,7 @@ import struct
 import threading
 from collections.abc import Sequence
 
-from targetmirror.errors import StoreError
+from targetmirror.errors import FrozenImageError, StoreError
 
 # linux/falloc.h
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -120,7 +120,7 @@ class Image:
         """Refuse every write from now on (A after a split: it must never change again).
 
         Enforced here, at the lowest layer, so no bug above can quietly modify a point-in-time
-        copy: a write to a frozen image raises :class:`StoreError`.
+        copy: a write to a frozen image raises :class:`FrozenImageError` (a StoreError).
         """
         self.frozen = True
 
@@ -130,8 +130,8 @@ class Image:
 
     def _check_writable(self, what: str) -> None:
         if self.frozen:
-            raise StoreError(f"{what} refused: image {self.path} is frozen (split copy)",
-                             kind="write", path=self.path)
+            raise FrozenImageError(f"{what} refused: image {self.path} is frozen (split copy)",
+                                   path=self.path)
 
     # -- data ------------------------------------------------------------------------------
     def readv(self, offset: int, iov: Sequence[memoryview]) -> None:
