@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from targetmirror.daemon.control import DEFAULT_SOCKET, call
 from targetmirror.errors import MirrorError
+from targetmirror.protocol import DEFAULT_SOCKET, call
 from targetmirror.store.rbd import CephAccess
 
 

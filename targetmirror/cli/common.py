@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from targetmirror.client import Client, status_rows
-from targetmirror.daemon.control import DEFAULT_SOCKET
+from targetmirror.protocol import DEFAULT_SOCKET
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 

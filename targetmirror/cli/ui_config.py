@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 from targetmirror.cli import common
-from targetmirror.daemon.control import DEFAULT_SOCKET
 from targetmirror.errors import MirrorError, TargetMirrorError
+from targetmirror.protocol import DEFAULT_SOCKET
 
 
 class DaemonGroups:
@@ -18,17 +18,17 @@ class DaemonGroups:
         self.socket = socket
 
     def all(self) -> dict[str, list[str]]:
-        from targetmirror.daemon.control import call
+        from targetmirror.protocol import call
 
         return dict(call(self.socket, "status")["groups"])
 
     def create(self, group: str, names: list[str]) -> None:
-        from targetmirror.daemon.control import call
+        from targetmirror.protocol import call
 
         call(self.socket, "group-create", group=group, names=names)
 
     def delete(self, group: str) -> None:
-        from targetmirror.daemon.control import call
+        from targetmirror.protocol import call
 
         call(self.socket, "group-delete", group=group)
 

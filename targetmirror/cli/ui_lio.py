@@ -11,8 +11,8 @@ from typing import Any
 from targetmirror.cli import common
 from targetmirror.cli.common import parse_size
 from targetmirror.config.cfgstring import MirrorSpec, VolumeSpec, check_images, parse, parse_any
-from targetmirror.daemon.control import DEFAULT_SOCKET
 from targetmirror.errors import MirrorError, TargetMirrorError
+from targetmirror.protocol import DEFAULT_SOCKET
 
 
 def _create_image(path: str, size: int) -> None:

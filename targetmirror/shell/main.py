@@ -14,8 +14,8 @@ import sys
 
 from targetmirror import __version__
 from targetmirror.client import Client
-from targetmirror.daemon.control import DEFAULT_SOCKET
 from targetmirror.errors import TargetMirrorError
+from targetmirror.protocol import DEFAULT_SOCKET
 
 
 def build_parser() -> argparse.ArgumentParser:

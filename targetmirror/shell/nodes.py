@@ -33,8 +33,8 @@ from targetmirror.client import (
     describe_verify,
     status_rows,
 )
-from targetmirror.daemon.metrics import leg_states
 from targetmirror.errors import TargetMirrorError
+from targetmirror.states import leg_states
 
 T = TypeVar("T")
 
