@@ -41,7 +41,8 @@ from targetmirror.scsi.identity import DeviceIdentity
 from targetmirror.scsi.inquiry import inquiry
 from targetmirror.scsi.iov import copy_out, iov_len
 from targetmirror.scsi.sense import SenseError, build_fixed_sense
-from targetmirror.store.rbd import is_rbd, open_image, parse_name
+from targetmirror.store.image import open_image
+from targetmirror.store.rbd import is_rbd, parse_name
 from targetmirror.tcmu.ring import Ring
 from targetmirror.tcmu.uio import ConfigfsDevice, UioDevice, UioInfo
 
