@@ -28,7 +28,6 @@ import sys
 
 from targetmirror import __version__
 from targetmirror.cli import ui_backup, ui_config, ui_lio, ui_mirror
-from targetmirror.cli.common import parse_size
 from targetmirror.errors import ConfigError, TargetMirrorError
 
 EXIT_CODES = """\
@@ -68,4 +67,4 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-__all__ = ["build_parser", "main", "parse_size"]
+__all__ = ["build_parser", "main"]

@@ -5,7 +5,6 @@ daemon client of a command line, and the one seam to LIO that ``apply``, ``list`
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -13,16 +12,6 @@ from typing import Any
 
 from targetmirror.client import Client, status_rows
 from targetmirror.protocol import DEFAULT_SOCKET
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``512M``, ``1G``, ``2TiB`` -> bytes (binary units, like LVM and targetcli)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected a size like 4096, 512M or 1G, got {text!r}")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
 def lio_seam() -> Any:
@@ -36,13 +25,6 @@ def table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-
-
-def human(size: int) -> str:
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if size >= 1 << shift and size % (1 << shift) == 0:
-            return f"{size >> shift}{unit}"
-    return str(size)
 
 
 def client(args: argparse.Namespace) -> Client:

@@ -9,6 +9,7 @@ from typing import Any
 from targetmirror.cli import common
 from targetmirror.errors import MirrorError, TargetMirrorError
 from targetmirror.protocol import DEFAULT_SOCKET
+from targetmirror.units import human_size
 
 
 class DaemonGroups:
@@ -114,7 +115,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     rows = [("NAME", "SIZE", "STATE", "GROUP", "EXPORTED AS", "MADE BY", "IMAGE A", "IMAGE B")]
     for r in out:
-        rows.append((r["name"], common.human(r["size"]), r["state"], r["group"] or "-",
+        rows.append((r["name"], human_size(r["size"]), r["state"], r["group"] or "-",
                      ", ".join(f"{e['target']} LUN {e['lun']}" for e in r["exports"]) or "-",
                      "apply" if r["managed_by_apply"] else "hand",
                      r["image_a"] or (f"snapshot {r['snapshot_of']}" if r["snapshot_of"]

@@ -9,10 +9,10 @@ import time
 from typing import Any
 
 from targetmirror.cli import common
-from targetmirror.cli.common import parse_size
 from targetmirror.config.cfgstring import MirrorSpec, VolumeSpec, check_images, parse, parse_any
 from targetmirror.errors import MirrorError, TargetMirrorError
 from targetmirror.protocol import DEFAULT_SOCKET
+from targetmirror.units import size_arg as parse_size
 
 
 def _create_image(path: str, size: int) -> None:

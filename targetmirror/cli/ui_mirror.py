@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 from targetmirror.cli import common
-from targetmirror.cli.common import parse_size
 from targetmirror.client import describe_rejoin, describe_sync, describe_verify, when
 from targetmirror.errors import MirrorError
+from targetmirror.units import size_arg as parse_size
 
 
 def cmd_status(args: argparse.Namespace) -> int:

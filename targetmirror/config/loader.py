@@ -20,7 +20,6 @@ The result is a :class:`Config` of frozen dataclasses; a mirror maps onto the cf
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import stat
@@ -32,7 +31,10 @@ import yaml
 
 from targetmirror.config.cfgstring import MirrorSpec, parse
 from targetmirror.errors import ConfigError, ConfigFileError
+from targetmirror.mirror.bitmap import DEFAULT_REGION
+from targetmirror.netaddr import EXPECTED, parse_hostport
 from targetmirror.store.rbd import CephAccess, is_rbd, parse_name
+from targetmirror.units import human_size, parse_size
 
 DEFAULT_PATH = "/etc/targetmirror/targetmirror.yaml"
 ENV_VAR = "TARGETMIRROR_CONFIG"
@@ -75,7 +77,7 @@ DEFAULTS: tuple[tuple[str, Any, str], ...] = (
     ("mirrors[].rbd_snapshots_keep", 0,
      "backup --rbd-snapshot keeps this many snapshots of an RBD image_a, pruning the oldest; "
      "0 keeps all"),
-    ("mirrors[].region_size", "64K",
+    ("mirrors[].region_size", human_size(DEFAULT_REGION),
      "change-bitmap region: a power of two of at least 4K; fixed once the mirror exists"),
     ("mirrors[].direct", False, "open the images with O_DIRECT"),
     ("mirrors[].create_images", False,
@@ -102,7 +104,6 @@ DEFAULTS: tuple[tuple[str, Any, str], ...] = (
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SECTOR = 512
 MIN_REGION = 4096
-DEFAULT_REGION = 64 * 1024
 CHAP_MIN, CHAP_MAX = 12, 255
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
@@ -111,8 +112,6 @@ _IQN = re.compile(rf"^iqn\.\d{{4}}-(?:0[1-9]|1[0-2])\.{_LABEL}(?:\.{_LABEL})*"
 _EUI = re.compile(r"^eui\.[0-9a-f]{16}$")
 _NAA = re.compile(r"^naa\.[0-9a-f]{16}(?:[0-9a-f]{16})?$")
 _CHAP_TEXT = re.compile(r"^[!-~]+$")  # printable ASCII, no blanks
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
 IQN_EXPECTED = ("an iSCSI name: iqn.YYYY-MM.reversed.domain[:suffix] in lower case "
                 "(no '_' or blanks), eui.<16 hex> or naa.<16 or 32 hex>")
 
@@ -209,19 +208,6 @@ def default(key: str) -> Any:
         if k == key:
             return value
     raise KeyError(key)
-
-
-def parse_size(value: object) -> int | None:
-    """An int, or ``512M`` / ``1G`` / ``2TiB`` (binary units); None if neither."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        m = _SIZE.fullmatch(value)
-        if m:
-            return int(m.group(1)) * _UNITS[m.group(2).lower()]
-    return None
 
 
 def valid_iscsi_name(name: str) -> bool:
@@ -357,41 +343,14 @@ def _daemon(c: _Checker, raw: object) -> DaemonSettings | None:
         c.text(values[k], f"daemon.{k}", "an absolute path",
                lambda s: s.startswith("/") and "\0" not in s)
     addr = values["metrics_address"]
-    if c.text(addr, "daemon.metrics_address", "HOST:PORT or an empty string",
-              lambda s: s == "" or _split_hostport(s) is not None) is None:
+    if c.text(addr, "daemon.metrics_address", f"{EXPECTED}, or an empty string",
+              lambda s: s == "" or parse_hostport(s) is not None) is None:
         pass
     c.text(values["log_level"], "daemon.log_level", "one of " + ", ".join(LOG_LEVELS),
            lambda s: s in LOG_LEVELS)
     if any(not isinstance(v, str) for v in values.values()) or extent is None:
         return None
     return DaemonSettings(**values, write_intent_extent=extent)
-
-
-def _split_hostport(text: str) -> tuple[str, int] | None:
-    """``1.2.3.4:3260`` / ``[::1]:3260`` / ``name:9100`` -> (host, port), or None."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            return None
-    elif ":" in host:
-        return None
-    return host, int(port)
-
-
-def _portal(text: str) -> tuple[str, int] | None:
-    hp = _split_hostport(text)
-    if hp is None:
-        return None
-    try:
-        ipaddress.ip_address(hp[0])
-    except ValueError:
-        return None
-    return hp
 
 
 def _image_dirs(c: _Checker, raw: object) -> list[str]:
@@ -658,10 +617,9 @@ def _exports(c: _Checker, raw: list[Any], mirrors: set[str]) -> list[ExportConfi
         else:
             for j, p in enumerate(raw_portals):
                 pk = f"{key}.portals[{j}]"
-                hp = _portal(p) if isinstance(p, str) else None
+                hp = parse_hostport(p) if isinstance(p, str) else None
                 if hp is None:
-                    c.error(pk, "IP:PORT with a numeric IP and a port 1-65535 "
-                            "(e.g. 192.0.2.10:3260 or [2001:db8::1]:3260)", p)
+                    c.error(pk, EXPECTED, p)
                 elif hp in portals:
                     c.error(pk, "a portal not listed before", p)
                 else:

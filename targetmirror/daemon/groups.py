@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 
+from targetmirror.atomicfile import write_json
 from targetmirror.errors import ConfigError, MirrorError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -62,9 +62,4 @@ class GroupStore:
         return self.all()
 
     def _save(self) -> None:
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self._groups, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.path)
+        write_json(self.path, self._groups)

@@ -22,7 +22,6 @@ import time
 from types import FrameType
 
 from targetmirror import __version__, express
-from targetmirror.config.loader import parse_size
 from targetmirror.daemon import logs, sdnotify
 from targetmirror.daemon.control import ControlServer, Handler
 from targetmirror.daemon.device import ServedDevice
@@ -37,6 +36,7 @@ from targetmirror.protocol import DEFAULT_SOCKET
 from targetmirror.tcmu import layout as L
 from targetmirror.tcmu.netlink import NetlinkEvent, TcmuNetlink
 from targetmirror.tcmu.uio import UioInfo
+from targetmirror.units import parse_size
 
 log = logging.getLogger("targetmirror.daemon")
 

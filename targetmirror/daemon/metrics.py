@@ -37,6 +37,7 @@ from targetmirror.daemon.stats import READ as READ
 from targetmirror.daemon.stats import WRITE as WRITE
 from targetmirror.daemon.stats import CommandStats as CommandStats
 from targetmirror.errors import ConfigError
+from targetmirror.netaddr import EXPECTED, parse_hostport
 from targetmirror.states import LEG_STATES as LEG_STATES
 from targetmirror.states import MIRROR_STATES as MIRROR_STATES
 from targetmirror.states import leg_states as leg_states
@@ -198,14 +199,11 @@ class MirrorCollector:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``:PORT`` (all addresses) or ``[V6]:PORT`` -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"--metrics-address {text!r}: expected HOST:PORT, e.g. "
-                          "127.0.0.1:9745 or [::1]:9745")
-    # ":PORT" asks for every address
-    host = host.strip("[]") or "0.0.0.0"  # noqa: S104  # nosec B104
-    return host, int(port)
+    """``IP:PORT`` (the one rule of :mod:`targetmirror.netaddr`) -> (host, port)."""
+    hp = parse_hostport(text)
+    if hp is None:
+        raise ConfigError(f"--metrics-address {text!r}: expected {EXPECTED}")
+    return hp
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -220,10 +218,12 @@ class _Server(ThreadingMixIn, WSGIServer):
 class MetricsServer:
     """The ``/metrics`` endpoint on its own thread."""
 
-    def __init__(self, daemon: DeviceRegistry, address: str) -> None:
+    def __init__(self, daemon: DeviceRegistry, address: str | tuple[str, int]) -> None:
+        """``address``: ``IP:PORT`` as the admin writes it, or ``(host, port)`` from code
+        (port 0 binds any free port: tests)."""
         from prometheus_client import CollectorRegistry, make_wsgi_app
 
-        host, port = parse_address(address)
+        host, port = parse_address(address) if isinstance(address, str) else address
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MirrorCollector(daemon))
         server_cls: type[_Server] = _Server

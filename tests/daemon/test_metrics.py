@@ -48,7 +48,7 @@ def rig(tmp_path):
     dev = make_device(str(tmp_path), "m0", NBLOCKS, workers=2, store=store)
     daemon = Daemon(state_dir=str(tmp_path / "state"), control_socket=None)
     daemon.devices[dev.served.info.name] = dev.served
-    server = MetricsServer(daemon.registry, "127.0.0.1:0")
+    server = MetricsServer(daemon.registry, ("127.0.0.1", 0))
     server.start()
     yield dev, daemon, server
     server.close()
@@ -168,16 +168,19 @@ def test_stats_shards_per_thread_sum_exactly():
     assert rb[-1] == ("+Inf", 4 * n) and rb[-2][1] == 0
 
 
-@pytest.mark.parametrize("text", ["9100", "host:", "host:port", "1.2.3.4:70000", ""])
+@pytest.mark.parametrize("text", ["9100", "host:", "host:port", "1.2.3.4:70000", "",
+                                  ":9745", "127.0.0.1:0", "localhost:9745", "::1:9745"])
 def test_bad_metrics_address_is_refused(text):
-    with pytest.raises(ConfigError, match="HOST:PORT"):
+    """The one IP:PORT rule of targetmirror.netaddr, as for portals in the file: a numeric
+    IP, a port 1-65535; no ':PORT' shorthand, no port 0 from an admin."""
+    with pytest.raises(ConfigError, match="IP:PORT with a numeric IP and a port 1-65535"):
         parse_address(text)
 
 
 def test_metrics_address_forms():
     assert parse_address("127.0.0.1:9745") == ("127.0.0.1", 9745)
     assert parse_address("[::1]:9745") == ("::1", 9745)
-    assert parse_address(":9745") == ("0.0.0.0", 9745)
+    assert parse_address("0.0.0.0:9745") == ("0.0.0.0", 9745)
 
 
 def test_port_in_use_is_a_clear_error(rig):
