@@ -24,19 +24,19 @@ unreachable), 2 usage error, 3 the backup command run by ``backup --exec`` faile
 from __future__ import annotations
 
 import argparse
-import sys
 
 from targetmirror import __version__
+from targetmirror.boundary import report
 from targetmirror.cli import ui_backup, ui_config, ui_lio, ui_mirror
-from targetmirror.errors import ConfigError, TargetMirrorError
 
 EXIT_CODES = """\
 exit status:
   0  success (apply: LIO matches the file, whether or not something changed)
   1  targetmirror error: bad input or configuration, refused operation, daemon
-     unreachable, LIO failure (stderr: 'targetmirror: CODE: WHY', a config error
-     lists every problem of the file on its own line;
-     CODE is the error's stable code: config, mirror, lio, store, protocol, ...)
+     unreachable, LIO absent or refusing (stderr: one line 'targetmirror: CODE:
+     WHY', a config error lists every problem of the file on its own line;
+     CODE is the error's stable code: config, mirror, lio, store, device, os,
+     protocol, internal, ...; --debug adds the traceback)
   2  usage error (unknown command or option)
   3  the command run by 'backup --exec' failed (the mirror stays split)
 
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="on a failure, also print the traceback (env TARGETMIRROR_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
     for area in (ui_lio, ui_config, ui_mirror, ui_backup):
         area.register(sub)
@@ -58,13 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``targetmirror``."""
+    """Entry point of ``targetmirror``: every failure of every command goes through the one
+    error boundary (:mod:`targetmirror.boundary`): one line, exit 1; a traceback only with
+    ``--debug``."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (TargetMirrorError, ConfigError) as exc:
-        print(f"targetmirror: {exc.code}: {exc}", file=sys.stderr)
-        return 1
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the boundary: every failure is one line
+        return report(exc, "targetmirror", debug=args.debug)
 
 
 __all__ = ["build_parser", "main"]

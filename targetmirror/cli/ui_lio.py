@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from typing import Any
 
@@ -119,10 +120,23 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if looks_like_a_file(args.cfgstring):
+        # the YAML file, given where a cfgstring goes: check it as 'validate' does
+        from targetmirror.cli.ui_config import validate_file
+
+        print(f"check-config: {args.cfgstring} is a file, not a cfgstring (a=PATH;b=PATH): "
+              "checking it as a YAML configuration file (targetmirror validate)",
+              file=sys.stderr)
+        return validate_file(args.cfgstring)
     spec = parse(args.cfgstring)
     check_images(spec, args.size)
     print(f"ok: a={spec.image_a} b={spec.image_b}")
     return 0
+
+
+def looks_like_a_file(text: str) -> bool:
+    """A YAML file's path rather than a cfgstring (which always has ``key=value``)."""
+    return "=" not in text and (text.endswith((".yaml", ".yml")) or os.path.isfile(text))
 
 
 def cmd_export_snapshot(args: argparse.Namespace) -> int:
@@ -200,8 +214,9 @@ def register(sub: Any) -> None:
     d.add_argument("--iqn", help="also delete this iSCSI target")
     d.set_defaults(func=cmd_delete)
 
-    k = sub.add_parser("check-config", help="check a cfgstring (a=PATH;b=PATH) on this host")
-    k.add_argument("cfgstring")
+    k = sub.add_parser("check-config", help="check a cfgstring (a=PATH;b=PATH) on this host "
+                       "(a YAML file is checked as 'validate' does)")
+    k.add_argument("cfgstring", help="a=PATH;b=PATH[;...], or the path of a YAML file")
     k.add_argument("--size", type=parse_size, default=None)
     k.set_defaults(func=cmd_check)
 
