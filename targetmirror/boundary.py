@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import TextIO
 
-from targetmirror.errors import ConfigFileError, TargetMirrorError
+from targetmirror.errors import ArgumentsError, ConfigFileError, TargetMirrorError
 from targetmirror.lio.rts import FIX as LIO_FIX
 
 EXIT_FAILED = 1
@@ -32,6 +32,8 @@ def describe(exc: BaseException) -> tuple[str, list[str]]:
         if len(exc.problems) == 1:
             return exc.code, exc.problems
         return exc.code, [f"{len(exc.problems)} problems in {exc.path}:", *exc.problems]
+    if isinstance(exc, ArgumentsError) and len(exc.problems) > 1:
+        return exc.code, [f"{len(exc.problems)} problems with the arguments:", *exc.problems]
     if isinstance(exc, TargetMirrorError):
         return exc.code, str(exc).splitlines() or [type(exc).__name__]
     if type(exc).__module__.startswith("rtslib"):

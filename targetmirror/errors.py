@@ -40,6 +40,15 @@ class ConfigFileError(ConfigError):
         super().__init__(text)
 
 
+class ArgumentsError(ConfigError):
+    """A command's arguments have one or more problems; ``problems`` lists every one (one line
+    each: the option, what was expected, what was given).  Raised before anything is made."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
 class RingError(TargetMirrorError):
     """The TCMU shared-memory ring is not what the protocol promises (version, size, entries)."""
 
