@@ -172,6 +172,8 @@ class RootNode(Node):
         Show every mirror as ``targetmirror status`` does: state, epoch, writes in flight,
         pre-split writes, the last split instant, its drain time and what A is."""
         self.refresh()
+        if self.error:
+            raise ExecutionError(self.error)
         for row in status_rows(self.snapshot.get("mirrors", [])):
             self.say(row)
 
