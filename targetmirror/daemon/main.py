@@ -20,14 +20,17 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 from targetmirror import __version__, express
-from targetmirror.daemon import logs, sdnotify
+from targetmirror.config.loader import Config
+from targetmirror.daemon import logs, restore, sdnotify
 from targetmirror.daemon.control import ControlServer, Handler
 from targetmirror.daemon.device import ServedDevice
 from targetmirror.daemon.groups import GroupStore
 from targetmirror.daemon.ops import ControlOps
 from targetmirror.daemon.registry import DeviceRegistry
+from targetmirror.daemon.restore import Loaded
 from targetmirror.daemon.watchdog import DEFAULT_THRESHOLD, Watchdog
 from targetmirror.errors import DeviceError, TargetMirrorError
 from targetmirror.mirror.mirror import WI_EXTENT
@@ -60,7 +63,18 @@ class Daemon:
                  metrics_address: str | None = None, dbus: bool = False,
                  image_dirs: tuple[str, ...] | None = None,
                  control_uids: tuple[int, ...] = (),
-                 wi_extent: int = WI_EXTENT) -> None:
+                 wi_extent: int = WI_EXTENT, config_path: str | None = None,
+                 state_dir_override: str | None = None,
+                 image_dirs_fixed: bool = False) -> None:
+        self.config_path = config_path
+        """The YAML file read at start and on SIGHUP (None: none)."""
+        self.loaded: Loaded | None = None
+        """The configuration in force (its valid part is what was applied)."""
+        self.last_reload: dict[str, Any] | None = None
+        self._state_dir_override = state_dir_override
+        self._image_dirs_fixed = image_dirs_fixed
+        """--image-dir was given: the file's image_dirs do not replace it on reload."""
+        self._reload = threading.Event()
         self.control_uids = (0, *(u for u in control_uids if u != 0))
         """Peer uids the control socket answers: root, and only whom the admin added."""
         self.dbus = dbus
@@ -74,7 +88,8 @@ class Daemon:
         self.groups = GroupStore(os.path.join(state_dir, "groups.json"))
         self.watchdog = (Watchdog(self.registry.runners, threshold=stuck_after)
                          if stuck_after > 0 else None)
-        self.ops = ControlOps(self.registry, self.groups, self.watchdog)
+        self.ops = ControlOps(self.registry, self.groups, self.watchdog,
+                              config_status=self._config_status)
         self._stop = threading.Event()
         self._last_scan = 0.0
 
@@ -105,6 +120,73 @@ class Daemon:
 
     def handlers(self) -> dict[str, Handler]:
         return self.ops.handlers()
+
+    # -- the configuration file --------------------------------------------------------------
+    def start_with(self, loaded: Loaded) -> None:
+        """Take the file read at start: refuse its invalid mirrors, apply its valid part
+        (in full when the file is valid; only what is new when it has problems)."""
+        self.loaded = loaded
+        self.registry.refused = loaded.refused  # before the first rescan: nothing served yet
+        config = loaded.config
+        if config is not None:
+            restore.apply_config(config, self.groups, self._state_dir_override,
+                                 only_new=not loaded.ok)
+
+    def request_reload(self) -> None:
+        """Ask the main loop to reload the file (signal-safe: SIGHUP)."""
+        self._reload.set()
+
+    def reload(self) -> bool:
+        """SIGHUP / ``systemctl reload``: read and check the file; apply a valid one in full
+        and lift every refusal, keep the running configuration if it has a problem."""
+        if self.config_path is None:
+            log.warning("reload asked for, but targetmirrord runs without a configuration "
+                        "file (--config)")
+            return False
+        sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            loaded = restore.read(self.config_path)
+            if not loaded.ok or loaded.config is None:
+                restore.log_problems(loaded, "keeping the running configuration")
+                self.last_reload = {"wall": loaded.wall, "result": "kept the running "
+                                    "configuration", "problems": list(loaded.problems)}
+                return False
+            config = loaded.config
+            self._take_settings(config)
+            applied = restore.apply_config(config, self.groups, self._state_dir_override)
+            self.loaded = loaded
+            self.registry.refuse({})
+            self.last_reload = {"wall": loaded.wall,
+                                "result": "applied" if applied else "not applied (see the log)",
+                                "problems": []}
+            log.info("configuration %s reloaded: %s", self.config_path,
+                     self.last_reload["result"])
+            return applied
+        finally:
+            sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
+
+    def _take_settings(self, config: Config) -> None:
+        """The daemon settings a reload can change (log level, image directories); the
+        others need a restart, which is said."""
+        logging.getLogger().setLevel(config.daemon.log_level.upper())
+        if not self._image_dirs_fixed and self.registry.image_dirs != tuple(
+                os.path.realpath(d) for d in config.image_dirs):
+            log.info("image directories now %s", ", ".join(config.image_dirs) or "none")
+            self.registry.image_dirs = config.image_dirs
+        old = self.loaded.config if self.loaded is not None else None
+        if old is not None:
+            for key in ("control_socket", "state_dir", "metrics_address",
+                        "write_intent_extent"):
+                if getattr(old.daemon, key) != getattr(config.daemon, key):
+                    log.warning("daemon.%s changed in %s: it takes effect when targetmirrord "
+                                "restarts", key, config.path)
+
+    def _config_status(self) -> dict[str, Any] | None:
+        if self.loaded is None:
+            return None
+        st = self.loaded.status()
+        st["last_reload"] = self.last_reload
+        return st
 
     # -- netlink -----------------------------------------------------------------------------
     def _on_event(self, nl: TcmuNetlink, event: NetlinkEvent) -> None:
@@ -205,9 +287,12 @@ class Daemon:
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
         try:
             while not self._stop.is_set():
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
                 if nl is None:
-                    self._stop.wait(self.rescan_interval)
-                    self.rescan()
+                    self._stop.wait(min(self.rescan_interval, 1.0))
+                    self._periodic()
                     continue
                 try:
                     events = nl.receive(timeout=min(self.rescan_interval, 1.0))
@@ -249,12 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="targetmirrord", description="Serve user:mirror TCMU devices (foreground).",
         epilog="With a configuration file (--config, $TARGETMIRROR_CONFIG, or "
                "/etc/targetmirror/targetmirror.yaml when it exists) the daemon applies it "
-               "before serving, like 'targetmirror apply'; a file that is invalid or cannot be "
-               "applied is logged as an error and the daemon serves what exists. Options given "
-               "here override the file's daemon settings. Exit status: 0 after SIGTERM/SIGINT, "
-               "1 on a fatal error, 2 on a usage error.")
+               "before serving, like 'targetmirror apply'. It never exits because of the file: "
+               "every problem is logged, the valid part is applied (only what is new, when "
+               "the file has problems), and a mirror whose entry is invalid is served NOT "
+               "READY with reason 'config'. SIGHUP (systemctl reload) reads the file again: "
+               "a valid file is applied and the refusals lifted, one with problems is logged "
+               "and the running configuration kept. Options given here override the file's "
+               "daemon settings. Exit status: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on "
+               "a usage error.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--config", default=None, help="YAML configuration to apply at start")
+    p.add_argument("--config", default=None,
+                   help="YAML configuration to apply at start and on SIGHUP")
     p.add_argument("--workers", type=int, default=2,
                    help="I/O worker threads per device; 0 runs commands on the ring thread")
     p.add_argument("--log-level", default=None,
@@ -293,15 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``targetmirrord``."""
-    from targetmirror.daemon import restore
-
     p = build_parser()
     args = p.parse_args(argv)
-    config, problem = restore.load(args.config)
+    path = restore.config_path(args.config)
+    loaded = restore.read(path) if path is not None else None
+    config = loaded.config if loaded is not None else None
     d = config.daemon if config is not None else None
     logs.setup(args.log_level or (d.log_level if d else "info"))
-    if problem:
-        log.error("%s", problem)
+    if loaded is not None:
+        # never an exit because of the file: every problem is logged, the valid part served
+        restore.log_problems(loaded, "serving its valid part and what exists")
     metrics_address = args.metrics_address or (d.metrics_address if d else None)
     if metrics_address:
         from targetmirror.daemon.metrics import parse_address
@@ -331,19 +422,26 @@ def main(argv: list[str] | None = None) -> int:
                     dbus=not args.no_dbus, wi_extent=wi_extent,
                     control_uids=tuple(args.control_allow_uid or ()),
                     image_dirs=(tuple(args.image_dir) if args.image_dir
-                                else config.image_dirs if config is not None else None))
+                                else config.image_dirs if config is not None else None),
+                    config_path=path, state_dir_override=args.state_dir,
+                    image_dirs_fixed=bool(args.image_dir))
     if daemon.image_dirs is None:
         log.warning("images are not confined: give --image-dir or a configuration file with "
                     "image_dirs (see docs/security.md)")
-    if config is not None:
-        restore.apply_at_start(config, daemon.groups, args.state_dir)
+    if loaded is not None:
+        daemon.start_with(loaded)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing in-flight commands", signal.Signals(signum).name)
         daemon.stop()
 
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+        log.info("received SIGHUP; reloading %s", daemon.config_path or "(no file)")
+        daemon.request_reload()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         return daemon.run()
     except TargetMirrorError as exc:
