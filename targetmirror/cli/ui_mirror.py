@@ -10,21 +10,59 @@ import sys
 import time
 from typing import Any
 
-from targetmirror.cli import common
-from targetmirror.client import describe_rejoin, describe_sync, describe_verify, when
+from targetmirror.cli import common, progress
+from targetmirror.client import (
+    describe_rejoin,
+    describe_sync,
+    describe_verify,
+    status_rows,
+    unhealthy,
+    when,
+)
 from targetmirror.errors import MirrorError
 from targetmirror.units import size_arg as parse_size
 
+EXIT_UNHEALTHY = 2
+"""``status --check``: a mirror is degraded, failed or NOT READY (like mdadm --detail
+--test)."""
 
-def cmd_status(args: argparse.Namespace) -> int:
-    res = common.client(args).status(args.names)
-    if args.json:
+
+def _show_status(res: dict[str, Any], as_json: bool) -> None:
+    if as_json:
         print(json.dumps(res, indent=1))
-        return 0
-    common.print_status(res["mirrors"])
+        return
+    for row in status_rows(res["mirrors"], res.get("config")):
+        print(row)
     for s in res.get("scheduled", []):
         print(f"scheduled split {s['id']}: {', '.join(s['names'])} at {when(s['at'])}")
-    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = common.client(args)
+    if args.watch is None:
+        res = client.status(args.names)
+        _show_status(res, args.json)
+        return EXIT_UNHEALTHY if args.check and unhealthy(res["mirrors"]) else 0
+    # --watch: the table again every interval until Ctrl-C (or --count tables)
+    tty = sys.stdout.isatty()
+    shown = 0
+    try:
+        while True:
+            res = client.status(args.names)
+            if tty:
+                print("\x1b[H\x1b[2J", end="")  # home and clear, like watch(1)
+            elif shown:
+                print()
+            print(f"every {args.watch:g} s: targetmirror status   {when(time.time())}")
+            _show_status(res, args.json)
+            sys.stdout.flush()
+            shown += 1
+            if args.count and shown >= args.count:
+                break
+            time.sleep(args.watch)  # the refresh interval the admin asked for
+    except KeyboardInterrupt:
+        pass  # the way to end --watch
+    return EXIT_UNHEALTHY if args.check and unhealthy(res["mirrors"]) else 0
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -66,44 +104,16 @@ def cmd_group(args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow_rejoin(args: argparse.Namespace, names: list[str]) -> None:
-    """A progress bar (bytes copied, ETA) until every named mirror is mirrored again."""
-    from tqdm import tqdm
-
-    client = common.client(args)
-    bar = None
-    try:
-        while True:
-            mirrors = client.status(names)["mirrors"]
-            pending = [m for m in mirrors if m["state"] == "rejoining"]
-            failed = [m for m in pending if (m.get("resync") or {}).get("error")]
-            if failed:
-                raise MirrorError(f"rejoin of {failed[0]['name']} failed: "
-                                  f"{failed[0]['resync']['error']}")
-            total = sum(((m.get("resync") or {}).get("regions_total") or 0)
-                        * m["bitmap"]["region_size"] for m in pending)
-            done = sum((m.get("resync") or {}).get("bytes_copied", 0) for m in pending)
-            if bar is None and total:
-                bar = tqdm(total=total, unit="B", unit_scale=True, desc="rejoin")
-            if bar is not None:
-                bar.update(max(0, done - bar.n))
-            if not pending:
-                return
-            time.sleep(0.5)  # polling the daemon for progress display
-    finally:
-        if bar is not None:
-            bar.close()
-
-
 def cmd_rejoin(args: argparse.Namespace) -> int:
     """Copy what changed since the split back to A, online; mirrored again afterwards."""
     client = common.client(args)
-    attached = not args.json and sys.stderr.isatty() and not args.no_wait
+    attached = progress.wanted(args)
     res = client.rejoin(args.names, group=args.group, full=args.full, rate_mbps=args.rate,
                         wait=not args.no_wait and not attached, timeout=args.timeout)
     if attached:
-        _follow_rejoin(args, args.names or [m["name"] for m in res["rejoin"]])
-        res = {"rejoin": client.status([m["name"] for m in res["rejoin"]])["mirrors"]}
+        names = [m["name"] for m in res["rejoin"]]
+        res = {"rejoin": progress.follow(client, names, desc="rejoin", timeout=args.timeout,
+                                         busy=lambda m: m["state"] == "rejoining")}
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -117,8 +127,14 @@ def cmd_repair(args: argparse.Namespace) -> int:
     for a new image given by --replace), online."""
     rate = None if args.rate is None else args.rate * 1e6
     replace = None if args.replace is None else os.path.abspath(args.replace)
+    attached = progress.wanted(args)
     res = common.call(args, "repair", name=args.name, leg=args.leg, replace=replace,
-                      rate=rate, wait=not args.no_wait, timeout=args.timeout)["repair"]
+                      rate=rate, wait=not args.no_wait and not attached,
+                      timeout=args.timeout)["repair"]
+    if attached:
+        res = progress.follow(common.client(args), [args.name], desc="repair",
+                              timeout=args.timeout, busy=lambda m: m.get("resync") is not None
+                              or m["state"] in ("syncing", "rejoining"))[0]
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -135,17 +151,27 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Initial sync (claim 2): fill B from A online, for a mirror made from an existing A."""
-    res = common.client(args).sync(args.name, rate_mbps=args.rate, wait=not args.no_wait,
-                                   timeout=args.timeout)
+    client = common.client(args)
+    attached = progress.wanted(args)
+    res = client.sync(args.name, rate_mbps=args.rate, wait=not args.no_wait and not attached,
+                      timeout=args.timeout)
+    if attached:
+        res = progress.follow(client, [args.name], desc="sync", timeout=args.timeout,
+                              busy=lambda m: m["state"] == "syncing")[0]
     print(json.dumps(res, indent=1) if args.json else describe_sync(res))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Compare A and B online; exit 1 when they differ where they should not."""
-    res = common.client(args).verify(args.name, repair=args.repair, offset=args.offset,
-                                     length=args.length, rate_mbps=args.rate,
-                                     timeout=args.timeout)
+    client = common.client(args)
+
+    def verify() -> dict[str, Any]:
+        return client.verify(args.name, repair=args.repair, offset=args.offset,
+                             length=args.length, rate_mbps=args.rate, timeout=args.timeout)
+
+    res = (progress.while_running(verify, client, args.name, desc="verify")
+           if progress.wanted(args) else verify())
     print(json.dumps(res, indent=1) if args.json else describe_verify(res))
     return 1 if res["mismatches"] and not res["repaired"] else 0
 
@@ -153,8 +179,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """The mirror operations' parsers."""
     st = common.daemon_command(sub, "status",
-                               "show mirrors: state, epoch, in-flight writes, last split")
+                               "show mirrors: state, epoch, in-flight writes, last split, "
+                               "the running copy (Cpy%%, ETA)")
     st.add_argument("names", nargs="*")
+    st.add_argument("--check", action="store_true",
+                    help=f"exit {EXIT_UNHEALTHY} when a mirror is degraded or failed, a leg or "
+                         "a copy failed, or a LUN is NOT READY (for monitoring scripts, like "
+                         "mdadm --detail --test)")
+    st.add_argument("--watch", type=float, nargs="?", const=2.0, default=None,
+                    metavar="SECONDS", help="show the table again every SECONDS (default 2) "
+                    "until Ctrl-C")
+    st.add_argument("--count", type=int, default=0,
+                    help="with --watch: stop after this many tables")
     st.set_defaults(func=cmd_status)
 
     sp = common.daemon_command(sub, "split",

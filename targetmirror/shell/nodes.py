@@ -174,7 +174,7 @@ class RootNode(Node):
         self.refresh()
         if self.error:
             raise ExecutionError(self.error)
-        for row in status_rows(self.snapshot.get("mirrors", [])):
+        for row in status_rows(self.snapshot.get("mirrors", []), self.snapshot.get("config")):
             self.say(row)
 
 
