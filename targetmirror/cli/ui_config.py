@@ -59,9 +59,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
     try:
         groups.all()
     except TargetMirrorError as exc:
-        if config.groups or Manifest.load(manifest_path(config)).groups:
+        has_groups = bool(config.groups or Manifest.load(manifest_path(config)).groups)
+        if has_groups and not args.dry_run:
             raise MirrorError(f"the file's consistency groups live in targetmirrord, which "
                               f"does not answer on {socket} ({exc}); start it first") from exc
+        if has_groups:  # a dry run plans them as if the daemon had none
+            print(f"note: targetmirrord does not answer on {socket}: its consistency groups "
+                  "are planned as if it had none", file=sys.stderr)
         groups = NoGroups()
     lines: list[str] = []
     result = ap.apply(config, common.lio_seam(), groups, dry_run=args.dry_run,

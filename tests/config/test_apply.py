@@ -283,6 +283,11 @@ def test_cli_apply_groups_need_daemon(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(cli.common, "lio_seam", lambda: lio)
     rc = cli.main(["apply", "--config", str(write(tmp_path, doc))])
     assert rc == 1 and "does not answer" in capsys.readouterr().err and lio.calls == []
+    # a dry run needs no daemon (provisioning checks the file before it starts one)
+    rc = cli.main(["apply", "--config", str(write(tmp_path, doc)), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "+ group g: m1, m2" in out and "dry run: nothing changed" in out
+    assert "are planned as if it had none" in err and lio.calls == []
     doc["groups"] = []
     assert cli.main(["apply", "--config", str(write(tmp_path, doc))]) == 0
     assert "m1" in lio.state.backstores
