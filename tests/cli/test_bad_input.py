@@ -261,3 +261,20 @@ def test_interrupted_is_one_line_and_130(tmp_path: Path, lio: Lio,
     rc, _, err = run(capsys, *create(tmp_path))
     assert rc == 130 and err == "targetmirror: interrupted: interrupted\n"
     assert files(tmp_path) == [] and lio.storage_objects == []
+
+
+def test_apply_dry_run_without_lio_is_one_line(tmp_path: Path, lio: Lio,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """issue 16: ``apply --dry-run`` (and list, create, delete) printed a 40-line traceback
+    on a host where LIO is not loaded."""
+    from tests.config.test_loader import good, write
+
+    doc = good(tmp_path)
+    doc["groups"] = []
+    path = write(tmp_path, doc)
+    lio.absent = "proc-modules"
+    before = files(tmp_path)
+    rc, out, err = run(capsys, "apply", "--config", str(path), "--dry-run")
+    assert rc == 1 and out == ""
+    assert err == NOT_AVAILABLE + "\n"
+    assert files(tmp_path) == before

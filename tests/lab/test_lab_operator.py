@@ -6,15 +6,17 @@
   2; SIGHUP with a file that is still broken keeps everything running; SIGHUP with the
   corrected file serves the refused mirror, and the initiator writes through it to both legs.
 * ``targetmirror`` bad inputs against the real LIO: each is one line on stderr and exit 1,
-  and configfs and the image directory are byte-for-byte what they were -- also when the
-  kernel itself refuses a later step of a ``create --create-images`` (a portal on an address
-  the guest does not have), which must take back the images and the backstore it made.
+  and configfs and the image directory are byte-for-byte what they were -- also when a later
+  step of a ``create --create-images`` fails: the kernel refuses the portal (its port is held
+  by another listener), or the daemon does not answer for ``--initial-sync``; the images, the
+  backstore and the target it made are taken back.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,10 @@ def test_bad_cli_input_is_one_line_and_changes_nothing(mirrord: Mirrord,
                 "--image-b", str(images / "x-b.img"), "--create-images", *extra]
 
     iqn2 = f"{guest.IQN_PREFIX}:operator2"
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    busy_port = listener.getsockname()[1]
     cases = [
         (create("--iqn", iqn2, "--initiator", host, "--portal", "10.0.0.1"),
          "targetmirror: config: --portal 10.0.0.1: expected IP:PORT with a numeric IP"),
@@ -182,15 +188,31 @@ def test_bad_cli_input_is_one_line_and_changes_nothing(mirrord: Mirrord,
          f"targetmirror: config: target {IQN} TPG 1 has ACLs"),
         (create("--iqn", IQN, "--initiator", host),
          f"targetmirror: config: target {IQN} TPG 1 has a LUN 0 already"),
-        # the kernel refuses the portal (the guest has no such address) after the images
-        # and the backstore were made: both are taken back
-        (create("--iqn", iqn2, "--initiator", host, "--portal", "192.0.2.77:3260"),
+        # the kernel refuses the portal (its port is taken by another listener) after the
+        # images, the backstore, the target and its TPG were made: all are taken back
+        (create("--iqn", iqn2, "--initiator", host, "--portal", f"127.0.0.1:{busy_port}"),
          f"targetmirror: lio: exporting op_x as {iqn2} LUN 0 failed: "),
+        # the daemon does not answer for --initial-sync after the backstore was made
+        (create("--initial-sync", "--socket", str(tmp_path / "nope.sock")),
+         f"targetmirror: device: cannot reach targetmirrord at {tmp_path}/nope.sock"),
         (["delete", "op_keep", "--iqn", iqn2],
          f"targetmirror: lio: no iSCSI target {iqn2} (nothing was deleted)"),
         (["status", "--socket", str(tmp_path / "nope.sock")],
          f"targetmirror: device: cannot reach targetmirrord at {tmp_path}/nope.sock"),
     ]
+    try:
+        _run_cases(cases, before, files, images)
+    finally:
+        listener.close()
+    shell = mirrord.ctl_json("status")  # the daemon still serves the kept mirror
+    assert {m["name"]: m["state"] for m in shell["mirrors"]} == {"op_keep": "mirrored"}
+    listed = json.loads(cli("list", "--json").stdout)["mirrors"]
+    assert [m["name"] for m in listed] == ["op_keep"]
+    cli("delete", "op_keep", "--iqn", IQN)
+
+
+def _run_cases(cases: list[tuple[list[str], str]], before: dict[str, str], files: list[str],
+               images: Path) -> None:
     for argv, line in cases:
         proc = cli(*argv, check=False)
         print(f"$ targetmirror {' '.join(argv)}\n{proc.stderr}")
@@ -199,8 +221,3 @@ def test_bad_cli_input_is_one_line_and_changes_nothing(mirrord: Mirrord,
         assert "Traceback" not in proc.stderr and proc.stdout == ""
         assert configfs_tree() == before, f"LIO changed by: {argv}"
         assert sorted(p.name for p in images.iterdir()) == files, f"files changed by: {argv}"
-    shell = mirrord.ctl_json("status")  # the daemon still serves the kept mirror
-    assert {m["name"]: m["state"] for m in shell["mirrors"]} == {"op_keep": "mirrored"}
-    listed = json.loads(cli("list", "--json").stdout)["mirrors"]
-    assert [m["name"] for m in listed] == ["op_keep"]
-    cli("delete", "op_keep", "--iqn", IQN)
