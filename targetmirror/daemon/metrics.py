@@ -20,129 +20,39 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from array import array
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from targetmirror import __version__, express
+
+# The counters live in daemon/stats.py (the device layer records them) and the leg table in
+# targetmirror/states.py (the faces show it); re-exported here for the exporter's users.
+from targetmirror.daemon.stats import DIRECTIONS as DIRECTIONS
+from targetmirror.daemon.stats import LATENCY_BOUNDS_NS as LATENCY_BOUNDS_NS
+from targetmirror.daemon.stats import LEGS as LEGS
+from targetmirror.daemon.stats import OTHER as OTHER
+from targetmirror.daemon.stats import READ as READ
+from targetmirror.daemon.stats import WRITE as WRITE
+from targetmirror.daemon.stats import CommandStats as CommandStats
 from targetmirror.errors import ConfigError
+from targetmirror.netaddr import EXPECTED, parse_hostport
+from targetmirror.states import LEG_STATES as LEG_STATES
+from targetmirror.states import MIRROR_STATES as MIRROR_STATES
+from targetmirror.states import leg_states as leg_states
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from targetmirror.daemon.main import Daemon
+    from targetmirror.daemon.registry import DeviceRegistry
 
 log = logging.getLogger("targetmirror.metrics")
-
-READ, WRITE, OTHER = 0, 1, 2
-DIRECTIONS = ("read", "write", "other")
-LEGS = ("a", "b")
-
-#: Upper bounds of the latency buckets, in nanoseconds (``le`` in seconds on the wire).  Fixed:
-#: a command's latency is counted with one bisect, never a float conversion.
-LATENCY_BOUNDS_NS: tuple[int, ...] = (
-    25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
-    25_000_000, 50_000_000, 100_000_000, 250_000_000, 1_000_000_000, 5_000_000_000)
-
-_NBUCKETS = len(LATENCY_BOUNDS_NS) + 1          # the last one is +Inf
-_STRIDE = 2 + _NBUCKETS                          # count, sum_ns, buckets...
-_BYTES = len(DIRECTIONS) * _STRIDE               # then bytes[direction][leg]
-_SHARD_LEN = _BYTES + len(DIRECTIONS) * len(LEGS)
-
-
-class CommandStats:
-    """Per-device command counters, written lock-free by the workers (see the module doc).
-
-    Each thread gets its own shard (a ``list`` of ints) the first time it records; dict
-    ``setdefault`` is atomic under the GIL, so two threads never share a shard and every ``+=``
-    is made by the shard's only writer.  A reader sums the shards; it may see one command's
-    count before its bytes, which a scrape tolerates (the next scrape is exact).
-    """
-
-    __slots__ = ("_arrays", "_shards")
-
-    def __init__(self) -> None:
-        self._shards: dict[int, list[int]] = {}
-        self._arrays: list[array[int]] = []
-
-    def array_shard(self) -> array[int]:
-        """A shard as a flat int64 array, for a writer in C (the express lane, which adds
-        into it with the layout below: ``layout()``).  Owned by one thread, like the others."""
-        shard = array("q", bytes(8 * _SHARD_LEN))
-        self._arrays.append(shard)
-        return shard
-
-    @staticmethod
-    def layout() -> tuple[array[int], int, int]:
-        """``(latency bounds in ns, stride per direction, offset of the byte counters)``."""
-        return array("q", LATENCY_BOUNDS_NS), _STRIDE, _BYTES
-
-    def record(self, direction: int, elapsed_ns: int, a_bytes: int = 0, b_bytes: int = 0
-               ) -> None:
-        """Count one finished command (called by a worker; plain integer additions only)."""
-        s = self._shards.get(threading.get_ident())
-        if s is None:
-            s = self._shards.setdefault(threading.get_ident(), [0] * _SHARD_LEN)
-        base = direction * _STRIDE
-        s[base] += 1
-        s[base + 1] += elapsed_ns
-        s[base + 2 + bisect_left(LATENCY_BOUNDS_NS, elapsed_ns)] += 1
-        if a_bytes:
-            s[_BYTES + direction * 2] += a_bytes
-        if b_bytes:
-            s[_BYTES + direction * 2 + 1] += b_bytes
-
-    def totals(self) -> list[int]:
-        """The shards summed (scrape time)."""
-        out = [0] * _SHARD_LEN
-        for shard in [*self._shards.values(), *self._arrays]:
-            for i, v in enumerate(shard):
-                out[i] += v
-        return out
-
-    def commands(self, totals: list[int], direction: int) -> int:
-        return totals[direction * _STRIDE]
-
-    def latency_sum_seconds(self, totals: list[int], direction: int) -> float:
-        return totals[direction * _STRIDE + 1] / 1e9
-
-    def buckets(self, totals: list[int], direction: int) -> list[tuple[str, int]]:
-        """Cumulative ``(le, count)`` pairs as Prometheus wants them."""
-        base = direction * _STRIDE + 2
-        out: list[tuple[str, int]] = []
-        acc = 0
-        for i in range(_NBUCKETS):
-            acc += totals[base + i]
-            le = "+Inf" if i == len(LATENCY_BOUNDS_NS) else repr(LATENCY_BOUNDS_NS[i] / 1e9)
-            out.append((le, acc))
-        return out
-
-    def bytes(self, totals: list[int], direction: int, leg: int) -> int:
-        return totals[_BYTES + direction * 2 + leg]
-
-
-def leg_states(state: str) -> tuple[str, str]:
-    """What each leg is doing in a mirror state (A, B)."""
-    return {
-        "mirrored": ("in-sync", "in-sync"),
-        "splitting": ("draining", "live"),
-        "split": ("frozen", "live"),
-        "rejoining": ("resyncing", "live"),
-        "syncing": ("live", "syncing"),
-    }.get(state, ("unknown", "unknown"))
-
-
-MIRROR_STATES = ("mirrored", "splitting", "split", "rejoining", "syncing")
-LEG_STATES = ("in-sync", "live", "draining", "frozen", "resyncing", "syncing")
-
 
 class MirrorCollector:
     """Builds every metric family from the daemon's devices at scrape time."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DeviceRegistry) -> None:
         self.daemon = daemon
 
     def describe(self) -> Iterable[Metric]:
@@ -161,7 +71,7 @@ class MirrorCollector:
         info.add_metric([], {"version": __version__})
         yield info
 
-        with self.daemon._lock:
+        with self.daemon.lock:
             devices = sorted(self.daemon.devices.values(), key=lambda d: d.info.dev_name)
 
         def gauge(name: str, doc: str, labels: tuple[str, ...] = ("mirror",)) -> Any:
@@ -289,14 +199,11 @@ class MirrorCollector:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``:PORT`` (all addresses) or ``[V6]:PORT`` -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"--metrics-address {text!r}: expected HOST:PORT, e.g. "
-                          "127.0.0.1:9745 or [::1]:9745")
-    # ":PORT" asks for every address
-    host = host.strip("[]") or "0.0.0.0"  # noqa: S104  # nosec B104
-    return host, int(port)
+    """``IP:PORT`` (the one rule of :mod:`targetmirror.netaddr`) -> (host, port)."""
+    hp = parse_hostport(text)
+    if hp is None:
+        raise ConfigError(f"--metrics-address {text!r}: expected {EXPECTED}")
+    return hp
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -311,10 +218,12 @@ class _Server(ThreadingMixIn, WSGIServer):
 class MetricsServer:
     """The ``/metrics`` endpoint on its own thread."""
 
-    def __init__(self, daemon: Daemon, address: str) -> None:
+    def __init__(self, daemon: DeviceRegistry, address: str | tuple[str, int]) -> None:
+        """``address``: ``IP:PORT`` as the admin writes it, or ``(host, port)`` from code
+        (port 0 binds any free port: tests)."""
         from prometheus_client import CollectorRegistry, make_wsgi_app
 
-        host, port = parse_address(address)
+        host, port = parse_address(address) if isinstance(address, str) else address
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MirrorCollector(daemon))
         server_cls: type[_Server] = _Server

@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from targetmirror.errors import MirrorBusy, StoreError
+from targetmirror.errors import FrozenImageError, MirrorBusy, StoreError
 from targetmirror.mirror.policy import BOTH, LEG_A, LEG_B, LEG_NAMES
 from targetmirror.store.image import Image
 
@@ -144,7 +144,7 @@ class Legs:
         try:
             return fn(image, *args)
         except StoreError as exc:
-            if exc.kind != "frozen" and not isinstance(exc, LegsClosed):
+            if not isinstance(exc, (FrozenImageError, LegsClosed)):
                 self.fail(leg, exc)
             raise
         except OSError as exc:

@@ -33,8 +33,8 @@ from targetmirror.client import (
     describe_verify,
     status_rows,
 )
-from targetmirror.daemon.metrics import leg_states
 from targetmirror.errors import TargetMirrorError
+from targetmirror.states import leg_states
 
 T = TypeVar("T")
 
@@ -172,7 +172,9 @@ class RootNode(Node):
         Show every mirror as ``targetmirror status`` does: state, epoch, writes in flight,
         pre-split writes, the last split instant, its drain time and what A is."""
         self.refresh()
-        for row in status_rows(self.snapshot.get("mirrors", [])):
+        if self.error:
+            raise ExecutionError(self.error)
+        for row in status_rows(self.snapshot.get("mirrors", []), self.snapshot.get("config")):
             self.say(row)
 
 
