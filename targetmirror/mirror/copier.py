@@ -157,6 +157,7 @@ class Copier:
         rs = bm.region_size if bm is not None else DEFAULT_REGION
         start = m.records.current.sync_cursor
         p.cursor = p.start_cursor = start
+        p.bytes_total = m.size
         buf = memoryview(bytearray(rs * SYNC_CHUNK_REGIONS))
         copy = self._copy_step(LEG_A, LEG_B, buf, p)
         if bm is not None and bm.count and start:
