@@ -513,25 +513,24 @@ def test_verify_while_split_does_not_report_a_concurrently_tracked_write(rig):
     assert out["mismatches"] == 0, f"tracked change reported as a mismatch: {out}"
 
 
-def test_admission_racing_a_rejoin_never_writes_b_only_once_mirrored(rig, monkeypatch):
+def test_admission_racing_a_rejoin_never_writes_b_only_once_mirrored(rig):
     """An admission in progress when rejoin() is called: the rejoin waits for it; if it was
     decided B-only, the copier waits for that write and copies its region."""
-    from targetmirror.mirror import policy
-
     m = rig.mirror()
     split(m)
     in_admit, go_on = threading.Event(), threading.Event()
-    real = policy.write_legs
     admitter = "admitter"
 
-    def write_legs(*args, **kw):  # decided under the admission lock: hold it there
-        value = real(*args, **kw)
-        if threading.current_thread().name == admitter and not in_admit.is_set():
-            in_admit.set()
-            assert go_on.wait(TIMEOUT)
-        return value
+    class Inflight(dict):
+        """Admission counts the command in under the admission lock: hold it right there."""
 
-    monkeypatch.setattr(policy, "write_legs", write_legs)
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            if threading.current_thread().name == admitter and not in_admit.is_set():
+                in_admit.set()
+                assert go_on.wait(TIMEOUT)
+
+    m.flight.inflight = Inflight(m.flight.inflight)
     got: list = []
     t = threading.Thread(target=lambda: got.append(m.admit(m.epoch, (8 * RS, 8 * RS + BS))),
                          name=admitter)
