@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, types, unit tests on the host, and the lab tests, which boot the
-# QEMU guest once and run inside it against the real kernel (LIO, TCMU, open-iscsi).
+# The whole test suite: lint, types, the Debian package build, unit tests on the host, and the
+# lab tests, which boot the QEMU guest once and run inside it against the real kernel (LIO,
+# TCMU, open-iscsi).
 # Extra arguments go to pytest (e.g. dev/test.sh -k ring).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +13,7 @@ VENV=${TARGETMIRROR_VENV:-.venv}
 "$VENV/bin/mypy" targetmirror/tcmu targetmirror/scsi targetmirror/store targetmirror/mirror \
     targetmirror/config targetmirror/daemon targetmirror/lio targetmirror/shell \
     targetmirror/express targetmirror/client.py targetmirror/rbdbackup.py
+# the Debian package, before pytest: tests/lab/test_lab_deb.py installs it in the guest and
+# tests/test_systemd_unit.py checks the unit it installs (~15 s; a no-op when up to date)
+bash dev/deb.sh
 exec "$VENV/bin/python" -m pytest -v -rA "$@"
