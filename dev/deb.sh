@@ -44,14 +44,19 @@ hash=$(list_files | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
 VERSION=$(dpkg-parsechangelog -S Version)
 ARCH=$(dpkg-architecture -qDEB_HOST_ARCH)
 DEB="$OUT/targetmirror_${VERSION}_${ARCH}.deb"
+mkdir -p "$OUT"
 if [ -e "$DEB" ] && [ "$(cat "$OUT/source-hash" 2>/dev/null)" = "$hash" ]; then
     echo "dev/deb.sh: $DEB is up to date"
     exit 0
 fi
 
 start=$(date +%s)
-rm -rf "$OUT"
-SRC="$OUT/src/targetmirror-$VERSION"
+# Built in a folder of its own and renamed into place at the end: a .deb in build/deb is always
+# a complete one (a lab run may be reading it while a new one builds).
+WORK="$OUT/work.$$"
+rm -rf "$WORK"
+trap 'rm -rf "$WORK"' EXIT
+SRC="$WORK/targetmirror-$VERSION"
 mkdir -p "$SRC"
 list_files | tar --null -T - -cf - | tar -xf - -C "$SRC"
 bash dev/manpages.sh "$SRC/manpages" >/dev/null
@@ -60,11 +65,10 @@ bash dev/manpages.sh "$SRC/manpages" >/dev/null
     echo "dev/deb.sh: dpkg-buildpackage failed; full log: $OUT/build.log" >&2
     exit 1
 }
-mv "$OUT/src/targetmirror_${VERSION}_${ARCH}.deb" "$DEB"
-rm -rf "$OUT/src"
+NEW="$WORK/targetmirror_${VERSION}_${ARCH}.deb"
 
 # What an installation needs must be in it (a missing file fails the build, not a later boot).
-contents=$(dpkg-deb -c "$DEB")
+contents=$(dpkg-deb -c "$NEW")
 for path in ./usr/bin/targetmirror ./usr/bin/targetmirrord ./usr/bin/targetmirror-shell \
         ./lib/systemd/system/targetmirrord.service \
         ./usr/share/dbus-1/system.d/targetmirror.conf \
@@ -73,9 +77,13 @@ for path in ./usr/bin/targetmirror ./usr/bin/targetmirrord ./usr/bin/targetmirro
         ./usr/share/doc/targetmirror/examples/targetmirror.yaml \
         ./usr/share/doc/targetmirror/systemd.md ./usr/share/doc/targetmirror/copyright \
         ./usr/lib/python3/dist-packages/targetmirror/daemon/main.py; do
-    grep -q " $path\$" <<<"$contents" || { echo "dev/deb.sh: $DEB lacks $path" >&2; exit 1; }
+    grep -q " $path\$" <<<"$contents" || { echo "dev/deb.sh: the package lacks $path" >&2; exit 1; }
 done
 grep -Eq ' \./usr/lib/python3/dist-packages/targetmirror/express/_lane\.cpython-[^ ]+\.so$' \
-    <<<"$contents" || { echo "dev/deb.sh: $DEB lacks the express lane" >&2; exit 1; }
+    <<<"$contents" || { echo "dev/deb.sh: the package lacks the express lane" >&2; exit 1; }
+for old in "$OUT"/targetmirror_*.deb; do
+    [ "$old" = "$DEB" ] || rm -f "$old"
+done
+mv -f "$NEW" "$DEB"
 echo "$hash" > "$OUT/source-hash"
 echo "dev/deb.sh: built $DEB in $(( $(date +%s) - start )) s"

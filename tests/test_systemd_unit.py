@@ -54,9 +54,12 @@ def installed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copytree(host_units, units, dirs_exist_ok=True, symlinks=True,
                             ignore=lambda d, names: [n for n in names
                                                      if n == "targetmirrord.service"])
-    # what the unit runs besides our own command, from the packages the .deb depends on
-    for tool in ("/bin/kill",):
-        assert os.path.exists(tool), f"{tool} missing on this host (procps; dev/deb.sh)"
+    # what the unit runs besides our own commands (coreutils, procps: the .deb depends on
+    # procps for /bin/kill), taken from this host
+    for tool in _exec_tools():
+        if (root / tool.lstrip("/")).exists():
+            continue
+        assert os.path.exists(tool), f"{tool} missing on this host (dev/deb.sh installs procps)"
         (root / tool.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(tool, root / tool.lstrip("/"))
     assert (units / "targetmirrord.service").read_bytes() == UNIT.read_bytes()
@@ -84,6 +87,12 @@ def test_the_installed_unit_is_hardened(installed_root: Path) -> None:
     assert float(m.group(1)) <= MAX_EXPOSURE, f"exposure {m.group(1)} > {MAX_EXPOSURE}"
 
 
+def _exec_tools() -> set[str]:
+    """The programs of every Exec*= line of the unit (without systemd's prefixes)."""
+    return {line.split("=", 1)[1].lstrip("+-@!:").split()[0]
+            for line in UNIT.read_text().splitlines() if re.match(r"Exec\w+=", line)}
+
+
 def _service(key: str) -> list[str]:
     return [line.split("=", 1)[1] for line in UNIT.read_text().splitlines()
             if line.startswith(key + "=")]
@@ -99,6 +108,7 @@ def test_watchdog_sec_leaves_room_for_missed_keepalives() -> None:
 
 def test_the_unit_runs_the_installed_command_after_the_lio_restore() -> None:
     assert _service("ExecStart") == ["/usr/bin/targetmirrord"]
+    assert _exec_tools() == {"/usr/bin/targetmirrord", "/bin/kill", "/bin/touch"}
     assert "targetmirrord = targetmirror.daemon.main:main" in (REPO / "setup.cfg").read_text()
     after = " ".join(_service("After")).split()
     assert "rtslib-fb-targetctl.service" in after  # Debian 12's LIO restore

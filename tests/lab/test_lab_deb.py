@@ -10,18 +10,22 @@ reading the installed unit file (``UnitRun``):
 
 1. ``rtslib-fb-targetctl.service``: ``targetctl restore`` (it clears LIO first);
 2. ``modprobe@target_core_user`` / ``modprobe@iscsi_target_mod`` (the unit's Wants=);
-3. targetmirrord.service: its State/RuntimeDirectory with their modes, its UMask, its
-   CapabilityBoundingSet and NoNewPrivileges (through setpriv), systemd's environment (no
-   PYTHONPATH; NOTIFY_SOCKET and WATCHDOG_USEC from WatchdogSec, answered by this test as
-   systemd would), then its ExecStart, which applies /etc/targetmirror/targetmirror.yaml.
+3. targetmirrord.service: its State/RuntimeDirectory with their modes, its UMask, systemd's
+   environment (no PYTHONPATH; NOTIFY_SOCKET and WATCHDOG_USEC from WatchdogSec, answered by
+   this test as systemd would), and its sandbox as far as the kernel's own tools rebuild it
+   (``tests/lab/sandbox.py``: the mount namespace of ProtectSystem=strict & co., the
+   capability bounding set and no-new-privileges through setpriv, the system call filter,
+   address families and W^X through seccomp); then its ExecStart, which applies
+   /etc/targetmirror/targetmirror.yaml. The installed unit also passes the guest's own
+   ``systemd-analyze verify``.
 
 A shutdown is the reverse: targetmirrord stops (SIGTERM), then ``targetctl clear``. Both ways of
 a boot are proven: (a) saveconfig.json has our objects too (the restore makes them, apply finds
 nothing to change); (b) it does not (apply makes them again). Either way the LUNs are served by
 the installed daemon, another owner's saved objects survive, and the initiator reads back what
-it wrote before the "reboot". What the guest cannot emulate (the mount namespace, seccomp
-filters, device policy) is proven under a real systemd by the Vagrant VMs; the unit file itself
-by tests/test_systemd_unit.py (systemd-analyze verify/security).
+it wrote before the "reboot". What sandbox.py cannot rebuild (the device policy, ProtectProc,
+RestrictNamespaces, ...) is proven under a real systemd by the Vagrant VMs; the unit's rating by
+tests/test_systemd_unit.py (systemd-analyze security).
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ REPO = Path(__file__).resolve().parents[2]
 UNIT_PATH = Path("/lib/systemd/system/targetmirrord.service")
 CONFIG_PATH = Path("/etc/targetmirror/targetmirror.yaml")
 STATE_DIR = Path("/var/lib/targetmirror")
+IMAGES = STATE_DIR / "images"  # the default image directory: writable inside the sandbox
+#: where this test plays systemd (/tmp is private to the unit, as /run/systemd is not)
+SYSTEMD_RUN = Path("/run/tm-lab-systemd")
+SANDBOX = Path(__file__).resolve().parent / "sandbox.py"
 PORTAL = f"{guest.PORTAL_IP}:{guest.PORTAL_PORT}"
 IQN = f"{guest.IQN_PREFIX}:deb"
 OTHER_IQN = f"{guest.IQN_PREFIX}:other"
@@ -107,6 +115,63 @@ def _cap_bits(names: list[str]) -> list[str]:
     return [n.removeprefix("CAP_").lower() for n in names]
 
 
+def expand_syscalls(group: str, seen: set[str] | None = None) -> set[str]:
+    """The system calls of a systemd group, nested groups included (systemd-analyze)."""
+    seen = set() if seen is None else seen
+    out = guest.run(["systemd-analyze", "syscall-filter", "--no-pager", group]).stdout
+    names: set[str] = set()
+    for line in out.splitlines()[1:]:
+        word = line.strip()
+        if not word or word.startswith("#"):
+            continue
+        if word.startswith("@"):
+            if word not in seen:
+                seen.add(word)
+                names |= expand_syscalls(word, seen)
+        else:
+            names.add(word)
+    return names
+
+
+def sandbox_spec(unit: Unit) -> dict[str, Any]:
+    """What tests/lab/sandbox.py rebuilds of the unit's [Service] sandbox."""
+    import errno as errnos
+
+    def yes(key: str) -> bool:
+        return unit.one("Service", key) == "yes"
+
+    syscalls: set[str] = set()
+    for entry in unit.get("Service", "SystemCallFilter"):
+        deny = entry.startswith("~")
+        names = set().union(*(expand_syscalls(g) if g.startswith("@") else {g}
+                              for g in entry.lstrip("~").split()))
+        syscalls = syscalls - names if deny else syscalls | names
+    assert unit.one("Service", "ProtectSystem") == "strict"
+    assert unit.one("Service", "SystemCallArchitectures") == "native"
+    inaccessible = []
+    if yes("ProtectHome"):
+        inaccessible += ["/home", "/root", "/run/user"]
+    if yes("ProtectKernelModules"):
+        inaccessible += ["/usr/lib/modules"]
+    return {
+        # "-": skipped when missing, as systemd does
+        "writable": [*(p.lstrip("-") for p in unit.words("Service", "ReadWritePaths")
+                       if not p.startswith("-") or os.path.exists(p[1:])),
+                     *(f"/var/lib/{d}" for d in unit.words("Service", "StateDirectory")),
+                     *(f"/run/{d}" for d in unit.words("Service", "RuntimeDirectory"))],
+        "protect_kernel_tunables": yes("ProtectKernelTunables"),
+        "private_tmp": yes("PrivateTmp"),
+        "inaccessible": inaccessible,
+        "capabilities": _cap_bits(unit.words("Service", "CapabilityBoundingSet")),
+        "no_new_privileges": yes("NoNewPrivileges"),
+        "syscalls": sorted(syscalls),
+        "errno": getattr(errnos, unit.one("Service", "SystemCallErrorNumber")),
+        "address_families": [getattr(socket, f) for f in
+                             unit.words("Service", "RestrictAddressFamilies")],
+        "memory_deny_write_execute": yes("MemoryDenyWriteExecute"),
+    }
+
+
 class UnitRun:
     """targetmirrord started the way systemd starts the installed unit (see the docstring)."""
 
@@ -114,7 +179,9 @@ class UnitRun:
         self.unit = unit
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
-        self.notify_path = log_path.parent / "notify.sock"
+        SYSTEMD_RUN.mkdir(mode=0o700, exist_ok=True)
+        self.notify_path = SYSTEMD_RUN / "notify"
+        self.spec_path = SYSTEMD_RUN / "sandbox.json"
         self.notify: socket.socket | None = None
         self.messages: list[str] = []
 
@@ -139,15 +206,20 @@ class UnitRun:
         s = self.unit
         assert s.one("Service", "Type") == "notify"
         self._directories()
+        for pre in s.get("Service", "ExecStartPre"):
+            # only "+" commands so far: systemd runs them outside the sandbox, as root
+            assert pre.startswith("+"), pre
+            guest.run(shlex.split(pre[1:]), timeout=60)
+        # systemd sets up the namespace of each command when it starts it (after ExecStartPre)
+        self.spec_path.write_text(json.dumps(sandbox_spec(s)))
         argv = shlex.split(s.one("Service", "ExecStart"))
         assert argv[0] == "/usr/bin/targetmirrord"
-        caps = _cap_bits(s.words("Service", "CapabilityBoundingSet"))
-        nnp = s.one("Service", "NoNewPrivileges") == "yes"
-        wrap = ["setpriv", "--bounding-set", ",".join(["-all", *("+" + c for c in caps)]),
-                "--inh-caps", "-all", *(["--no-new-privs"] if nnp else []), "--"]
+        wrap = ["unshare", "--mount", "--propagation", "private", "--", "/usr/bin/python3",
+                str(SANDBOX), "mounts", str(self.spec_path), "--"]
         umask = int(s.one("Service", "UMask"), 8)
         watchdog_usec = int(s.one("Service", "WatchdogSec")) * 1_000_000
         if self.notify is None:
+            self.notify_path.unlink(missing_ok=True)
             self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self.notify.bind(str(self.notify_path))
         self.messages = []
@@ -260,6 +332,7 @@ def test_installed_package_serves_through_two_reboots(lio: Any, tmp_path: Path) 
         CONFIG_PATH.unlink(missing_ok=True)
         shutil.rmtree(STATE_DIR, ignore_errors=True)
         shutil.rmtree("/run/targetmirror", ignore_errors=True)
+        shutil.rmtree(SYSTEMD_RUN, ignore_errors=True)
         purge = guest.run(["dpkg", "--purge", "targetmirror"], check=False, timeout=300)
         assert purge.returncode == 0, purge.stdout + purge.stderr
         assert not Path("/usr/bin/targetmirrord").exists()
@@ -300,8 +373,7 @@ def _installed_package_serves(tmp_path: Path) -> None:
     targetctl("save", str(saved_without_ours))
 
     # -- the configuration file, where the unit's daemon finds it -----------------------------
-    images = tmp_path / "images"
-    images.mkdir()
+    images = IMAGES
     doc = {
         "image_dirs": [str(images)],
         "mirrors": [
@@ -318,11 +390,25 @@ def _installed_package_serves(tmp_path: Path) -> None:
     CONFIG_PATH.parent.mkdir(parents=True, exist_ok=True)
     CONFIG_PATH.write_text(yaml.safe_dump(doc, sort_keys=False))
 
+    # the guest's own systemd-analyze on the installed unit (man pages are not installed in
+    # the lab image: --man=no; tests/test_systemd_unit.py checks them on the host)
+    verify = guest.run(["systemd-analyze", "verify", "--man=no", str(UNIT_PATH)], check=False)
+    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), \
+        verify.stdout + verify.stderr
+
     run = UnitRun(unit, tmp_path / "targetmirrord.log")
     try:
         # -- first boot: nothing saved of ours; the daemon applies the file -------------------
         run.boot_dependencies()
+        run._directories()
+        IMAGES.mkdir(mode=0o700, exist_ok=True)
         run.start()
+        # really inside the sandbox: its own mount namespace, /tmp private, /usr read-only
+        pid = run.proc.pid
+        assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        assert not Path(f"/proc/{pid}/root{tmp_path}").exists(), "PrivateTmp not in effect"
+        status_lines = Path(f"/proc/{pid}/status").read_text()
+        assert "NoNewPrivs:\t1" in status_lines and "Seccomp:\t2" in status_lines, status_lines
         kept = unit.words("Service", "CapabilityBoundingSet")
         assert run.capabilities() == sum(1 << CAP_BITS[c] for c in kept), \
             (hex(run.capabilities()), kept)
