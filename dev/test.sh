@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash dev/bootstrap.sh
 VENV=${TARGETMIRROR_VENV:-.venv}
-"$VENV/bin/ruff" check targetmirror tests lab
+"$VENV/bin/ruff" check targetmirror tests lab dev
 # security lint; the skip list and its reasons are in pyproject.toml [tool.bandit]
 "$VENV/bin/bandit" -q -c pyproject.toml -r targetmirror lab
 "$VENV/bin/mypy" targetmirror/tcmu targetmirror/scsi targetmirror/store targetmirror/mirror \
