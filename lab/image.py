@@ -106,6 +106,10 @@ PACKAGES: tuple[str, ...] = (
     "util-linux",
     "procps",
     "python3-tqdm",
+    # tests/lab/test_lab_deb.py: systemd-analyze (verify the installed unit, expand its system
+    # call groups; systemd is not PID 1 here) and python3-seccomp (the unit's syscall filter)
+    "systemd",
+    "python3-seccomp",
     "busybox-static",  # for the lab's own initramfs (lab/initramfs.py)
     # the RBD leg's lab test runs a one-node Ceph cluster inside the guest (no network)
     "ceph-mon",
