@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -86,8 +87,10 @@ class Daemon:
             image_dirs=image_dirs, sysfs_root=sysfs_root, dev_root=dev_root,
             configfs_root=configfs_root, wi_extent=wi_extent)
         self.groups = GroupStore(os.path.join(state_dir, "groups.json"))
-        self.watchdog = (Watchdog(self.registry.runners, threshold=stuck_after)
-                         if stuck_after > 0 else None)
+        # always running: it also sends systemd's WATCHDOG=1 (--stuck-after 0 only turns the
+        # stuck-command reports off)
+        self.watchdog = Watchdog(self.registry.runners,
+                                 threshold=stuck_after if stuck_after > 0 else math.inf)
         self.ops = ControlOps(self.registry, self.groups, self.watchdog,
                               config_status=self._config_status)
         self._stop = threading.Event()
