@@ -32,6 +32,7 @@ from targetmirror.client import (
     Client,
     describe_backup,
     describe_rejoin,
+    describe_schedule,
     describe_sync,
     describe_verify,
     status_rows,
@@ -313,7 +314,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     _print_status(res["mirrors"])
     for s in res.get("scheduled", []):
-        print(f"scheduled split {s['id']}: {', '.join(s['names'])} at {when(s['at'])}")
+        print(describe_schedule(s))
     return 0
 
 

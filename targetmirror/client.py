@@ -52,6 +52,19 @@ def status_rows(mirrors: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def describe_schedule(s: dict[str, Any]) -> str:
+    """One line of ``status`` for a scheduled split (daemon/schedule.py): a missed or failed
+    one says why and how to clear it."""
+    line = f"scheduled split {s['id']}: {', '.join(s['names'])} at {when(s['at'])}"
+    state = s.get("state", "pending")
+    if state in ("missed", "failed"):
+        line += (f" -- {state.upper()}: {s.get('note')} (clear with 'targetmirror cancel "
+                 f"{s['id']}')")
+    elif state != "pending":
+        line += f" ({state})"
+    return line
+
+
 def describe_rejoin(m: dict[str, Any]) -> str:
     lr = m.get("last_rejoin") or {}
     if m["state"] == "mirrored":

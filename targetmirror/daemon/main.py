@@ -13,7 +13,6 @@ close every device and image before exiting 0.
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import os
 import signal
@@ -35,7 +34,9 @@ from targetmirror.daemon import logs, sdnotify
 from targetmirror.daemon.control import DEFAULT_SOCKET, ControlServer, Handler
 from targetmirror.daemon.device import ServedDevice, serve, volume_of
 from targetmirror.daemon.groups import GroupStore
+from targetmirror.daemon.progress import VerifyTable
 from targetmirror.daemon.runner import DeviceRunner
+from targetmirror.daemon.schedule import SplitScheduler
 from targetmirror.daemon.split import split as split_mirrors
 from targetmirror.daemon.watchdog import DEFAULT_THRESHOLD, Watchdog
 from targetmirror.errors import ConfigError, DeviceError, MirrorError, TargetMirrorError
@@ -74,8 +75,13 @@ class Daemon:
         self.store = StateStore(os.path.join(state_dir, "mirrors"))
         self.groups = GroupStore(os.path.join(state_dir, "groups.json"))
         self.control_socket = control_socket
-        self._timers: dict[int, tuple[float, list[str], threading.Timer]] = {}
-        self._timer_ids = itertools.count(1)
+        self.schedules = SplitScheduler(os.path.join(state_dir, "schedules.json"),
+                                        self._take_scheduled)
+        """Scheduled splits, persisted in the state directory (daemon/schedule.py)."""
+        self.verifies = VerifyTable()
+        """Progress of running verifies, for the metrics (daemon/progress.py)."""
+        self._closing: set[str] = set()
+        """Devices being closed by detach (their mirror's state is still being saved)."""
         self.rescan_interval = rescan_interval
         self.sysfs_root = sysfs_root
         self.dev_root = dev_root
@@ -178,8 +184,14 @@ class Daemon:
             self.detach(peer)
         with self._lock:
             dev = self.devices.pop(name, None)
+            if dev is not None:
+                self._closing.add(dev.info.dev_name)
         if dev is not None:
-            dev.close()
+            try:
+                dev.close()
+            finally:
+                with self._lock:
+                    self._closing.discard(dev.info.dev_name)
             log.info("stopped serving %s", dev.info.dev_name, extra={"device": dev.info.dev_name})
 
     def rescan(self) -> None:
@@ -301,8 +313,7 @@ class Daemon:
         missing = set(names) - {m["name"] for m in out}
         if missing:
             raise MirrorError(f"no mirror named {', '.join(sorted(missing))} is served")
-        scheduled = [{"id": i, "at": at, "names": n} for i, (at, n, _) in self._timers.items()]
-        return {"version": __version__, "mirrors": out, "scheduled": scheduled,
+        return {"version": __version__, "mirrors": out, "scheduled": self.schedules.entries(),
                 "groups": self.groups.all()}
 
     def op_split(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -350,27 +361,13 @@ class Daemon:
             if dev.mirror is None:
                 raise MirrorError(f"mirror {n} is not being served: {dev.reason}")
             dev.mirror.check_can_split()
-        delay = at - time.time()
-        if delay < 0:
-            raise MirrorError(f"the split time {time.ctime(at)} is in the past")
-        timer_id = next(self._timer_ids)
+        s = self.schedules.add(at, names)
+        return {"scheduled": {"id": s.id, "at": s.at, "names": s.names}}
 
-        def fire() -> None:
-            self._timers.pop(timer_id, None)
-            try:
-                devs = [self._by_name(n) for n in names]
-                done = split_mirrors(devs, self._volume2s(devs))
-                log.info("scheduled split %d of %s taken (requested for %.3f, late by %.3f s)",
-                         timer_id, ", ".join(names), at, time.time() - at)
-                del done
-            except TargetMirrorError as exc:
-                log.error("scheduled split %d of %s failed: %s", timer_id, ", ".join(names), exc)
-
-        timer = threading.Timer(delay, fire)
-        timer.daemon = True
-        self._timers[timer_id] = (at, names, timer)
-        timer.start()
-        return {"scheduled": {"id": timer_id, "at": at, "names": names}}
+    def _take_scheduled(self, names: list[str]) -> None:
+        """The scheduler's split (its instant; the drain completes in the background)."""
+        devs = [self._by_name(n) for n in names]
+        split_mirrors(devs, self._volume2s(devs))
 
     def _mirror(self, name: str) -> Mirror:
         dev = self._by_name(name)
@@ -436,16 +433,32 @@ class Daemon:
         m = self._mirror(str(req["name"]))
         rate = req.get("rate")
         length = req.get("length")
-        return m.verify(repair=bool(req.get("repair", False)), offset=int(req.get("offset", 0)),
-                        length=None if length is None else int(length),
-                        rate=None if rate is None else float(rate))
+        return self.verifies.run(m, repair=bool(req.get("repair", False)),
+                                 offset=int(req.get("offset", 0)),
+                                 length=None if length is None else int(length),
+                                 rate=None if rate is None else float(rate))
 
     def op_cancel(self, req: dict[str, Any]) -> dict[str, Any]:
-        entry = self._timers.pop(int(req["id"]), None)
-        if entry is None:
-            raise MirrorError(f"no scheduled split {req['id']}")
-        entry[2].cancel()
-        return {"cancelled": int(req["id"])}
+        s = self.schedules.cancel(int(req["id"]))
+        return {"cancelled": s.id, "state": s.state}
+
+    def op_forget(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Delete the saved state (state document, bitmap) of a mirror that is not served:
+        its backstore was deleted for good (``targetmirror selftest`` cleans up with it)."""
+        name = str(req["name"])
+        bitmap = self.store.bitmap_path(name)  # checks the name
+        with self._lock:
+            if name in self._closing or any(d.info.dev_name == name
+                                            for d in self.devices.values()):
+                raise MirrorError(f"mirror {name} is served; delete its backstore first")
+            removed = []
+            for path in (os.path.join(self.store.directory, f"{name}.json"), bitmap):
+                try:
+                    os.unlink(path)
+                    removed.append(path)
+                except FileNotFoundError:
+                    pass
+        return {"forgotten": name, "removed": removed}
 
     def op_group_create(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"groups": self.groups.create(str(req["group"]), list(req["names"]))}
@@ -456,7 +469,7 @@ class Daemon:
     def handlers(self) -> dict[str, Handler]:
         return {"status": self.op_status, "split": self.op_split, "cancel": self.op_cancel,
                 "rejoin": self.op_rejoin, "verify": self.op_verify, "sync": self.op_sync,
-                "repair": self.op_repair,
+                "repair": self.op_repair, "forget": self.op_forget,
                 "group-create": self.op_group_create, "group-delete": self.op_group_delete,
                 "ping": lambda req: {"version": __version__}}
 
@@ -481,6 +494,7 @@ class Daemon:
                         self.rescan_interval)
             nl = None
         self.rescan()
+        self.schedules.start()
         control = None
         if self.control_socket:
             control = ControlServer(self.control_socket, self.handlers(),
@@ -526,8 +540,7 @@ class Daemon:
                 metrics.close()
             if bus is not None:
                 bus.close()
-            for _, _, timer in self._timers.values():
-                timer.cancel()
+            self.schedules.stop()
             # every ring stops fetching at once and drains in parallel; detach then waits
             for dev in list(self.devices.values()):
                 dev.runner.stop()
