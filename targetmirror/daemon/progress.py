@@ -67,8 +67,11 @@ class VerifyTable:
         end = m.size if length is None else min(m.size, offset + length)
         first = offset - offset % rs
         if end <= first:  # nothing to compare: one call, for its checks and its answer
-            return m.verify(repair=repair, offset=offset, length=length, rate=rate,
-                            max_report=max_report)
+            res = m.verify(repair=repair, offset=offset, length=length, rate=rate,
+                           max_report=max_report)
+            self._update(m.name, last={"mismatches": res["mismatches"],
+                                       "completed_wall": time.time()})
+            return res
         total = max(0, end - first)
         nregions = -(-total // rs)
         t0 = time.monotonic()
