@@ -326,12 +326,12 @@ class MirrorCollector:
                          "error (see the log; retry or repair)", kind_labels)
         r_bytes = gauge("resync_bytes_copied", "bytes copied (verify: compared or skipped) by "
                         "the current copy; for a sync, its position", kind_labels)
-        r_total = gauge("resync_bytes_total", "bytes the current copy covers", kind_labels)
+        r_total = gauge("resync_size_bytes", "bytes the current copy covers", kind_labels)
         r_ratio = gauge("resync_progress_ratio", "share of the current copy done, 0 to 1",
                         kind_labels)
         r_regions_done = gauge("resync_regions_done", "regions committed by the current copy",
                                kind_labels)
-        r_regions_total = gauge("resync_regions_total", "regions the current copy covers",
+        r_regions_total = gauge("resync_size_regions", "regions the current copy covers",
                                 kind_labels)
         r_eta = gauge("resync_eta_seconds", "estimated time left", kind_labels)
         r_started = gauge("resync_started_timestamp_seconds", "when the current copy started",

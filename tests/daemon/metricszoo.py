@@ -123,7 +123,7 @@ class Zoo:
                        dev_name=name, subtype="mirror", cfgstring=cfg,
                        map_size=producer.map_size, dev_path="/dev/null")
         served = ServedDevice(info, uio, runner, m, volume=volume,  # type: ignore[arg-type]
-                              stats=commands.stats)
+                              stats=commands.stats, lane=commands.lane)
         plans = (getattr(m.a, "plan", FaultPlan()), getattr(m.b, "plan", FaultPlan()))
         s = Served(served, uio, producer, plans)
         self.devices.append(s)
@@ -138,6 +138,7 @@ class Zoo:
     def build(self) -> Zoo:
         ok = ("ok",)
         self.serve(self.mirror("z_mirrored"))
+        assert self.daemon.op_verify({"name": "z_mirrored"})["mismatches"] == 0  # a verify done
         self.expect["z_mirrored"] = Expect("mirrored", legs={"a": ("in-sync", *ok),
                                                              "b": ("in-sync", *ok)})
 

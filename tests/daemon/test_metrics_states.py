@@ -124,11 +124,11 @@ def test_the_running_copy_and_its_progress(zoo: Zoo, samples: Samples) -> None:
             assert copied > 0, name
             assert 0 < ratio[()] < 1, (name, ratio)
     # the sync and the verify are held half way; a rejoin knows its regions
-    assert series(samples, "targetmirror_resync_bytes_total", mirror="z_syncing",
+    assert series(samples, "targetmirror_resync_size_bytes", mirror="z_syncing",
                   kind="sync")[()] == SIZE
     assert series(samples, "targetmirror_resync_progress_ratio", mirror="z_syncing",
                   kind="sync")[()] == 0.5
-    assert series(samples, "targetmirror_resync_regions_total", mirror="z_rejoin",
+    assert series(samples, "targetmirror_resync_size_regions", mirror="z_rejoin",
                   kind="rejoin")[()] == 3
     assert series(samples, "targetmirror_resync_progress_ratio", mirror="z_verify",
                   kind="verify")[()] == 0.5
