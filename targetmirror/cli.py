@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from targetmirror import __version__
+from targetmirror import __version__, selftest
 from targetmirror.client import (
     BackupCommandFailed,
     Client,
@@ -737,6 +737,11 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--rate", type=float, default=None, help="limit in MB/s")
     vf.add_argument("--timeout", type=float, default=3600.0)
     vf.set_defaults(func=cmd_verify)
+
+    stt = daemon_cmd("selftest", "prove the split on this host: a scratch mirror through "
+                     "tcm_loop, a writer, a split under load, A and B checked (PASS/FAIL)")
+    selftest.add_arguments(stt)
+    stt.set_defaults(func=selftest.main)
 
     ex = daemon_cmd("export-snapshot", "export a split mirror's A read-only over iSCSI")
     ex.add_argument("name")
