@@ -11,5 +11,6 @@ VENV=${TARGETMIRROR_VENV:-.venv}
 "$VENV/bin/bandit" -q -c pyproject.toml -r targetmirror lab
 "$VENV/bin/mypy" targetmirror/tcmu targetmirror/scsi targetmirror/store targetmirror/mirror \
     targetmirror/config targetmirror/daemon targetmirror/lio targetmirror/shell \
-    targetmirror/express targetmirror/client.py targetmirror/rbdbackup.py
+    targetmirror/express targetmirror/client.py targetmirror/rbdbackup.py \
+    targetmirror/selftest.py
 exec "$VENV/bin/python" -m pytest -v -rA "$@"

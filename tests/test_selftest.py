@@ -153,3 +153,28 @@ def test_the_cli_has_selftest() -> None:
                                       "--dir", "/srv/scratch"])
     assert (args.threads, args.before, args.dir, args.size) == (4, 50, "/srv/scratch", "64M")
     assert args.func.__module__ == "targetmirror.selftest"
+
+
+def test_bad_input_is_one_clear_error_and_makes_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from targetmirror.errors import DeviceError
+    from targetmirror.selftest import SelftestError, main, run
+
+    class NoDaemon:
+        def call(self, op: str, **kw: object) -> dict[str, object]:
+            raise DeviceError("cannot reach targetmirrord at /run/x.sock: No such file or "
+                              "directory (is it running?)")
+
+    def say(text: str) -> None:
+        raise AssertionError(f"nothing should run: {text}")
+
+    for size in ("1M", "lots", "16385K"):
+        args = build_parser().parse_args(["selftest", "--size", size, "--dir", str(tmp_path)])
+        with pytest.raises(SelftestError, match="--size"):
+            main(args)
+    with pytest.raises(SelftestError, match="--threads 300: expected 1 to 256"):
+        run(NoDaemon(), directory=str(tmp_path), size=64 << 20, threads=300, before=1,
+            after=1, say=say)
+    with pytest.raises(SelftestError, match=r"is it running.*needs the daemon running"):
+        run(NoDaemon(), directory=str(tmp_path), size=64 << 20, threads=8, before=1,
+            after=1, say=say)
+    assert list(tmp_path.iterdir()) == []

@@ -115,6 +115,27 @@ def test_selftest_interrupted_removes_everything(mirrord: Mirrord, tmp_path: Pat
     assert not _leftovers(mirrord, scratch)
 
 
+def test_selftest_refused_by_a_confined_daemon_says_why(mirrord: Mirrord,
+                                                         tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    mirrord.stop()
+    mirrord.extra_args = ["--image-dir", str(images)]
+    mirrord.start()
+    scratch = tmp_path / "scratch"   # outside the daemon's image directory
+    scratch.mkdir()
+    proc = cli("selftest", "--socket", mirrord.socket, "--dir", str(scratch), check=False,
+               timeout=300)
+    print(proc.stdout, proc.stderr)
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("targetmirror: selftest: targetmirrord does "
+                                               "not serve the scratch mirror: "), err
+    assert "give --dir inside one of its image directories" in err[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not _leftovers(mirrord, scratch)
+
+
 def _flush(dev: str) -> None:
     fd = os.open(dev, os.O_WRONLY)
     try:
