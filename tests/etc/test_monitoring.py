@@ -2,7 +2,8 @@
 
 * Prometheus's own ``promtool`` loads the rules (``check rules``), runs their unit tests with
   input series (``test rules``, tests/etc/targetmirror.rules.test.yml), parses every dashboard
-  query (wrapped as recording rules) and lints one scrape of a real daemon (``check metrics``).
+  query (wrapped as recording rules), lints one scrape of a real daemon (``check metrics``), and
+  evaluates the dashboard's state tables on that scrape (each mirror's and leg's row right).
 * Every metric the rules and the dashboard name is one the daemon exports: one scrape of a
   daemon serving a mirror in every state (tests/daemon/metricszoo.py) is compared with the
   names found in every expression (tests/etc/promql.py).
@@ -28,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from targetmirror import express
 from tests.daemon.metricszoo import Zoo
-from tests.etc.promql import dashboard_exprs, metric_names, rules_exprs
+from tests.etc.promql import dashboard_exprs, grafana_to_promql, metric_names, rules_exprs
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "etc" / "prometheus" / "targetmirror.rules.yml"
@@ -68,13 +69,17 @@ def run(tool: str, *args: str, stdin: str | None = None) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    zoo = Zoo(tmp_path_factory.mktemp("monitoring-zoo"))
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zoo]:
+    z = Zoo(tmp_path_factory.mktemp("monitoring-zoo"))
     try:
-        zoo.build()
-        yield zoo.render()
+        yield z.build()
     finally:
-        zoo.close()
+        z.close()
+
+
+@pytest.fixture(scope="module")
+def scrape(zoo: Zoo) -> str:
+    return zoo.render()
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +147,55 @@ def test_a_scrape_passes_promtools_lint(tool: str, scrape: str) -> None:
     res = run(tool, "check", "metrics", stdin=scrape)
     assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), \
         res.stdout + res.stderr
+
+
+def _labels(labels: dict[str, str]) -> str:
+    def q(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return "{" + ",".join(f'{k}="{q(v)}"' for k, v in sorted(labels.items())) + "}"
+
+
+def test_the_dashboards_tables_show_each_mirror_right(tool: str, zoo: Zoo, scrape: str,
+                                                      tmp_path: Path) -> None:
+    """The scrape as Prometheus would store it, the dashboard's main queries evaluated on it
+    by promtool: each mirror's row has its state, health and epoch, each leg its state and
+    health, and the running copies are exactly the expected ones."""
+    target = {"instance": "zoo:9745", "job": "targetmirror"}
+    series = []
+    samples = [(s.name, {**s.labels, **target}, s.value)
+               for fam in text_string_to_metric_families(scrape) for s in fam.samples]
+    for name, labels, value in samples:
+        if value == value and abs(value) != float("inf"):  # no NaN, no infinities
+            series.append({"series": name + _labels(labels), "values": f"{value!r}x5"})
+    queries = {p["title"]: grafana_to_promql(p["targets"][0]["expr"])
+               for p in dashboard()["panels"] if p.get("targets")}
+    expect_mirrors, expect_legs, expect_copies = [], [], []
+    for name, exp in zoo.expect.items():
+        epoch = zoo.daemon._by_name(name).mirror.epoch
+        expect_mirrors.append({"labels": _labels({**target, "mirror": name, "state": exp.state,
+                                                  "health": exp.health}), "value": epoch})
+        for leg, (state, health) in exp.legs.items():
+            expect_legs.append({"labels": _labels({**target, "mirror": name, "leg": leg,
+                                                   "state": state, "health": health}),
+                                "value": 1})
+    active = {(lab["mirror"], lab["kind"]) for n, lab, v in samples
+              if n == "targetmirror_resync_active" and v == 1}
+    assert active == {(n, e.copy) for n, e in zoo.expect.items() if e.copy}
+    for n, lab, v in samples:
+        if n == "targetmirror_resync_progress_ratio" and (lab["mirror"], lab["kind"]) in active:
+            expect_copies.append({"labels": "targetmirror_resync_progress_ratio" + _labels(lab),
+                                  "value": v})
+    test = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series, "promql_expr_test": [
+            {"expr": queries["Mirrors"], "eval_time": "2m", "exp_samples": expect_mirrors},
+            {"expr": queries["Legs"], "eval_time": "2m", "exp_samples": expect_legs},
+            {"expr": queries["Copies running"], "eval_time": "2m",
+             "exp_samples": expect_copies}]}]}
+    path = tmp_path / "dashboard.test.yml"
+    path.write_text(yaml.safe_dump(test, width=1000))
+    res = run(tool, "test", "rules", str(path))
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr
+    assert len(expect_mirrors) == len(zoo.expect) and len(expect_copies) == 6
 
 
 # -- the names ---------------------------------------------------------------------------------
