@@ -253,7 +253,10 @@ class SplitScheduler:
         late = self.clock() - s.at
         try:
             self.take(s.names)
-        except TargetMirrorError as exc:
+        except Exception as exc:  # a refusal, or a bug: either way the timer must go on
+            if not isinstance(exc, TargetMirrorError):
+                log.exception("scheduled split %d of %s failed unexpectedly", s.id,
+                              ", ".join(s.names))
             log.error("scheduled split %d of %s failed: %s; it stays listed until 'targetmirror "
                       "cancel %d'", s.id, ", ".join(s.names), exc, s.id)
             with self._cv:

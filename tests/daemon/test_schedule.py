@@ -129,6 +129,22 @@ def test_a_refused_split_stays_as_failed(tmp_path: Path) -> None:
     assert len(take.calls) == 1        # never retried by itself
 
 
+def test_a_bug_in_taking_it_is_logged_and_the_timer_goes_on(tmp_path: Path) -> None:
+    clock = Clock()
+
+    def take(names: list[str]) -> None:
+        raise KeyError("a bug")
+
+    s = SplitScheduler(str(tmp_path / "s.json"), take, clock=clock)
+    s.add(clock.now + 1, ["db"])
+    s.add(clock.now + 2, ["logs"])
+    clock.now += 2
+    s.run_due()
+    assert [(e["names"], e["state"]) for e in s.entries()] == [(["db"], "failed"),
+                                                               (["logs"], "failed")]
+    assert "a bug" in s.entries()[0]["note"]
+
+
 def test_bad_input_changes_nothing(tmp_path: Path) -> None:
     path = str(tmp_path / "s.json")
     clock = Clock()

@@ -238,7 +238,7 @@ def test_scheduled_split_survives_a_restart_and_a_late_one_is_missed(
     cli("create", name, "--size", str(16 * MiB), "--image-a", str(tmp_path / "a.img"),
         "--image-b", str(tmp_path / "b.img"), "--create-images")
     mirrord.wait_serving(name)
-    at = time.time() + 45  # after the restart below, even under TCG
+    at = time.time() + 30  # after the restart below, even under TCG (~10 s)
     sid = mirrord.ctl_json("split", name, "--at", str(at))["scheduled"]["id"]
     assert mirrord.stop() == 0
     mirrord.start()
