@@ -12,7 +12,8 @@ VENV=${TARGETMIRROR_VENV:-.venv}
 "$VENV/bin/bandit" -q -c pyproject.toml -r targetmirror lab
 "$VENV/bin/mypy" targetmirror/tcmu targetmirror/scsi targetmirror/store targetmirror/mirror \
     targetmirror/config targetmirror/daemon targetmirror/lio targetmirror/shell \
-    targetmirror/express targetmirror/cli targetmirror/client.py targetmirror/rbdbackup.py
+    targetmirror/express targetmirror/cli targetmirror/client.py targetmirror/rbdbackup.py \
+    targetmirror/selftest.py targetmirror/protocol.py
 # the Debian package, before pytest: tests/lab/test_lab_deb.py installs it in the guest and
 # tests/test_systemd_unit.py checks the unit it installs (~15 s; a no-op when up to date)
 bash dev/deb.sh

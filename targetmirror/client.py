@@ -120,6 +120,17 @@ def unhealthy(mirrors: Sequence[dict[str, Any]]) -> list[str]:
     return [m["name"] for m in mirrors
             if m.get("health", "ok") != "ok" or m.get("failed_legs")
             or m["state"] == "not-ready" or (m.get("resync") or {}).get("error")]
+def describe_schedule(s: dict[str, Any]) -> str:
+    """One line of ``status`` for a scheduled split (daemon/schedule.py): a missed or failed
+    one says why and how to clear it."""
+    line = f"scheduled split {s['id']}: {', '.join(s['names'])} at {when(s['at'])}"
+    state = s.get("state", "pending")
+    if state in ("missed", "failed"):
+        line += (f" -- {state.upper()}: {s.get('note')} (clear with 'targetmirror cancel "
+                 f"{s['id']}')")
+    elif state != "pending":
+        line += f" ({state})"
+    return line
 
 
 def describe_rejoin(m: dict[str, Any]) -> str:

@@ -10,9 +10,11 @@ import sys
 import time
 from typing import Any
 
+from targetmirror import selftest
 from targetmirror.cli import common, progress
 from targetmirror.client import (
     describe_rejoin,
+    describe_schedule,
     describe_sync,
     describe_verify,
     status_rows,
@@ -34,7 +36,7 @@ def _show_status(res: dict[str, Any], as_json: bool) -> None:
     for row in status_rows(res["mirrors"], res.get("config")):
         print(row)
     for s in res.get("scheduled", []):
-        print(f"scheduled split {s['id']}: {', '.join(s['names'])} at {when(s['at'])}")
+        print(describe_schedule(s))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -258,3 +260,10 @@ def register(sub: Any) -> None:
     vf.add_argument("--rate", type=float, default=None, help="limit in MB/s")
     vf.add_argument("--timeout", type=float, default=3600.0)
     vf.set_defaults(func=cmd_verify)
+
+    stt = common.daemon_command(sub, "selftest",
+                                "prove the split on this host: a scratch mirror through "
+                                "tcm_loop, a writer, a split under load, A and B checked "
+                                "(PASS/FAIL)")
+    selftest.add_arguments(stt)
+    stt.set_defaults(func=selftest.main)

@@ -92,7 +92,8 @@ class Daemon:
         self.watchdog = Watchdog(self.registry.runners,
                                  threshold=stuck_after if stuck_after > 0 else math.inf)
         self.ops = ControlOps(self.registry, self.groups, self.watchdog,
-                              config_status=self._config_status)
+                              config_status=self._config_status,
+                              schedules_path=os.path.join(state_dir, "schedules.json"))
         self._stop = threading.Event()
         self._last_scan = 0.0
 
@@ -260,7 +261,7 @@ class Daemon:
             from targetmirror.daemon.metrics import MetricsServer
 
             # bound first: a taken port fails the start before any device is touched
-            metrics = MetricsServer(self.registry, self.metrics_address)
+            metrics = MetricsServer(self.ops, self.metrics_address)
         nl: TcmuNetlink | None
         try:
             nl = TcmuNetlink.open()
@@ -274,8 +275,8 @@ class Daemon:
             control = ControlServer(self.control_socket, self.handlers(),
                                     allowed_uids=self.control_uids)
             control.start()
-        if self.watchdog is not None:
-            self.watchdog.start()
+        self.watchdog.start()
+        self.ops.scheduler.start()  # after the first rescan: a due split finds its mirrors
         if metrics is not None:
             metrics.start()
         bus = None
@@ -309,15 +310,14 @@ class Daemon:
                 self._periodic()
         finally:
             sdnotify.notify("STOPPING=1")
-            if self.watchdog is not None:
-                self.watchdog.stop()
+            self.watchdog.stop()
             if control is not None:
                 control.close()
             if metrics is not None:
                 metrics.close()
             if bus is not None:
                 bus.close()
-            self.ops.scheduler.close()
+            self.ops.scheduler.stop()
             self.registry.close()
             if nl is not None:
                 nl.close()

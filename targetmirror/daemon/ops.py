@@ -9,6 +9,7 @@ device set are elsewhere.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,19 +29,26 @@ class ControlOps:
 
     def __init__(self, registry: DeviceRegistry, groups: GroupStore,
                  watchdog: Watchdog | None = None,
-                 config_status: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+                 config_status: Callable[[], dict[str, Any] | None] = lambda: None,
+                 schedules_path: str | None = None) -> None:
         self.registry = registry
         self.groups = groups
         self.watchdog = watchdog
         self.config_status = config_status
         """What ``status`` says about the configuration file (path, problems), if any."""
-        self.scheduler = SplitScheduler(self._take_split)
+        self.scheduler = SplitScheduler(
+            schedules_path or os.path.join(registry.store.directory, "..", "schedules.json"),
+            self._take_split)
+        """Scheduled splits, persisted in the state directory (daemon/schedule.py)."""
+        self.verified: dict[str, dict[str, Any]] = {}
+        """Per mirror, the latest completed verify since the daemon started (metrics)."""
 
     def handlers(self) -> dict[str, Handler]:
         return {"status": self.status, "split": self.split, "cancel": self.cancel,
                 "rejoin": self.rejoin, "verify": self.verify, "sync": self.sync,
-                "repair": self.repair, "group-create": self.group_create,
-                "group-delete": self.group_delete, "ping": self.ping}
+                "repair": self.repair, "forget": self.forget,
+                "group-create": self.group_create, "group-delete": self.group_delete,
+                "ping": self.ping}
 
     def _names(self, names: list[str] | None, group: str | None) -> list[str]:
         out = list(names or [])
@@ -107,7 +115,8 @@ class ControlOps:
                 if dev.mirror is None:
                     raise MirrorError(f"mirror {n} is not being served: {dev.reason}")
                 dev.mirror.check_can_split()
-            return {"scheduled": self.scheduler.schedule(float(at), names)}
+            s = self.scheduler.add(float(at), names)
+            return {"scheduled": {"id": s.id, "at": s.at, "names": s.names}}
         devs = [self.registry.by_name(n) for n in names]
         for d in devs:
             if d.volume == 2:
@@ -129,8 +138,13 @@ class ControlOps:
         return {"split": done}
 
     def cancel(self, id: int) -> dict[str, Any]:
-        self.scheduler.cancel(id)
-        return {"cancelled": id}
+        s = self.scheduler.cancel(id)
+        return {"cancelled": s.id, "state": s.state}
+
+    def forget(self, name: str) -> dict[str, Any]:
+        """Delete the saved state (state document, bitmap) of a mirror that is not served:
+        its backstore was deleted for good (``targetmirror selftest`` cleans up with it)."""
+        return {"forgotten": name, "removed": self.registry.forget(name)}
 
     # -- copies ----------------------------------------------------------------------------
     def rejoin(self, names: list[str] | None = None, group: str | None = None,
@@ -187,6 +201,8 @@ class ControlOps:
         del timeout
         result: dict[str, Any] = self.registry.mirror(name).verify(
             repair=repair, offset=offset, length=length, rate=rate)
+        self.verified[name] = {"mismatches": result["mismatches"],
+                               "completed_wall": time.time()}
         return result
 
     # -- groups ----------------------------------------------------------------------------

@@ -48,6 +48,8 @@ class DeviceRegistry:
         self.configfs_root = configfs_root
         self.devices: dict[str, ServedDevice] = {}
         self.lock = threading.Lock()
+        self._closing: set[str] = set()
+        """Devices being closed (their mirror saves its state last: not forgettable yet)."""
         self.refused: dict[str, str] = {}
         """Backstore name -> why the configuration file refuses it (served NOT READY)."""
 
@@ -190,9 +192,32 @@ class DeviceRegistry:
             self.detach(peer)
         with self.lock:
             dev = self.devices.pop(name, None)
+            if dev is not None:
+                self._closing.add(dev.info.dev_name)
         if dev is not None:
-            dev.close()
+            try:
+                dev.close()
+            finally:
+                with self.lock:
+                    self._closing.discard(dev.info.dev_name)
             log.info("stopped serving %s", dev.info.dev_name, extra={"device": dev.info.dev_name})
+
+    def forget(self, name: str) -> list[str]:
+        """Delete the saved state (state document, bitmap) of mirror ``name``, which must not
+        be served or closing; return the files removed."""
+        bitmap = self.store.bitmap_path(name)  # checks the name
+        with self.lock:
+            if name in self._closing or any(d.info.dev_name == name
+                                            for d in self.devices.values()):
+                raise MirrorError(f"mirror {name} is served; delete its backstore first")
+            removed = []
+            for path in (os.path.join(self.store.directory, f"{name}.json"), bitmap):
+                try:
+                    os.unlink(path)
+                    removed.append(path)
+                except FileNotFoundError:
+                    pass
+        return removed
 
     def rescan(self) -> None:
         """Attach new devices; reap ring loops whose device went away."""

@@ -773,7 +773,6 @@ class Mirror:
         """A JSON-able snapshot for the control API."""
         st = self.records.current
         view = self.view()
-        copying = self.tasks.alive("copy")
         bm = self.bitmap
         with self.mu:
             in_flight = sum(self.flight.inflight.values())
@@ -782,7 +781,8 @@ class Mirror:
         for bit, name in LEG_NAMES.items():
             failed = st.failed.get(name)
             legs[name] = {"image": self.legs.image(bit).path,
-                          "health": policy.leg_health(view, bit, copying),
+                          "role": policy.leg_role(view, bit),
+                          "health": policy.leg_health(view, bit),
                           "reason": None if failed is None else failed.get("reason")}
         split = st.to_json()["split"]
         if split is not None and self.splits.pending_error:

@@ -295,22 +295,42 @@ def _repair_refusal(view: View, leg: str | None, replace: bool,
     return None
 
 
-def leg_health(view: View, leg: int, copying: bool) -> str:
-    """One leg's health label for status and metrics: ``ok`` (a complete, live copy),
-    ``failed``, ``split`` (A split off: the point-in-time copy, or A of a one-way cut-over),
-    ``resyncing`` (the destination of a running copy) or ``stale`` (the destination of a copy
-    that is not running: stopped, failed, or waiting for a repair)."""
+LEG_ROLES = ("in-sync", "live", "draining", "frozen", "one-way", "resyncing", "syncing",
+             "failed")
+"""Every value :func:`leg_role` can return."""
+_ROLES: dict[State, tuple[str, str]] = {
+    S.MIRRORED: ("in-sync", "in-sync"),
+    S.SPLITTING: ("draining", "live"),
+    S.SPLIT: ("frozen", "live"),
+    S.ONE_WAY: ("one-way", "live"),
+    S.SYNCING: ("live", "syncing"),
+}
+
+
+def leg_role(view: View, leg: int) -> str:
+    """What one leg does in the mirror's state, for status, metrics and the shell: ``in-sync``
+    (mirrored), ``live`` (the complete copy that serves), ``draining`` / ``frozen`` /
+    ``one-way`` (A during and after a split), ``resyncing`` (the destination of a rejoin,
+    repair or recovery), ``syncing`` (B during the initial sync) or ``failed``."""
     if view.failed & leg:
         return "failed"
-    if view.state == S.MIRRORED or complete_legs(view) & leg:
-        return "ok"
-    if view.state in (S.SPLITTING, S.SPLIT, S.ONE_WAY):
-        return "split"
-    return "resyncing" if copying else "stale"
+    if view.state == S.REJOINING:
+        return "live" if source_leg(view) & leg else "resyncing"
+    return _ROLES[view.state][0 if leg == LEG_A else 1]
 
 
-LEG_HEALTH = ("ok", "failed", "split", "resyncing", "stale")
+LEG_HEALTH = ("ok", "resyncing", "failed")
 """Every value :func:`leg_health` can return."""
+
+
+def leg_health(view: View, leg: int) -> str:
+    """``failed``, ``resyncing`` (not a complete copy: it must be copied to, whether the copy
+    runs now or waits for a resume or repair) or ``ok`` (a split-off A is ok: it is what it
+    should be)."""
+    role = leg_role(view, leg)
+    if role == "failed":
+        return "failed"
+    return "resyncing" if role in ("resyncing", "syncing") else "ok"
 
 
 def health(view: View) -> str:

@@ -48,7 +48,7 @@ def rig(tmp_path):
     dev = make_device(str(tmp_path), "m0", NBLOCKS, workers=2, store=store)
     daemon = Daemon(state_dir=str(tmp_path / "state"), control_socket=None)
     daemon.devices[dev.served.info.name] = dev.served
-    server = MetricsServer(daemon.registry, ("127.0.0.1", 0))
+    server = MetricsServer(daemon.ops, ("127.0.0.1", 0))
     server.start()
     yield dev, daemon, server
     server.close()
@@ -66,7 +66,7 @@ def _write(dev, lba: int, n: int, seq: int = 0):
 def test_counters_state_and_split_are_scraped(rig):
     dev, daemon, server = rig
     before = scrape(server)
-    assert val(before, "targetmirror_mirror_state", mirror="m0", targetmirror_mirror_state=
+    assert val(before, "targetmirror_mirror_state", mirror="m0", state=
                "mirrored") == 1
     assert val(before, "targetmirror_commands_total", mirror="m0", direction="write") == 0
     assert val(before, "targetmirror_device_ready", device="m0") == 1
@@ -94,7 +94,7 @@ def test_counters_state_and_split_are_scraped(rig):
     assert val(s, "targetmirror_command_latency_seconds_sum", mirror="m0",
                direction="write") > 0
     assert val(s, "targetmirror_leg_state", mirror="m0", leg="a",
-               targetmirror_leg_state="in-sync") == 1
+               state="in-sync") == 1
     assert val(s, "targetmirror_ring_commands_total", device="m0") == 4
     epoch0 = val(s, "targetmirror_mirror_epoch", mirror="m0")
 
@@ -105,14 +105,14 @@ def test_counters_state_and_split_are_scraped(rig):
 
     s = scrape(server)
     assert val(s, "targetmirror_mirror_state", mirror="m0",
-               targetmirror_mirror_state="split") == 1
+               state="split") == 1
     assert val(s, "targetmirror_mirror_state", mirror="m0",
-               targetmirror_mirror_state="mirrored") == 0
+               state="mirrored") == 0
     assert val(s, "targetmirror_mirror_epoch", mirror="m0") == epoch0 + 1
     assert val(s, "targetmirror_leg_state", mirror="m0", leg="a",
-               targetmirror_leg_state="frozen") == 1
+               state="frozen") == 1
     assert val(s, "targetmirror_leg_state", mirror="m0", leg="b",
-               targetmirror_leg_state="live") == 1
+               state="live") == 1
     assert val(s, "targetmirror_bytes_total", mirror="m0", direction="write", leg="a") == 6 * BS
     assert val(s, "targetmirror_bytes_total", mirror="m0", direction="write", leg="b") == 10 * BS
     assert val(s, "targetmirror_bitmap_dirty_regions", mirror="m0") >= 1
@@ -124,7 +124,7 @@ def test_counters_state_and_split_are_scraped(rig):
     daemon.ops.rejoin(["m0"], wait=True, timeout=30)
     s = scrape(server)
     assert val(s, "targetmirror_mirror_state", mirror="m0",
-               targetmirror_mirror_state="mirrored") == 1
+               state="mirrored") == 1
     assert val(s, "targetmirror_bitmap_dirty_regions", mirror="m0") == 0
     assert val(s, "targetmirror_resync_active", mirror="m0", kind="rejoin") == 0
     assert dev.image_bytes("a") == dev.image_bytes("b")
@@ -186,4 +186,4 @@ def test_metrics_address_forms():
 def test_port_in_use_is_a_clear_error(rig):
     _dev, daemon, server = rig
     with pytest.raises(ConfigError, match="cannot listen"):
-        MetricsServer(daemon.registry, f"127.0.0.1:{server.address[1]}")
+        MetricsServer(daemon.ops, f"127.0.0.1:{server.address[1]}")

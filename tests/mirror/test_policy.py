@@ -96,9 +96,14 @@ def test_leg_rules_hold_in_every_state(view: View):
         if view.state == State.SPLITTING and tag < 5:
             assert legs == BOTH & ~view.failed  # pre-split: both legs (claim 1)
     assert policy.health(view) in ("ok", "degraded", "failed")
-    for copying in (False, True):
-        for leg in (LEG_A, LEG_B):
-            assert policy.leg_health(view, leg, copying) in policy.LEG_HEALTH
+    for leg in (LEG_A, LEG_B):
+        assert policy.leg_role(view, leg) in policy.LEG_ROLES
+        assert policy.leg_health(view, leg) in policy.LEG_HEALTH
+        # a complete leg is healthy; a failed one says so whatever the state
+        if complete & leg:
+            assert policy.leg_health(view, leg) == "ok"
+        if view.failed & leg:
+            assert policy.leg_role(view, leg) == "failed"
 
 
 def test_post_split_writes_of_a_split_in_progress_go_to_b_only_unless_one_way_volume_1():
