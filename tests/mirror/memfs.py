@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 from targetmirror.errors import StoreError
 from targetmirror.mirror.state import MirrorState, StateStore
-from targetmirror.store.faulty import FaultPlan, FaultyImage
+from targetmirror.store.faulty import FaultPlan, FaultyImage, _first_bytes
 from targetmirror.store.image import Image
 from tests.mirror.powerloss import SimFS, SimStateStore
 
@@ -109,7 +109,11 @@ class MemFile:
             return MemFile(bytes(data))
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the memfd (idempotent: its number may be reused at once)."""
+        with self._mu:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 class _Gate:
@@ -185,34 +189,50 @@ class MemImage(FaultyImage):
             return None
         return self.fd
 
+    # Each call: gate, then the fault plan (which may stall), then the crash point, then the
+    # I/O itself -- a thread that passes the crash point does its I/O at once, so no thread of
+    # a machine that lost power touches a descriptor after the power went.
     def readv(self, offset: int, iov: Sequence[memoryview]) -> None:
         self._check_open("read")
-        self.fs.tick()
         self._hold("read", offset)
-        super().readv(offset, iov)
+        length = sum(len(v) for v in iov)
+        f = self._before("read", offset, length)
+        self.fs.tick()
+        if f is not None:  # short: half, then the error
+            Image.readv(self, offset, _first_bytes(iov, length // 2))
+            raise self._fail(f, "read", offset, length)
+        Image.readv(self, offset, iov)
 
     def writev(self, offset: int, iov: Sequence[memoryview]) -> None:
         if self.frozen:
             self._check_writable("write")
         self._check_open("write")
-        self.fs.tick()
         self._hold("write", offset)
-        super().writev(offset, iov)
+        length = sum(len(v) for v in iov)
+        f = self._before("write", offset, length)
+        self.fs.tick()
+        if f is not None:
+            Image.writev(self, offset, _first_bytes(iov, length // 2))
+            raise self._fail(f, "write", offset, length)
+        Image.writev(self, offset, iov)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         if length <= 0:
             return
         self._check_writable("zeroing")
         self._check_open("write")
-        self.fs.tick()
         self._hold("zero", offset)
-        super().write_zeroes(offset, length)
+        f = self._before("zero", offset, length)
+        if f is not None:
+            raise self._fail(f, "zero", offset, length)
+        self.fs.tick()
+        Image.write_zeroes(self, offset, length)
 
     def flush(self) -> None:
         self._check_open("flush")
-        self.fs.tick()
         self._hold("flush")
         f = self.plan.pick("flush", 0, 0)
+        self.fs.tick()
         if f is not None and f.kind != "delay":
             self.file.drop_dirty()
             raise self._fail(f, "flush", 0, 0)

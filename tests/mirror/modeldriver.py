@@ -288,6 +288,13 @@ def wait_copier(m: Mirror, timeout: float) -> bool:
     return True
 
 
+def reads_from(m: Mirror) -> str | None:
+    """The leg reads come from now ("a"/"b"; None: no complete leg).  Wished:
+    ``status()["reads_from"]`` (the state table of issue 15 has it)."""
+    legs = m._read_legs()
+    return None if not legs else ("a" if legs[0] == 1 else "b")
+
+
 def copy_progress(m: Mirror) -> dict[str, Any] | None:
     """The running or last failed copy's progress (``status()["resync"]``)."""
     return m.status()["resync"]
