@@ -746,3 +746,137 @@ def test_r4_repair_and_split_are_mutually_exclusive(gated: SimRig) -> None:
                         f"state; now {md.state(m)} with split record {md.split_record(m)}")
     assert not problems, problems
 
+
+
+# -- found by the model-based test (tests/mirror/test_model.py), made deterministic -------------
+
+@pytest.mark.parametrize("op", ["initial_sync", "rejoin", "repair_replace"])
+def test_m1_a_failed_save_in_any_transition_changes_nothing(rig: SimRig, op: str) -> None:
+    """Defect 5's class beyond ``prepare_split`` (model invariant I7): ``initial_sync``,
+    ``rejoin`` and ``repair`` also change the state in memory before the save that makes it
+    durable; when the save fails (ENOSPC) the mirror is left SYNCING/REJOINING in memory,
+    with no copy running, and the old state on disk."""
+    m = rig.m
+    md.write(m, rig.tag, 0, data(1, 4 * RS))
+    if op == "rejoin":
+        md.split(m)
+        md.write(m, rig.tag, 0, data(2, RS))
+    before = (md.state(m), md.epoch(m), md.split_record(m))
+    doc_before = rig.store.doc("m")
+    rig.ctl.fail_next = 1
+    run = {"initial_sync": lambda: md.initial_sync(m),
+           "rejoin": lambda: md.rejoin(m),
+           "repair_replace": lambda: md.repair(m, leg="b", replace="/sim/b2.img")}[op]
+    with pytest.raises((OSError, MirrorError, StoreError)):
+        run()
+    assert md.wait_copier(m, BOUND)
+    problems = []
+    after = (md.state(m), md.epoch(m), md.split_record(m))
+    if after != before:
+        problems.append(f"a failed {op} changed the mirror: {before[0]} -> {after[0]}")
+    if rig.store.doc("m") != doc_before:
+        problems.append(f"a failed {op} changed the durable state")
+    try:
+        run()  # the disk has room again: the same operation works
+        assert md.wait_copier(m, BOUND)
+    except MirrorError as exc:
+        problems.append(f"retrying {op} is refused: {exc}")
+    assert not problems, problems
+
+
+def test_m2_a_failed_save_at_split_completion_is_not_lost(rig: SimRig) -> None:
+    """Model invariants I9/I11: the split completion saves "split" on its own thread; when that
+    save fails the thread dies (OSError is not caught), ``split_complete`` is never set, and the
+    mirror is SPLIT in memory but SPLITTING on disk.  Either the completion is saved (retried)
+    or it says it failed; memory and disk never disagree at rest."""
+    m = rig.m
+    md.write(m, rig.tag, 0, data(1, RS))
+    md.take_instant([m])
+    rig.ctl.fail_next = 1  # the completion's save (prepare and record_instant saved already)
+    died: list[str] = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: died.append(repr(args.exc_value))
+    try:
+        md.boundary_passed(m)
+        done = md.split_complete(m).wait(5.0)
+    finally:
+        threading.excepthook = old_hook
+    problems = []
+    if died:
+        problems.append(f"the split completion thread died: {died}")
+    doc = rig.store.doc("m")
+    assert doc is not None
+    if md.state(m) != doc["state"]:
+        problems.append(f"memory says {md.state(m)}, disk says {doc['state']}")
+    if not done and md.state(m) == "split":
+        problems.append("split_complete is never set although the mirror is split in memory")
+    assert not problems, problems
+
+
+def test_m3_initial_sync_never_reports_success_with_b_failed(rig: SimRig) -> None:
+    """Model invariant I10 for the initial sync (defect 2's sibling): a foreground write that
+    fails on B during the sync marks B failed, but the copier keeps writing B (``_leg_io`` does
+    not look at the failed mask) and ends with "mirrored" and ``sync_complete`` set while B is
+    failed."""
+    m = rig.m
+    md.write(m, rig.tag, 0, data(1, SIZE))
+    g = rig.b.gate("write", offset=16 * RS)  # hold the copier at its second chunk
+    md.initial_sync(m)
+    assert g.entered.wait(BOUND)
+    rig.plan_b.add(Fault("write", "eio", nth=rig.plan_b.calls["write"] + 1))
+    md.write(m, rig.tag, 40 * RS, data(2, RS))  # A takes it; B fails
+    assert "b" in md.failed_legs(m)
+    g.release.set()
+    assert md.wait_copier(m, BOUND)
+    assert not (md.sync_complete(m).is_set() and "b" in md.failed_legs(m)), (
+        f"the sync reported success although B, its destination, failed: {md.status(m)}")
+
+
+def test_m4_a_splitting_mirror_opens_when_a_fails_to_flush() -> None:
+    """Model invariant I6: reopening a mirror whose state is SPLITTING (the daemon stopped
+    during the drain) fdatasyncs A directly, outside the leg-failure path; if A's fdatasync
+    fails the whole mirror cannot be opened, and B (the live copy) is not served either.
+    The split copy is lost then, but the mirror must open (A lost, or A failed)."""
+    r = SimRig(rng=AlwaysLose())
+    try:
+        m = r.m
+        old = r.tag
+        md.write(m, old, 0, data(1, RS))
+        io = md.admit(m, old, (RS, 2 * RS))  # a pre-split write still in flight
+        md.commit_marks(m)
+        md.take_instant([m])
+        md.boundary_passed(m)
+        md.write(m, md.epoch(m), 8 * RS, data(2, RS), fua=True)  # acknowledged, durable, B
+        assert md.state(m) == "splitting"
+        del io
+        r.fs.power_off()
+        r.fs = r.fs.reboot()
+        r.plan_a.add(Fault("flush", "eio", count=-1))
+        try:
+            m2 = r.reopen()
+        except (StoreError, MirrorError, OSError) as exc:
+            raise AssertionError(f"the mirror cannot be opened: {exc!r}") from exc
+        assert md.read(m2, md.epoch(m2), 8 * RS, RS) == data(2, RS)
+        assert md.state(m2) == "split"
+    finally:
+        r.plan_a.faults.clear()
+        r.close()
+
+
+def test_m5_repair_replace_in_one_way_keeps_volume_2_writes(rig: SimRig) -> None:
+    """Model invariant I1: after a one-way split, volume 2's writes are on B only.  ``repair
+    --leg b --replace NEW`` of that healthy B was accepted and copied A over the new image:
+    every acknowledged volume-2 write was gone (reads came from A meanwhile, then from the copy
+    of A).  In a (two-way) split the same repair is refused because B holds the only copy of
+    the live data; after a one-way split it does too."""
+    m = rig.m
+    md.write(m, rig.tag, 0, data(1, 4 * RS))
+    md.split(m, one_way=True)
+    md.write(m, md.epoch(m), RS, data(2, RS), volume=2)  # B only
+    try:
+        md.repair(m, leg="b", replace="/sim/b2.img")
+    except MirrorError:
+        return  # refused: fine
+    assert md.wait_copier(m, BOUND)
+    assert md.read(m, md.epoch(m), RS, RS) == data(2, RS), (
+        "an acknowledged volume-2 write was lost by repair --replace of B")

@@ -599,6 +599,7 @@ class MirrorMachine(RuleBasedStateMachine):
         c.wr.started = True
         c.wr.status = "running"
         off, n = c.lba * BS, c.nblk * BS
+        self.note(c.mi, f"run #{c.cid}")
 
         def body() -> None:
             try:
@@ -736,6 +737,7 @@ class MirrorMachine(RuleBasedStateMachine):
         self.call(lambda: md.io_finish(c.io), "abort")
         c.wr.status = "aborted"
         self.cmds.remove(c)
+        self.note(c.mi, f"TMR abort #{c.cid} (never ran)")
 
     @rule(r=st.builds(Rd, mi=st.integers(0, 1), vol=st.sampled_from([1, 1, 2]),
                       lba=st.integers(0, NBLK - 1), nblk=st.sampled_from([1, 4, 16, 64])))
@@ -750,6 +752,7 @@ class MirrorMachine(RuleBasedStateMachine):
         lba = min(lba, NBLK - nblk)
         model = self.models[mi]
         f0 = self.faults_fired(mi)
+        sets = [model.live(b) for b in range(NBLK)]  # before the read
 
         def go() -> None:
             try:
@@ -759,16 +762,19 @@ class MirrorMachine(RuleBasedStateMachine):
                     raise Violation(f"I8: read lba {lba}+{nblk} on {NAMES[mi]} failed without "
                                     f"any fault: {exc}") from exc
                 return
-            self._check_blocks(mi, got, lba, "read command")
+            self._check_blocks(mi, got, lba, "read command", sets)
 
         self._crash_guard(go)
 
-    def _check_blocks(self, mi: int, got: bytes, lba: int, what: str) -> None:
+    def _check_blocks(self, mi: int, got: bytes, lba: int, what: str,
+                      sets: list[set[int]]) -> None:
+        """``got`` (blocks from ``lba``) against ``sets``: what each block of the device may
+        hold, taken from the model *before* the bytes were read."""
         model = self.models[mi]
         for i in range(len(got) // BS):
             b = lba + i
             v = decode(got[i * BS:(i + 1) * BS], b)
-            allowed = model.live(b)
+            allowed = sets[b]
             if v not in allowed:
                 hist = [(w.seq, w.status) for w in model.hist[b]]
                 raise Violation(f"I1: {what}: block {b} of {NAMES[mi]} holds {describe(v)}; "
@@ -826,6 +832,7 @@ class MirrorMachine(RuleBasedStateMachine):
         rig.set_express(lane and on("lane"))
         self._start_all(mi)  # admitted commands hold tickets the ring's commands may wait on
         f0 = self.faults_fired(mi)
+        cur = [model.live(b) for b in range(NBLK)]  # before the batch; then in ring order
         queued = []
         for kind, lba, nblk in batch:
             lba = min(lba, NBLK - nblk)
@@ -862,11 +869,13 @@ class MirrorMachine(RuleBasedStateMachine):
                                     f"(sense {comp.sense[:18].hex()})")
                 if w is None:
                     if comp.status == 0:
-                        self._check_blocks(mi, comp.data_in, lba, "ring read")
+                        self._check_blocks(mi, comp.data_in, lba, "ring read", cur)
                     continue
                 w.status = "ok" if comp.status == 0 else "err"
                 if comp.status == 0 and kind == "fua":
                     w.dur, w.dur_a = True, w.to_a
+                for b in range(lba, lba + nblk):
+                    cur[b] = {w.seq} if comp.status == 0 else cur[b] | {w.seq, TORN}
 
         self._crash_guard(go)
         if self.fs is not None and self.fs.crashed:
@@ -1241,8 +1250,11 @@ class MirrorMachine(RuleBasedStateMachine):
             self.rigs[mi] = None
             self.ms[mi] = None
         for mi in range(len(NAMES)):
-            self._reopen(mi, "power cut")
-            self._check_after_crash(mi)
+            try:
+                self._reopen(mi, "power cut")
+                self._check_after_crash(mi)
+            except Violation as exc:
+                raise self._explain(exc) from exc
         if len(self.graveyard) > 3:  # old enough that no thread of a dead machine uses them
             for obj in self.graveyard.pop(0):
                 with contextlib.suppress(OSError):
@@ -1302,6 +1314,10 @@ class MirrorMachine(RuleBasedStateMachine):
                     raise self._explain(exc) from exc
 
     def _check(self, mi: int) -> None:
+        """Every invariant of one mirror.  The model is snapshotted *before* the disks are
+        read (a command that finishes in between is then "running" in the snapshot, which
+        allows both its old and new contents), and the mirror's status is taken before and
+        after, so a check that needs a stable state is skipped when it changed meanwhile."""
         m = self.ms[mi]
         assert m is not None
         model = self.models[mi]
@@ -1309,7 +1325,6 @@ class MirrorMachine(RuleBasedStateMachine):
         self._note_faults(mi)  # after the snapshot: a leg failed in it had its fault noted
         state = st_["state"]
         failed = set(st_["failed_legs"])
-        healthy = not failed
         copying = md.copier_alive(m)
         # I5: a leg fails only after a fault on it
         for leg in failed:
@@ -1340,35 +1355,40 @@ class MirrorMachine(RuleBasedStateMachine):
             for w in model.all_writes():
                 if w.pre and w.status == "ok":
                     w.dur_a = True
-        # I1: the live leg
+        # the model first, then the disks
+        live_sets = [model.live(b) for b in range(NBLK)]
+        a_sets = [model.on_a(b) for b in range(NBLK)]
+        busy = [model.busy(b) for b in range(NBLK)]
         live_leg = md.reads_from(m)
-        if live_leg is not None:
-            self._check_blocks(mi, self._leg_bytes(mi, live_leg), 0, f"live leg {live_leg}")
+        live = self._leg_bytes(mi, live_leg) if live_leg is not None else None
+        a, b_ = self._leg_bytes(mi, "a"), self._leg_bytes(mi, "b")
+        marked = md.marked_regions(m)
+        post = md.status(m)
+        stable = (post["state"] == state and set(post["failed_legs"]) == failed
+                  and md.copier_alive(m) == copying)
+        # I1: the live leg
+        if live is not None:
+            self._check_blocks(mi, live, 0, f"live leg {live_leg}", live_sets)
         rec = st_["split"] or {}
         a_ok = "a" not in failed and not str(rec.get("a_status", "")).startswith("lost")
         # I2: the split copy
         if state in ("splitting", "split", "one-way") and a_ok and model.split_epoch is not None:
-            a = self._leg_bytes(mi, "a")
             for b in range(NBLK):
                 v = decode(a[b * BS:(b + 1) * BS], b)
-                allowed = model.on_a(b)
-                if v not in allowed:
+                if v not in a_sets[b]:
                     hist = [(w.seq, w.status, "A" if w.to_a else "B") for w in model.hist[b]]
                     raise Violation(f"I2: A of {NAMES[mi]} ({state}) block {b} holds "
-                                    f"{describe(v)}; the model allows {sorted(allowed)} "
+                                    f"{describe(v)}; the model allows {sorted(a_sets[b])} "
                                     f"(base {sorted(model.base_a[b])}, history {hist})")
         # I3, I4: A against B and the bitmap
-        if healthy and not copying and state not in ("syncing", "splitting"):
-            a, b_ = self._leg_bytes(mi, "a"), self._leg_bytes(mi, "b")
-            marked = md.marked_regions(m)
+        if stable and not failed and not copying and state not in ("syncing", "splitting"):
             for r in range(NREG):
                 lo, hi = r * RS, (r + 1) * RS
                 if a[lo:hi] == b_[lo:hi]:
                     continue
-                blocks = range(lo // BS, hi // BS)
-                diff = [bb for bb in blocks
+                diff = [bb for bb in range(lo // BS, hi // BS)
                         if a[bb * BS:(bb + 1) * BS] != b_[bb * BS:(bb + 1) * BS]]
-                if all(model.busy(bb) for bb in diff):
+                if all(busy[bb] for bb in diff):
                     continue
                 if r not in marked:
                     raise Violation(f"I3: {NAMES[mi]} ({state}) A and B differ in region {r} "
