@@ -182,10 +182,11 @@ class MemImage(FaultyImage):
 
     # -- Image -------------------------------------------------------------------------------
     def express_fd(self, write: bool = True) -> int | None:
-        """Offered to the lane on purpose (the faults and gates are Python-path only, so a
-        pending fault or gate keeps the lane away)."""
+        """Offered to the lane on purpose.  Faults and gates are Python-path only: the lane's
+        I/O is not counted by the fault plan (a fault armed for the n-th call fires on the
+        n-th call Python makes), and a pending gate keeps the lane away."""
         if (self._closed or not self.fast or not self.lane_ok or (write and self.frozen)
-                or self._gates or self.faults_pending()):
+                or self._gates):
             return None
         return self.fd
 

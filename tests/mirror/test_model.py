@@ -556,6 +556,19 @@ class MirrorMachine(RuleBasedStateMachine):
                             f.close()
 
     # -- commands --------------------------------------------------------------------------------
+    def _prefer(self, mi: int, states: tuple[str, ...] | None) -> int:
+        """The mirror an operation goes to: ``mi``, unless only the other one is in one of
+        ``states`` (None: has a failed leg) -- refusals are tested too, but most attempts
+        should reach the deep paths."""
+        def fits(i: int) -> bool:
+            m = self.ms[i]
+            if m is None:
+                return False
+            return bool(md.failed_legs(m)) if states is None else md.state(m) in states
+
+        other = 1 - mi
+        return other if not fits(mi) and fits(other) else mi
+
     def _live(self, mi: int) -> bool:
         return self.ms[mi] is not None
 
@@ -830,6 +843,11 @@ class MirrorMachine(RuleBasedStateMachine):
         if rig is None:
             rig = self.rigs[mi] = md.RingRig(m, express=on("lane"))
         rig.set_express(lane and on("lane"))
+        if rig.express_on:
+            # the lane runs only while nothing is in flight: let the workers finish first
+            self._crash_guard(lambda: self._drain(mi))
+            if self.ms[mi] is not m:  # a power cut in the drain: a new machine
+                return
         self._start_all(mi)  # admitted commands hold tickets the ring's commands may wait on
         f0 = self.faults_fired(mi)
         cur = [model.live(b) for b in range(NBLK)]  # before the batch; then in ring order
@@ -847,10 +865,18 @@ class MirrorMachine(RuleBasedStateMachine):
                 queued.append((rig.queue(write10(lba, nblk, fua=kind == "fua"),
                                          payload(self.seq, lba, nblk)), kind, lba, nblk, w))
         served0 = rig.lane_served
+        lane_obj = rig.commands.lane
+        stops0 = list(lane_obj.stops) if lane_obj is not None else []
+        runs0 = lane_obj.runs if lane_obj is not None else 0
 
         def go() -> None:
             done = self.call(lambda: rig.run(model.tag), "ring wake-up")
             _count("ring:lane_served", rig.lane_served - served0)
+            if lane_obj is not None:
+                _count("ring:lane_runs", lane_obj.runs - runs0)
+                for code, n in enumerate(lane_obj.stops):
+                    if n > stops0[code]:
+                        _count(f"ring:lane_stop_{code}", n - stops0[code])
             self.note(mi, f"ring wake-up tag {model.tag}, lane {'on' if rig.express_on else 'off'}"
                           f" served {rig.lane_served - served0}: "
                           + ", ".join(f"{k} {lba}+{n}"
@@ -921,7 +947,7 @@ class MirrorMachine(RuleBasedStateMachine):
         if which == "group" and not on("group"):
             which = "m0"
         one_way = one_way and on("oneway")
-        mis = [0, 1] if which == "group" else [NAMES.index(which)]
+        mis = [0, 1] if which == "group" else [self._prefer(NAMES.index(which), ("mirrored",))]
         if any(self.ms[i] is None or self.models[i].phase is not None for i in mis):
             return
         ms = [self.ms[i] for i in mis]
@@ -975,6 +1001,7 @@ class MirrorMachine(RuleBasedStateMachine):
     @rule(mi=st.integers(0, 1), full=st.booleans(), throttled=st.booleans())
     def rejoin(self, mi: int, full: bool, throttled: bool) -> None:
         self._begin("rejoin")
+        mi = self._prefer(mi, ("split", "one-way"))
         m = self.ms[mi]
         if m is None or self.models[mi].phase is not None:
             return
@@ -1000,6 +1027,7 @@ class MirrorMachine(RuleBasedStateMachine):
     @rule(mi=st.integers(0, 1), throttled=st.booleans())
     def initial_sync(self, mi: int, throttled: bool) -> None:
         self._begin("sync")
+        mi = self._prefer(mi, ("mirrored",))
         m = self.ms[mi]
         if m is None or self.models[mi].phase is not None:
             return
@@ -1018,10 +1046,12 @@ class MirrorMachine(RuleBasedStateMachine):
         self._crash_guard(go)
 
     @precondition(lambda self: on("repair"))
-    @rule(mi=st.integers(0, 1), leg=st.sampled_from([None, "a", "b"]), replace=st.booleans(),
-          throttled=st.booleans())
+    @rule(mi=st.integers(0, 1), leg=st.sampled_from([None, "a", "b"]),
+          replace=st.sampled_from([False, False, False, True]), throttled=st.booleans())
     def repair(self, mi: int, leg: str | None, replace: bool, throttled: bool) -> None:
         self._begin("repair")
+        if not replace:
+            mi = self._prefer(mi, None)
         m = self.ms[mi]
         if m is None or self.models[mi].phase is not None:
             return
@@ -1398,9 +1428,14 @@ class MirrorMachine(RuleBasedStateMachine):
                                     f"running, but A and B differ in region {r} (blocks {diff})")
         # I9: memory and disk agree at rest
         if self._quiet(mi) and self.fs is not None and not model.phase:
-            doc = self.fs.docs.get(NAMES[mi])
+            # status (which waits for a transition holding the admission lock), the document,
+            # status again: compared only if nothing moved in between
             now = md.status(m)
-            if doc is not None and self._quiet(mi):
+            doc = self.fs.docs.get(NAMES[mi])
+            again = md.status(m)
+            key = ("state", "epoch", "split")
+            if (doc is not None and self._quiet(mi)
+                    and all(now[k] == again[k] for k in key)):
                 d = json.loads(doc)
                 mem = (now["state"], now["epoch"], (now["split"] or {}).get("epoch"))
                 disk = (d["state"], d["epoch"], (d.get("split") or {}).get("epoch"))
@@ -1412,6 +1447,8 @@ class MirrorMachine(RuleBasedStateMachine):
 
     # Weights: hypothesis picks uniformly among the rules a run enables, so the commands that
     # carry data get more than one entry (the extra names run the very same rule).
+    rejoin_2 = rejoin
+    split_instant_2 = split_instant
     admit_command_2 = admit_command
     admit_command_3 = admit_command
     admit_command_4 = admit_command
