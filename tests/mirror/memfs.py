@@ -88,6 +88,15 @@ class MemFile:
                 self.dropped.pop(p, None)
                 self.durable[p * PAGE:(p + 1) * PAGE] = page
 
+    def written(self, offset: int, length: int) -> None:
+        """A write through Python touched these pages: they are dirty again even if it put
+        back the very bytes a failed fdatasync dropped (the diff would not show that).
+        (The lane's writes are seen only by the diff.)"""
+        if self.dropped and length > 0:
+            with self._mu:
+                for p in range(offset // PAGE, (offset + length - 1) // PAGE + 1):
+                    self.dropped.pop(p, None)
+
     def drop_dirty(self) -> None:
         """A writeback error: the dirty pages are marked clean, their data never written."""
         with self._mu:
@@ -214,8 +223,10 @@ class MemImage(FaultyImage):
         self.fs.tick()
         if f is not None:
             Image.writev(self, offset, _first_bytes(iov, length // 2))
+            self.file.written(offset, length // 2)
             raise self._fail(f, "write", offset, length)
         Image.writev(self, offset, iov)
+        self.file.written(offset, length)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         if length <= 0:
@@ -228,6 +239,7 @@ class MemImage(FaultyImage):
             raise self._fail(f, "zero", offset, length)
         self.fs.tick()
         Image.write_zeroes(self, offset, length)
+        self.file.written(offset, length)
 
     def flush(self) -> None:
         self._check_open("flush")

@@ -962,8 +962,10 @@ class MirrorMachine(RuleBasedStateMachine):
         """I7: a refused or failed operation changed nothing."""
         _count(f"refused:{what}")
         self.note(mi, f"{what} refused: {exc}")
-        if before is None or not self._quiet(mi):
-            return
+        m = self.ms[mi]
+        if (before is None or m is None or md.copier_alive(m)
+                or any(c.thread is not None and not c.done.is_set() for c in self._pending(mi))):
+            return  # (quiet before, and nothing in the background since but the failed call)
         after = self._snap(mi)
         if after[:5] != before[:5] or after[5] != before[5]:
             raise Violation(f"I7: {what} on {NAMES[mi]} failed ({exc!r}) but changed the mirror: "
@@ -1372,7 +1374,7 @@ class MirrorMachine(RuleBasedStateMachine):
 
     # -- invariants ---------------------------------------------------------------------------
     @invariant()
-    def invariants(self) -> None:
+    def check_all(self) -> None:
         if self.fs is None or not self.models:
             return
         if self.fs.crashed:
