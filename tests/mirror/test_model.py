@@ -99,6 +99,9 @@ NBLK = SIZE // BS
 NAMES = ("m0", "m1")
 BOUND = 20.0
 """Bound for anything that must finish (every copy of this image takes milliseconds)."""
+LEG_TIMEOUT = 0.25
+"""The leg deadline of mirrors that have one (a quarter of the examples): a stall of three
+times this fails the leg from the housekeeping thread, as a hung device would."""
 THROTTLE = 96 * 1024.0
 """Bytes/s for a throttled copy: the whole image in ~0.7 s, so rules interleave with it."""
 
@@ -408,6 +411,7 @@ class MirrorMachine(RuleBasedStateMachine):
         """Files and images of machines that lost power, closed a few reboots later (a thread
         of a dead machine may still be between its crash point and its syscall)."""
         self.wi_extent = RS
+        self.leg_timeout: float | None = None
         self._inj0: list[dict[str, int]] = [{"a": 0, "b": 0} for _ in NAMES]
         self.steps: list[str] = []
         """This example's rules as hypothesis would print them (a failure whose replay is
@@ -479,12 +483,15 @@ class MirrorMachine(RuleBasedStateMachine):
         return box.get("value")
 
     def faults_fired(self, mi: int) -> int:
-        return sum(sum(1 for _op, kind, _off in p.injected if kind != "delay")
+        """Faults that may fail a leg: errors, and stalls when the leg deadline is on."""
+        return sum(sum(1 for _op, kind, _off in p.injected
+                       if kind != "delay" or self.leg_timeout)
                    for p in self.plans[mi].values())
 
     def _note_faults(self, mi: int) -> None:
         for leg, p in self.plans[mi].items():
-            if any(kind != "delay" for _op, kind, _off in p.injected[self._inj0[mi][leg]:]):
+            if any(kind != "delay" or self.leg_timeout
+                   for _op, kind, _off in p.injected[self._inj0[mi][leg]:]):
                 self.faulted[mi][leg] = True
             self._inj0[mi][leg] = len(p.injected)
 
@@ -502,7 +509,8 @@ class MirrorMachine(RuleBasedStateMachine):
         self.images[mi] = {"a": a, "b": b}
         store = FlakySimStore(self.fs, self.ctl)
         return md.open_mirror(name, a, b, size=SIZE, block_size=BS, store=store,
-                              region_size=RS, wi_extent=self.wi_extent)
+                              region_size=RS, wi_extent=self.wi_extent,
+                              leg_timeout=self.leg_timeout)
 
     def _file(self, mi: int, leg: str) -> MemFile:
         m = self.ms[mi]
@@ -526,12 +534,14 @@ class MirrorMachine(RuleBasedStateMachine):
 
     # -- setup -----------------------------------------------------------------------------------
     @initialize(seed=st.integers(0, 2**32 - 1), wide=st.booleans(),
-                fresh=st.sampled_from([None, None, None, 0, 1]))
+                fresh=st.sampled_from([None, None, None, 0, 1]),
+                deadline=st.sampled_from([False, False, False, True]))
     @guarded
-    def setup(self, seed: int, wide: bool, fresh: int | None) -> None:
+    def setup(self, seed: int, wide: bool, fresh: int | None, deadline: bool) -> None:
         _count("examples")
         self.fs = SimFS(random.Random(seed))
         self.wi_extent = 4 * RS if wide else RS
+        self.leg_timeout = LEG_TIMEOUT if deadline and on("slow") else None
         self.plans = [{"a": FaultPlan(seed=seed + 2 * i), "b": FaultPlan(seed=seed + 2 * i + 1)}
                       for i in range(len(NAMES))]
         self._inj0 = [{"a": 0, "b": 0} for _ in NAMES]
@@ -1098,10 +1108,10 @@ class MirrorMachine(RuleBasedStateMachine):
         if replace and on("replace") and leg is not None:
             self.replaced += 1
             path = f"/sim/{NAMES[mi]}.{leg}.r{self.replaced}.img"
-        before = self._snap(mi) if self._quiet(mi) else None
         failed = md.failed_legs(m)
         target = leg or (next(iter(failed)) if len(failed) == 1 else None)
         self._start_all(mi)  # repair waits for calls in progress; admitted commands must run
+        before = self._snap(mi) if self._quiet(mi) else None
         self._note_faults(mi)
         if target is not None:  # the admin fixed the disk: its pending faults are gone
             self.plans[mi][target].faults.clear()
@@ -1150,7 +1160,7 @@ class MirrorMachine(RuleBasedStateMachine):
             return
         self._start_all(mi)  # verify takes range locks: admitted commands must be able to run
         f0 = self.faults_fired(mi)
-        before = self._snap(mi) if self._quiet(mi) else None
+        before = self._snap(mi) if self._quiet(mi) else None  # (None while they run)
         state0 = md.state(m)
 
         def go() -> None:
@@ -1210,7 +1220,8 @@ class MirrorMachine(RuleBasedStateMachine):
             return
         p = self.plans[mi][leg]
         p.add(Fault(op, kind, nth=p.calls[op] + 1 + skip, count=count,
-                    seconds=0.05 if kind == "delay" else 0.0))
+                    seconds=(0.05 if not self.leg_timeout or skip % 2 else 3 * LEG_TIMEOUT)
+                    if kind == "delay" else 0.0))
         self.note(mi, f"fault armed: {kind} on {op} of {leg.upper()} (after {skip}, x{count})")
         _count(f"fault:{op}:{kind}")
 
