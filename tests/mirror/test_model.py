@@ -349,6 +349,9 @@ def guarded(fn: Callable[..., None]) -> Callable[..., None]:
         try:
             fn(self, *args, **kwargs)
         except Violation as exc:
+            if self.fs is not None and self.fs.crashed:
+                self._reboot()  # the power went meanwhile: what it saw is no evidence
+                return
             self._raise(exc)
     return rule_body
 
@@ -1399,6 +1402,9 @@ class MirrorMachine(RuleBasedStateMachine):
                 try:
                     self._check(mi)
                 except Violation as exc:
+                    if self.fs.crashed:  # the power went during the check (a thread's op)
+                        self._reboot()
+                        return
                     self._raise(exc)
 
     def _check(self, mi: int) -> None:
