@@ -52,9 +52,20 @@ block may hold now, on the live copy and on A, and after a power cut.
       (every call runs under a generous bound).
 
 **Running.**  CI: ``pytest tests/mirror/test_model.py`` (derandomized, at least 2,000 steps; it
-prints the count).  Long: ``TARGETMIRROR_MODEL_STEPS=200000`` (random seed, printed; replay
-with ``TARGETMIRROR_MODEL_SEED=<seed>``).  ``TARGETMIRROR_MODEL_OFF=a,b,...`` switches rules
-off so the model can explore past a known failure; the names are in :data:`SWITCHES`.
+prints the count, the time and what each rule did).  Long: ``TARGETMIRROR_MODEL_STEPS=200000``
+(a random seed, printed; ``TARGETMIRROR_MODEL_SEED=<seed>`` replays its choices -- the threads'
+timing is not replayed, so a failure may need a few runs).  ``TARGETMIRROR_MODEL_OFF=a,b,...``
+switches rules or faults off so the model can explore past a known failure; the names and
+what each hides are in :data:`SWITCHES`.  A failure is reported as found, with the example's
+steps and each mirror's recent history as the mirror saw it (``TARGETMIRROR_MODEL_SHRINK=1``
+asks hypothesis to shrink; with threads its replays are often inexact and it ends in a
+FlakyFailure that still carries the violation).
+
+Which switches explore past the failures found on main when issue 15 was filed (its
+defects and the model's findings): ``savefail`` hides the transitions that change memory before
+their save; ``sync`` hides defect 1 and the sync that reports success with B failed;
+``replace`` and ``oneway`` hide the one-way repair that copies A over volume 2's writes;
+``oneway`` also hides defect 4.
 """
 
 from __future__ import annotations
