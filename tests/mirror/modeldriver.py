@@ -271,17 +271,24 @@ def marked_regions(m: Mirror) -> set[int]:
     return set() if bm is None else set(bm.dirty_regions())
 
 
+def _copy_thread(m: Mirror) -> threading.Thread | None:
+    tasks = getattr(m, "tasks", None)
+    if tasks is not None:  # the facade of issue 15: mirror/tasks.py owns the threads
+        return tasks._threads.get("copy")  # type: ignore[no-any-return]
+    return m._resync_thread  # type: ignore[no-any-return]
+
+
 def copier_alive(m: Mirror) -> bool:
     """A rejoin/sync/repair/recovery copy is running.  Wished: ``status()["copy"]`` with
-    ``running``/``error``/``kind`` (today ``resync`` is progress that stays after a failure and
-    is None after success, so "running" cannot be told from it)."""
-    t = m._resync_thread
+    ``running``/``error``/``kind`` (before issue 15, ``resync`` was progress that stayed after
+    a failure and was None after success, so "running" could not be told from it)."""
+    t = _copy_thread(m)
     return t is not None and t.is_alive()
 
 
 def wait_copier(m: Mirror, timeout: float) -> bool:
     """Wait until no copy runs; False if one still runs after ``timeout``."""
-    t = m._resync_thread
+    t = _copy_thread(m)
     if t is not None:
         t.join(timeout)
         return not t.is_alive()
@@ -291,7 +298,7 @@ def wait_copier(m: Mirror, timeout: float) -> bool:
 def reads_from(m: Mirror) -> str | None:
     """The leg reads come from now ("a"/"b"; None: no complete leg).  Wished:
     ``status()["reads_from"]`` (the state table of issue 15 has it)."""
-    legs = m._read_legs()
+    legs = m.read_legs() if hasattr(m, "read_legs") else m._read_legs()
     return None if not legs else ("a" if legs[0] == 1 else "b")
 
 
@@ -317,8 +324,10 @@ def occupy_leg_pool(m: Mirror, n: int = 4) -> threading.Event:
         ev.set()
         release.wait(30)
 
+    legs = getattr(m, "legs", None)
+    pool = legs._pool if legs is not None and hasattr(legs, "_pool") else m._pool
     for ev in started:
-        m._pool.submit(blocker, ev)
+        pool.submit(blocker, ev)
     for ev in started:
         if not ev.wait(10):
             raise AssertionError("the leg pool did not start the blockers")
