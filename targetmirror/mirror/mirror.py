@@ -511,6 +511,12 @@ class Mirror:
             self.ops.end(op)
 
     def _copy_done(self, kind: str, p: Progress) -> None:
+        dst = LEG_B if p.source == "a" else LEG_A
+        if self.legs.failed & dst:
+            # a write that failed the destination after the copy's last flush: the copy is
+            # not a success (its bits are marked again; repair resumes from them)
+            raise MirrorError(f"the {kind} stopped: its destination leg "
+                              f"{LEG_NAMES[dst].upper()} failed during the copy")
         record: dict[str, Any] = {"completed_wall": time.time(),
                   "seconds": time.monotonic() - p.started_mono,
                   "bytes_copied": p.bytes_copied, "resumed": p.resumed}
@@ -802,9 +808,17 @@ class Mirror:
         with self.mu:
             in_flight = sum(self.flight.inflight.values())
             pre = self.flight.pre_split(view.split_epoch)
+            unrecorded = dict(self._unrecorded)
+        failed_legs = {k: dict(v) for k, v in st.failed.items()}
+        for bit, exc in unrecorded.items():
+            # failed in memory, the save of that failure not done yet (writes are refused
+            # until it is): still a failed leg to the admin
+            failed_legs.setdefault(LEG_NAMES[bit], {
+                "reason": _reason(exc), "kind": exc.kind, "errno": exc.errno,
+                "state": str(st.state), "recorded": False})
         legs = {}
         for bit, name in LEG_NAMES.items():
-            failed = st.failed.get(name)
+            failed = failed_legs.get(name)
             legs[name] = {"image": self.legs.image(bit).path,
                           "role": policy.leg_role(view, bit),
                           "health": policy.leg_health(view, bit),
@@ -833,7 +847,7 @@ class Mirror:
             "last_rejoin": st.last_rejoin,
             "last_sync": st.last_sync,
             "health": policy.health(view),
-            "failed_legs": {k: dict(v) for k, v in st.failed.items()},
+            "failed_legs": failed_legs,
             "unclean_start": self.unclean_start,
             "write_intent": {"enabled": self.write_intent and bm is not None,
                              "clear_passes": self.wi.clears, "cleared": self.wi.cleared,
