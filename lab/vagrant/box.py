@@ -375,8 +375,11 @@ def _customize_tree(tree: Path, *, fs_uuid: str, keys: str, logfile: Path, log: 
     (tree / "var/lib/dbus/machine-id").unlink(missing_ok=True)
     for key in (tree / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
+    # Debian's ssh.service tests its configuration first (sshd -t), which fails without host
+    # keys: the keys are made before that test (an empty ExecStartPre= clears the list).
     _write(tree / "etc/systemd/system/ssh.service.d/host-keys.conf",
-           "[Service]\nExecStartPre=/usr/bin/ssh-keygen -A\n")
+           "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\n"
+           "ExecStartPre=/usr/sbin/sshd -t\n")
     _write(tree / "etc/iscsi/initiatorname.iscsi", "GenerateName=yes\n", 0o600)
     # The VMs never look for packages (everything is baked in), and have nowhere to.
     for unit in MASKED_UNITS:

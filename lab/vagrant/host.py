@@ -115,7 +115,31 @@ class Libvirtd:
         except subprocess.TimeoutExpired:
             return False
 
+    @staticmethod
+    def kvm_device_like_udev(log: Log) -> None:
+        """Give /dev/kvm the group and mode Debian's udev rule gives it (root:kvm 0660).
+
+        Without udev it stays root:root 0600. QEMU (probed by libvirtd as root) still opens it,
+        so libvirt's capability cache records KVM, but libvirtd then finds /dev/kvm unusable for
+        its qemu user, declares the cache stale and probes QEMU again on every call: under
+        software emulation each probe costs seconds, and `vagrant up` crawls. (The VMs use
+        KVM only where the CPU has vmx/svm: the box's Vagrantfile decides.)
+        """
+        kvm = Path("/dev/kvm")
+        try:
+            import grp
+
+            gid = grp.getgrnam("kvm").gr_gid
+            st = kvm.stat()
+        except (KeyError, OSError):
+            return
+        if st.st_gid != gid or st.st_mode & 0o777 != 0o660:
+            os.chown(kvm, 0, gid)
+            kvm.chmod(0o660)
+            log("/dev/kvm set to root:kvm 0660 (as udev would)")
+
     def start(self, timeout: float = 90) -> None:
+        self.kvm_device_like_udev(self.log)
         if self.answering():
             self.log("libvirtd already answers: using it (it is left running)")
             return
