@@ -83,6 +83,7 @@ PACKAGES: tuple[str, ...] = (
     "e2fsprogs",
     "sg3-utils",
     "util-linux",
+    "curl",
 )
 
 #: Modules the initrd needs to mount the root disk (vagrant-libvirt's default disk bus is
@@ -130,6 +131,8 @@ MASKED_UNITS: tuple[str, ...] = (
 #: Virtual disk size in GiB (sparse; the images of the target's mirrors live on it).
 DISK_GIB = 10
 PART_OFFSET = 1 << 20
+
+SSH_HOST_KEYS = ("ed25519", "ecdsa")
 
 KERNEL_ARGS = "ro net.ifnames=0 biosdevname=0 console=tty0 console=ttyS0,115200n8 quiet"
 GRUB_MODULES = ("biosdisk", "part_msdos", "ext2", "normal", "linux", "configfile", "echo",
@@ -366,20 +369,31 @@ def _customize_tree(tree: Path, *, fs_uuid: str, keys: str, logfile: Path, log: 
     _write(tree / "etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\ttargetmirror-box\n"
            "::1\tlocalhost ip6-localhost ip6-loopback\n")
     _write(tree / "etc/fstab", f"UUID={fs_uuid}\t/\text4\terrors=remount-ro\t0\t1\n")
+    # allow-hotplug, not auto: with an "auto" interface ifupdown-pre.service waits for udev's
+    # whole coldplug to settle (a minute under TCG) before networking starts; this way udev
+    # brings eth0 up as soon as the NIC is there.
     _write(tree / "etc/network/interfaces",
            "source /etc/network/interfaces.d/*\n\nauto lo\niface lo inet loopback\n\n"
-           "# Vagrant's management network (ssh from the host)\nauto eth0\n"
+           "# Vagrant's management network (ssh from the host)\nallow-hotplug eth0\n"
            "iface eth0 inet dhcp\n")
     # Every VM gets its own identity at first boot: machine-id, ssh host keys, initiator name.
     _write(tree / "etc/machine-id", "")
     (tree / "var/lib/dbus/machine-id").unlink(missing_ok=True)
     for key in (tree / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
-    # Debian's ssh.service tests its configuration first (sshd -t), which fails without host
-    # keys: the keys are made before that test (an empty ExecStartPre= clears the list).
+    # Host keys made at first boot, Ed25519 and ECDSA only: a 3072-bit RSA key took most of
+    # the 50 s ssh.service needed under TCG. Debian's ssh.service tests its configuration
+    # first (sshd -t), which fails without keys: they are made before that test (an empty
+    # ExecStartPre= clears the list).
+    keygen = " && ".join(
+        f"(test -e /etc/ssh/ssh_host_{t}_key || ssh-keygen -q -t {t} -N '' "
+        f"-f /etc/ssh/ssh_host_{t}_key)" for t in SSH_HOST_KEYS)
     _write(tree / "etc/systemd/system/ssh.service.d/host-keys.conf",
-           "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\n"
+           f'[Service]\nExecStartPre=\nExecStartPre=/bin/sh -c "{keygen}"\n'
            "ExecStartPre=/usr/sbin/sshd -t\n")
+    _write(tree / "etc/ssh/sshd_config.d/targetmirror-box.conf",
+           "".join(f"HostKey /etc/ssh/ssh_host_{t}_key\n" for t in SSH_HOST_KEYS)
+           + "UseDNS no\n")
     _write(tree / "etc/iscsi/initiatorname.iscsi", "GenerateName=yes\n", 0o600)
     # The VMs never look for packages (everything is baked in), and have nowhere to.
     for unit in MASKED_UNITS:
