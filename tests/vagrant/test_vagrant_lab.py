@@ -24,6 +24,7 @@ initiator (it then also reads the snapshot).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -103,6 +104,10 @@ def lab() -> Iterator[Lab]:
     if why is not None:
         _skip_or_fail(why)
     OUT.mkdir(parents=True, exist_ok=True)
+    # One Vagrant lab per host at a time: the VMs' names and networks are fixed.
+    host.lab_root().mkdir(parents=True, exist_ok=True)
+    lock = (host.lab_root() / ".lock").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     started = time.monotonic()
     load_before = host.load_average()
     with host.timed(timings, "box_build"):
@@ -155,6 +160,7 @@ def lab() -> Iterator[Lab]:
         print("\nVagrant lab phases (s): " + ", ".join(f"{k} {t:.0f}" for k, t in
                                                     timings.items()))
         print(f"load average before {load_before}, after {host.load_average()}")
+        lock.close()
 
 
 def _disk(lab: Lab, machine: str, iqn: str, lun: int) -> str:
