@@ -39,7 +39,8 @@ set -eu
 say() { echo "target.sh: $*"; }
 
 # -- packages ----------------------------------------------------------------------------------
-PACKAGES="python3 python3-rtslib-fb python3-yaml python3-pyroute2 python3-tqdm kmod"
+PACKAGES="python3 python3-rtslib-fb python3-configshell-fb python3-yaml python3-pyroute2
+          python3-tqdm python3-prometheus-client python3-jeepney kmod"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
