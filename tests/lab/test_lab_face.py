@@ -149,7 +149,7 @@ def _run(mirrord: Mirrord, tmp_path: Path) -> None:
                       leg="a")
     assert a_bytes0 >= MiB
     assert metric(before, "targetmirror_mirror_state", mirror="f0",
-                  targetmirror_mirror_state="mirrored") == 1
+                  state="mirrored") == 1
 
     # -- split the group from the shell, write on, back up, metrics show it --------------------
     out = shell(mirrord, "/groups/fg", "split").stdout
@@ -167,10 +167,10 @@ def _run(mirrord: Mirrord, tmp_path: Path) -> None:
 
     s = scrape()
     assert metric(s, "targetmirror_mirror_state", mirror="f0",
-                  targetmirror_mirror_state="split") == 1
+                  state="split") == 1
     assert metric(s, "targetmirror_mirror_epoch", mirror="f0") == epoch0 + 1
     assert metric(s, "targetmirror_leg_state", mirror="f0", leg="a",
-                  targetmirror_leg_state="frozen") == 1
+                  state="frozen") == 1
     assert metric(s, "targetmirror_bitmap_dirty_regions", mirror="f0") >= 1
     assert metric(s, "targetmirror_bytes_total", mirror="f0", direction="write",
                   leg="b") >= metric(s, "targetmirror_bytes_total", mirror="f0",
@@ -189,7 +189,7 @@ def _run(mirrord: Mirrord, tmp_path: Path) -> None:
     assert _read(l0.a, 0, MiB) == a0 and _read(l1.a, 2 * MiB, MiB) == a1
     s = scrape()
     assert metric(s, "targetmirror_mirror_state", mirror="f0",
-                  targetmirror_mirror_state="mirrored") == 1
+                  state="mirrored") == 1
     assert metric(s, "targetmirror_bitmap_dirty_regions", mirror="f0") == 0
 
     # -- targetcli, we own org.kernel.TCMUService1 ---------------------------------------------
