@@ -14,6 +14,12 @@
 #                     /var/lib/targetmirror /run/targetmirror/control.sock]
 #   TM_INSTALL_PACKAGES  1: apt-get the Debian packages that are missing [1]
 #   TM_START_DAEMON  1: run targetmirrord under systemd [1]; 0: the caller runs it
+#   TM_METRICS_ADDRESS  HOST:PORT of the Prometheus endpoint ["": off]
+#
+# Order (why): the file is checked offline when the CLI can (`targetmirror validate`), then the
+# daemon is started and is serving (Type=notify: `systemctl start` returns after READY=1), and
+# only then `apply --dry-run` and `apply`, which need it for consistency groups. Running the
+# script again changes nothing that is already so.
 set -eu
 
 : "${TM_SRC:=/vagrant}"
@@ -28,11 +34,13 @@ set -eu
 : "${TM_SOCKET:=/run/targetmirror/control.sock}"
 : "${TM_INSTALL_PACKAGES:=1}"
 : "${TM_START_DAEMON:=1}"
+: "${TM_METRICS_ADDRESS:=}"
 
 say() { echo "target.sh: $*"; }
 
 # -- packages ----------------------------------------------------------------------------------
-PACKAGES="python3 python3-rtslib-fb python3-yaml python3-pyroute2 python3-tqdm kmod"
+PACKAGES="python3 python3-rtslib-fb python3-configshell-fb python3-yaml python3-pyroute2
+          python3-tqdm python3-prometheus-client python3-jeepney kmod"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
@@ -75,6 +83,7 @@ CONFIG="$TM_ETC/targetmirror.yaml"
     echo "daemon:"
     echo "  state_dir: $TM_STATE_DIR"
     echo "  control_socket: $TM_SOCKET"
+    if [ -n "$TM_METRICS_ADDRESS" ]; then echo "  metrics_address: \"$TM_METRICS_ADDRESS\""; fi
     echo "image_dirs: [$TM_IMAGES]"
     echo "mirrors:"
     for m in data logs; do
@@ -96,14 +105,26 @@ CONFIG="$TM_ETC/targetmirror.yaml"
     done
 } > "$CONFIG"
 say "wrote $CONFIG"
-"$TM_BIN/targetmirror" apply --config "$CONFIG" --dry-run
+# Offline check first, where the CLI has one (it needs neither LIO nor the daemon).
+if "$TM_BIN/targetmirror" validate --help >/dev/null 2>&1; then
+    "$TM_BIN/targetmirror" validate "$CONFIG"
+fi
 
 # -- the daemon, then apply ----------------------------------------------------------------------
 if [ "$TM_START_DAEMON" = 1 ]; then
+    unit=/etc/systemd/system/targetmirrord.service
     sed -e "s|^ExecStart=.*|ExecStart=$TM_BIN/targetmirrord --config $CONFIG|" \
-        "$TM_SRC/etc/targetmirrord.service" > /etc/systemd/system/targetmirrord.service
+        "$TM_SRC/etc/targetmirrord.service" > "$unit.new"
+    if cmp -s "$unit.new" "$unit"; then rm "$unit.new"; else mv "$unit.new" "$unit"; fi
     systemctl daemon-reload
+    # Type=notify: this returns once the daemon has sent READY=1 (control socket up).
     systemctl enable --now targetmirrord
+    systemctl is-active --quiet targetmirrord || {
+        systemctl status --no-pager targetmirrord >&2 || true
+        echo "target.sh: targetmirrord is not running" >&2
+        exit 1
+    }
 fi
+"$TM_BIN/targetmirror" apply --config "$CONFIG" --dry-run
 "$TM_BIN/targetmirror" apply --config "$CONFIG"
 "$TM_BIN/targetmirror" list --config "$CONFIG"
