@@ -1558,7 +1558,9 @@ def test_model() -> None:
     long_mode = "TARGETMIRROR_MODEL_STEPS" in os.environ
     step_count = 60
     examples = max(1, int(wanted / (step_count * 0.7)) + 1)
-    logging.getLogger("targetmirror").setLevel(logging.CRITICAL)
+    tm_log = logging.getLogger("targetmirror")
+    old_level = tm_log.level
+    tm_log.setLevel(logging.CRITICAL)
     old_hook = threading.excepthook
     threading.excepthook = _hook
     old_force = hypothesis.core.global_force_seed
@@ -1591,6 +1593,7 @@ def test_model() -> None:
                 t.join(max(0.0, deadline - time.monotonic()))
         threading.excepthook = old_hook
         hypothesis.core.global_force_seed = old_force
+        tm_log.setLevel(old_level)  # later tests read the mirror's warnings with caplog
         el = time.perf_counter() - t0
         rules = ", ".join(f"{k[5:]} {v}" for k, v in sorted(STATS.items())
                           if k.startswith("rule:"))
