@@ -10,6 +10,9 @@ from targetmirror.mirror.state import State
 MIRROR_STATES: tuple[str, ...] = tuple(s.value for s in policy.STATES)
 LEG_STATES: tuple[str, ...] = policy.LEG_ROLES
 LEG_HEALTH: tuple[str, ...] = policy.LEG_HEALTH
+STEADY_STATES: frozenset[str] = frozenset(s.value for s in policy.STEADY)
+"""Mirror states that are where a mirror rests (green in the shell when healthy); the others
+are transitional."""
 
 
 def leg_states(state: str) -> tuple[str, str]:

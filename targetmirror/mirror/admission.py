@@ -337,15 +337,12 @@ class MirrorIO:
     def unmap(self, offset: int, length: int) -> None:
         with self._range(offset, offset + length):
             self._mark(offset, length)
-            self._m.run_legs(self.legs, "discard", lambda img: img.discard(offset, length),
-                             parallel=True, nbytes=length)
+            self._m.discard_legs(self.legs, offset, length, zeroing=False)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         with self._range(offset, offset + length):
             self._mark(offset, length)
-            self._m.run_legs(self.legs, "zeroing",
-                             lambda img: img.write_zeroes(offset, length), parallel=True,
-                             nbytes=length)
+            self._m.discard_legs(self.legs, offset, length, zeroing=True)
 
     def compare_and_write(self, offset: int, verify: memoryview, data: memoryview) -> int | None:
         length = len(verify)

@@ -25,6 +25,7 @@ a shutdown is not a medium error (issue 15, defect 3).
 
 from __future__ import annotations
 
+import bisect
 import errno as errno_mod
 import itertools
 import logging
@@ -36,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from targetmirror.errors import FrozenImageError, MirrorBusy, StoreError
+from targetmirror.errors import FrozenImageError, MirrorBusy, MirrorError, StoreError
 from targetmirror.mirror.policy import BOTH, LEG_A, LEG_B, LEG_NAMES
 from targetmirror.store.image import Image
 
@@ -44,7 +45,13 @@ T = TypeVar("T")
 log = logging.getLogger("targetmirror.mirror")
 
 LEG_TIMEOUT = 20.0
-"""A leg call older than this fails the leg (below LIO's default 30 s cmd_time_out)."""
+"""A data read or write unanswered this long fails its leg (below LIO's default 30 s
+cmd_time_out, so the survivor answers new commands before initiators give up on them)."""
+FLUSH_TIMEOUT = 60.0
+DISCARD_TIMEOUT = 30.0
+DISCARD_PIECE = 64 << 20
+SLOW = 1.0
+_MIB = 1 << 20
 
 
 class LegsClosed(StoreError):
@@ -54,17 +61,106 @@ class LegsClosed(StoreError):
         super().__init__(f"mirror {name} is closing", kind="closed")
 
 
+ADVISORY = frozenset({"discard", "zeroing"})
+"""Kinds of call that never fail a leg, by error or by time: a discard is a hint the
+initiator may not rely on, and its failure is made good by writing zeros (see
+``Legs.discard``)."""
+
+
 @dataclass(frozen=True)
 class Deadlines:
-    """How long a leg call may take before the leg is failed (seconds; None: never)."""
+    """How long a leg call may go unanswered before the leg is failed (seconds; None: never).
 
-    io: float | None = LEG_TIMEOUT
-    """A data read or write, and a flush."""
+    md and DRBD never fail a member for being slow, only for failing; the SCSI layer's own
+    command timeout decides when an initiator gives up.  So only a leg that *stops answering*
+    is failed: a data call gets ``read``/``write`` seconds (plus ``per_mib`` per MiB beyond the
+    first: a large transfer on a busy device is not a dead device), a flush ``flush`` seconds
+    (thin pools, SAN LUNs and busy RBD pools routinely take seconds to flush).  Discards and
+    zeroing are cut into ``piece``-byte calls; a piece slower than ``discard`` is logged and
+    counted, never failed.  A call older than ``slow`` makes the leg "slow" in status."""
+
+    read: float | None = LEG_TIMEOUT
+    write: float | None = LEG_TIMEOUT
+    per_mib: float = 1.0
+    flush: float | None = FLUSH_TIMEOUT
+    discard: float | None = DISCARD_TIMEOUT
+    piece: int = DISCARD_PIECE
+    slow: float = SLOW
+
+    def __post_init__(self) -> None:
+        for name in ("read", "write", "flush", "discard"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise MirrorError(f"deadline {name}={v}: expected a positive number of "
+                                  "seconds (or none)")
+        if self.piece < 4096 or self.piece % 4096:
+            raise MirrorError(f"discard piece {self.piece}: expected a multiple of 4096")
+        if self.per_mib < 0 or self.slow <= 0:
+            raise MirrorError(f"deadlines per_mib={self.per_mib} slow={self.slow}: expected "
+                              "per_mib >= 0 and slow > 0")
+
+    @classmethod
+    def with_timeout(cls, timeout: float | None) -> Deadlines:
+        """The defaults with data calls failing after ``timeout`` (``leg_timeout``); None
+        turns every deadline off (tests)."""
+        if timeout is None:
+            return cls(read=None, write=None, flush=None, discard=None)
+        return cls(read=timeout, write=timeout, flush=max(timeout, FLUSH_TIMEOUT))
 
     def for_call(self, what: str, nbytes: int) -> float | None:
-        """The deadline of one call (the same for every kind today)."""
-        del what, nbytes
-        return self.io
+        """The failure deadline of one call (for an advisory kind: its slow deadline)."""
+        if what in ADVISORY:
+            return self.discard
+        if what == "flush":
+            return self.flush
+        base = self.read if what == "read" else self.write
+        if base is None:
+            return None
+        return base + self.per_mib * max(0, nbytes - _MIB) / _MIB
+
+
+LAT_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+              0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Upper bounds (seconds) of the per-leg latency buckets; one more bucket is +Inf."""
+
+
+class LegStats:
+    """What one leg's calls took (the daemon's life): counts and latency buckets.  Written by
+    the calling threads with plain integer additions (a lost update under a race costs one
+    sample, never correctness); read at status time."""
+
+    __slots__ = ("buckets", "calls", "discard_fallbacks", "discards_slow", "max", "seconds",
+                 "slow_calls")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.seconds = 0.0
+        self.max = 0.0
+        self.buckets = [0] * (len(LAT_BOUNDS) + 1)
+        self.slow_calls = 0
+        self.discard_fallbacks = 0
+        self.discards_slow = 0
+
+    def record(self, dt: float, slow: float) -> None:
+        self.calls += 1
+        self.seconds += dt
+        if dt > self.max:
+            self.max = dt
+        self.buckets[bisect.bisect_left(LAT_BOUNDS, dt)] += 1
+        if dt > slow:
+            self.slow_calls += 1
+
+    def quantile(self, q: float) -> float:
+        """An upper estimate of the ``q`` quantile (the bound of its bucket)."""
+        if not self.calls:
+            return 0.0
+        want = q * self.calls
+        acc = 0
+        for i, n in enumerate(self.buckets):
+            acc += n
+            if acc >= want:
+                return LAT_BOUNDS[i] if i < len(LAT_BOUNDS) else self.max
+        return self.max
 
 
 _CLOCK = struct.Struct("<qq")
@@ -92,6 +188,7 @@ class Legs:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{name}-leg")
         self.lane_clock = bytearray(_CLOCK.size)
         """Start time (CLOCK_MONOTONIC ns, 0 = idle) of the express lane's call on A and B."""
+        self.stats = {LEG_A: LegStats(), LEG_B: LegStats()}
 
     # -- images ----------------------------------------------------------------------------
     @property
@@ -126,14 +223,24 @@ class Legs:
 
     def _leave(self, leg: int, key: int) -> None:
         calls = self._calls[leg]
-        del calls[key]
+        start, what, _n = calls.pop(key)
+        dt = time.monotonic() - start
+        st = self.stats[leg]
+        st.record(dt, self.deadlines.slow)
+        if what in ADVISORY:
+            limit = self.deadlines.discard
+            if limit is not None and dt > limit:
+                st.discards_slow += 1
+                log.warning("%s: a %s on leg %s took %.1f s (more than %g s); the leg is slow, "
+                            "not failed", self.name, what, LEG_NAMES[leg].upper(), dt, limit)
         if self._waiters and not calls:
             with self._idle:
                 self._idle.notify_all()
 
     def call(self, leg: int, what: str, fn: Callable[..., T], *args: Any,
-             nbytes: int = 0) -> T:
-        """Run ``fn(image, *args)`` on ``leg``; on failure fail the leg and raise.
+             nbytes: int = 0, advisory: bool = False) -> T:
+        """Run ``fn(image, *args)`` on ``leg``; on failure fail the leg and raise (an
+        ``advisory`` call only raises: see :meth:`discard`).
 
         Raises :class:`StoreError` if the leg is failed already (nothing is run)."""
         entered = self._enter(leg, what, nbytes)
@@ -144,16 +251,44 @@ class Legs:
         try:
             return fn(image, *args)
         except StoreError as exc:
-            if not isinstance(exc, (FrozenImageError, LegsClosed)):
+            if not advisory and not isinstance(exc, (FrozenImageError, LegsClosed)):
                 self.fail(leg, exc)
             raise
         except OSError as exc:
             err = StoreError(f"{what} on {image.path} failed: {exc}", kind=what,
                              path=image.path, errno=exc.errno)
-            self.fail(leg, err)
+            if not advisory:
+                self.fail(leg, err)
             raise err from exc
         finally:
             self._leave(leg, key)
+
+    def discard(self, leg: int, offset: int, length: int, zeroing: bool) -> None:
+        """Discard (or zero) ``[offset, offset+length)`` of ``leg`` in pieces of at most
+        ``deadlines.piece`` bytes.
+
+        A piece is advisory: if it fails, the same bytes are written as zeros instead, so the
+        range reads back as zeros on every leg (we report LBPRZ, and WRITE SAME promises the
+        zeros); only a failure of that zero write fails the leg.  A piece that is merely slow
+        is counted and logged (in :meth:`_leave`), never failed."""
+        what = "zeroing" if zeroing else "discard"
+        piece = self.deadlines.piece
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(piece, end - pos)
+            try:
+                self.call(leg, what, _discard_fn(zeroing), pos, n, nbytes=n, advisory=True)
+            except (FrozenImageError, LegsClosed):
+                raise
+            except StoreError as exc:
+                if exc.kind == "failed":
+                    raise
+                self.stats[leg].discard_fallbacks += 1
+                log.warning("%s: %s of %d bytes at %d on leg %s failed (%s); writing zeros "
+                            "there instead", self.name, what, n, pos, LEG_NAMES[leg].upper(),
+                            exc)
+                self.call(leg, "write", _fill_zeroes, pos, n, nbytes=n)
+            pos += n
 
     def fail(self, leg: int, exc: StoreError) -> bool:
         """Mark ``leg`` failed now and have the mirror persist it; True if the failure is
@@ -167,21 +302,10 @@ class Legs:
         """Run ``op`` on each leg of ``legs`` that is not failed (both at once if
         ``parallel``); return the legs that did it and the last error."""
         legs &= ~self.failed
+        if legs == BOTH and parallel:
+            return self.run_each(legs, lambda leg: self.call(leg, what, op, nbytes=nbytes))
         err: StoreError | None = None
         done = 0
-        if legs == BOTH and parallel:
-            fut: Future[None] = self._pool.submit(self.call, LEG_A, what, op, nbytes=nbytes)
-            try:
-                self.call(LEG_B, what, op, nbytes=nbytes)
-                done |= LEG_B
-            except StoreError as exc:
-                err = exc
-            try:
-                fut.result()
-                done |= LEG_A
-            except StoreError as exc:
-                err = exc
-            return done, err
         for leg in (LEG_A, LEG_B):
             if legs & leg:
                 try:
@@ -191,18 +315,50 @@ class Legs:
                     err = exc
         return done, err
 
-    def writer(self, offset: int, iov: Sequence[memoryview], durable: bool,
+    def run_each(self, legs: int, fn: Callable[[int], None]) -> tuple[int, StoreError | None]:
+        """``fn(leg)`` for each leg of ``legs`` that is not failed, both at once; return the
+        legs that did it and the last error."""
+        legs &= ~self.failed
+        err: StoreError | None = None
+        done = 0
+        fut: Future[None] | None = None
+        if legs == BOTH:
+            fut = self._pool.submit(fn, LEG_A)
+            legs = LEG_B
+        for leg in (LEG_A, LEG_B):
+            if legs & leg:
+                try:
+                    fn(leg)
+                    done |= leg
+                except StoreError as exc:
+                    err = exc
+        if fut is not None:
+            try:
+                fut.result()
+                done |= LEG_A
+            except StoreError as exc:
+                err = exc
+        return done, err
+
+    def writer(self, offset: int, iov: Sequence[memoryview],
                done: Callable[[int], None] | None = None) -> Callable[[Image], None]:
         """The per-leg operation of a data write (``done(leg)`` when it reached a leg)."""
         a = self.images[LEG_A]
 
         def op(image: Image) -> None:
             image.writev(offset, iov)
-            if durable:
-                image.flush()
             if done is not None:
                 done(LEG_A if image is a else LEG_B)
         return op
+
+    def write_through(self, leg: int, offset: int, iov: Sequence[memoryview], nbytes: int,
+                      done: Callable[[int], None] | None = None) -> None:
+        """A write that must be durable when it returns (FUA, write cache off): the write
+        and the fdatasync are two calls, each under its own deadline."""
+        self.call(leg, "write", _writev, offset, iov, nbytes=nbytes)
+        self.call(leg, "flush", _flush)
+        if done is not None:
+            done(leg)
 
     # -- deadlines -------------------------------------------------------------------------
     def overdue(self, now: float | None = None) -> list[tuple[int, StoreError]]:
@@ -217,6 +373,8 @@ class Legs:
                     continue
                 worst: tuple[float, str, int, float] | None = None
                 for start, what, nbytes in list(calls.values()):  # atomic copy (C)
+                    if what in ADVISORY:
+                        continue  # slow, never failed (counted when it returns)
                     limit = self.deadlines.for_call(what, nbytes)
                     if limit is not None and now - start > limit and (
                             worst is None or now - start - limit > worst[3]):
@@ -237,8 +395,24 @@ class Legs:
 
     def calls(self, leg: int) -> int:
         """Calls to ``leg`` in progress."""
-        with self._mu:
-            return len(self._calls[leg])
+        return len(self._calls[leg])
+
+    def health_of(self, leg: int, now: float | None = None) -> dict[str, Any]:
+        """How ``leg`` is answering: slow or not, calls in flight and the oldest one's age,
+        latency quantiles over the daemon's life (seconds), slow and discard counters."""
+        now = time.monotonic() if now is None else now
+        starts = [c[0] for c in list(self._calls[leg].values())]
+        lane = _CLOCK.unpack(self.lane_clock)[0 if leg == LEG_A else 1]
+        if lane:
+            starts.append(lane / 1e9)
+        oldest = max((now - t for t in starts), default=0.0)
+        st = self.stats[leg]
+        return {"slow": oldest > self.deadlines.slow, "inflight": len(starts),
+                "oldest_call_seconds": oldest,
+                "latency": {"calls": st.calls, "p50": st.quantile(0.5),
+                            "p90": st.quantile(0.9), "p99": st.quantile(0.99), "max": st.max},
+                "slow_calls": st.slow_calls, "discard_fallbacks": st.discard_fallbacks,
+                "discards_slow": st.discards_slow}
 
     # -- repair ----------------------------------------------------------------------------
     def swap(self, leg: int, new: Image, timeout: float) -> Image:
@@ -288,3 +462,27 @@ class Legs:
                 image.close()
             except OSError as exc:
                 log.warning("%s: closing %s: %s", self.name, image.path, exc)
+
+
+def _discard_fn(zeroing: bool) -> Callable[..., None]:
+    return _zero if zeroing else _discard
+
+
+def _discard(image: Image, offset: int, length: int) -> None:
+    image.discard(offset, length)
+
+
+def _zero(image: Image, offset: int, length: int) -> None:
+    image.write_zeroes(offset, length)
+
+
+def _fill_zeroes(image: Image, offset: int, length: int) -> None:
+    image.fill_zeroes(offset, length)
+
+
+def _writev(image: Image, offset: int, iov: Sequence[memoryview]) -> None:
+    image.writev(offset, iov)
+
+
+def _flush(image: Image) -> None:
+    image.flush()

@@ -42,6 +42,7 @@ is left the error goes up and the SCSI layer answers MEDIUM ERROR.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -93,7 +94,8 @@ class Mirror:
                  write_cache: bool = True, parallel_threshold: int = PARALLEL_THRESHOLD,
                  store: StateStore | None = None, region_size: int = DEFAULT_REGION,
                  write_intent: bool = True, wi_interval: float | None = WI_INTERVAL,
-                 wi_extent: int = WI_EXTENT, leg_timeout: float | None = LEG_TIMEOUT) -> None:
+                 wi_extent: int = WI_EXTENT, leg_timeout: float | None = LEG_TIMEOUT,
+                 deadlines: Deadlines | None = None) -> None:
         if size <= 0 or size % block_size:
             raise MirrorError(f"mirror {name}: size {size} is not a positive multiple of the "
                               f"block size {block_size}")
@@ -115,7 +117,11 @@ class Mirror:
         """Mark mirrored writes too (md's write-intent log); off only to measure its cost."""
         self.wi_interval = wi_interval
         self.wi_extent = wi_extent
-        self.leg_timeout = leg_timeout
+        self.deadlines = deadlines if deadlines is not None else Deadlines.with_timeout(
+            leg_timeout)
+        """When a leg call fails its leg (``legs.Deadlines``); ``leg_timeout`` is the data
+        calls' deadline, kept as a shorthand."""
+        self.leg_timeout = self.deadlines.write
         self.unclean_start = False
         """The previous daemon did not close this mirror cleanly (crash, kill -9, power)."""
         self.a_readers: Callable[[], list[str]] = lambda: []
@@ -127,8 +133,7 @@ class Mirror:
         flight.  Never held across disk I/O."""
         self.cv = threading.Condition(self.mu)
         self.locks = RangeLock()
-        self.legs = Legs(name, a, b, deadlines=Deadlines(leg_timeout),
-                         on_fail=self._leg_failed)
+        self.legs = Legs(name, a, b, deadlines=self.deadlines, on_fail=self._leg_failed)
         self.tasks = Tasks(name)
         self.ops = OpSlot(name)
         self.flight = Flight()
@@ -170,7 +175,8 @@ class Mirror:
                 self.bitmap.close()
             self.legs.close(wait=0)
             raise
-        if store is not None and (wi_interval or leg_timeout):
+        d = self.deadlines
+        if store is not None and (wi_interval or d.read or d.write or d.flush):
             self.tasks.spawn("hk", self._housekeeping)
 
     # -- the view of the state table ---------------------------------------------------------
@@ -405,6 +411,18 @@ class Mirror:
         cut the mirror would not know which leg is stale and could copy the stale one over
         the acknowledged data."""
         done, err = self.legs.run(legs, what, op, parallel=parallel, nbytes=nbytes)
+        self._settle(what, done, err, need)
+
+    def discard_legs(self, legs: int, offset: int, length: int, zeroing: bool) -> None:
+        """Discard (UNMAP) or zero (WRITE SAME) a range on ``legs``, in bounded pieces; a
+        piece that fails becomes a zero write, and only that failing fails a leg
+        (``Legs.discard``)."""
+        done, err = self.legs.run_each(
+            legs, lambda leg: self.legs.discard(leg, offset, length, zeroing))
+        self._settle("zeroing" if zeroing else "discard", done, err, None)
+
+    def _settle(self, what: str, done: int, err: StoreError | None, need: int | None) -> None:
+        """After a call on the legs: succeed if a leg that counts did it; see run_legs."""
         if isinstance(err, FrozenImageError):
             raise err  # a bug guard (a write to the split copy), never a leg failure
         if need == 0:
@@ -423,9 +441,15 @@ class Mirror:
 
     def write_legs(self, legs: int, offset: int, iov: Sequence[memoryview], durable: bool,
                    length: int, io: MirrorIO | None = None) -> None:
-        op = self.legs.writer(offset, iov, durable, None if io is None else io.reached)
-        self.run_legs(legs, "write", op, parallel=length >= self.parallel_threshold or durable,
-                      nbytes=length)
+        reached = None if io is None else io.reached
+        if durable:  # write and flush, each leg at once, each call under its own deadline
+            done, err = self.legs.run_each(
+                legs, lambda leg: self.legs.write_through(leg, offset, iov, length, reached))
+        else:
+            done, err = self.legs.run(legs, "write", self.legs.writer(offset, iov, reached),
+                                      parallel=length >= self.parallel_threshold,
+                                      nbytes=length)
+        self._settle("write", done, err, None)
 
     # -- split (splitcycle.py) ---------------------------------------------------------------
     def check_can_split(self) -> None:
@@ -752,8 +776,9 @@ class Mirror:
     def _housekeeping(self) -> None:
         """Periodic: leg deadlines, records that failed to save, the write-intent clear
         pass."""
-        step = min(x for x in (self.wi_interval, (self.leg_timeout or 0) / 4 or None, 1.0)
-                   if x)
+        d = self.deadlines
+        shortest = min((x for x in (d.read, d.write, d.flush) if x), default=None)
+        step = min(x for x in (self.wi_interval, (shortest or 0) / 4 or None, 1.0) if x)
         next_clear = time.monotonic() + (self.wi_interval or 0)
         while not self._hk_stop.wait(step):
             try:
@@ -783,7 +808,8 @@ class Mirror:
             legs[name] = {"image": self.legs.image(bit).path,
                           "role": policy.leg_role(view, bit),
                           "health": policy.leg_health(view, bit),
-                          "reason": None if failed is None else failed.get("reason")}
+                          "reason": None if failed is None else failed.get("reason"),
+                          **self.legs.health_of(bit)}
         split = st.to_json()["split"]
         if split is not None and self.splits.pending_error:
             split["record_error"] = self.splits.pending_error
@@ -813,6 +839,7 @@ class Mirror:
                              "clear_passes": self.wi.clears, "cleared": self.wi.cleared,
                              "interval": self.wi_interval, "extent": self.wi_extent},
             "leg_timeout": self.leg_timeout,
+            "deadlines": dataclasses.asdict(self.deadlines),
             "last_repair": st.last_repair,
             "last_recovery": st.last_recovery,
         }

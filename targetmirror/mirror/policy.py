@@ -97,6 +97,8 @@ OWNED: dict[str, frozenset[State]] = {
 
 STATES: tuple[State, ...] = tuple(State)
 """Every state, in the order metrics and docs list them."""
+STEADY: frozenset[State] = frozenset({S.MIRRORED, S.SPLIT, S.ONE_WAY})
+"""States a mirror rests in; the others are on their way somewhere (a drain, a copy)."""
 
 # What each state means for I/O; see docs/lifecycle.md for the admin's version of this table.
 DESCRIPTION: dict[State, str] = {

@@ -220,6 +220,11 @@ class Image:
                 raise StoreError(f"zeroing {length} bytes at {offset} of {self.path} failed: "
                                  f"{exc.strerror}", kind="write", path=self.path,
                                  errno=exc.errno) from exc
+        self.fill_zeroes(offset, length)
+
+    def fill_zeroes(self, offset: int, length: int) -> None:
+        """Write zeros over ``[offset, offset+length)``, 1 MiB at a time: the fallback when a
+        discard or a hole punch fails (the range must still read back as zeros)."""
         zero = memoryview(_ZERO_CHUNK)
         pos, end = offset, offset + length
         while pos < end:

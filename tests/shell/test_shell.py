@@ -202,3 +202,23 @@ def test_verify_and_sync_from_the_shell(rig, capfd):
     assert "m1: initial sync complete" in out
     assert m1.image_bytes("a") == m1.image_bytes("b")
     assert daemon.ops.status(["m1"])["mirrors"][0]["state"] == "mirrored"
+
+
+def test_every_state_of_the_table_has_a_colour_derived_from_it():
+    """The shell colours a mirror from the state table (policy.STEADY) and its health, for
+    every state the table has: green where it rests healthy, plain on its way, red when a leg
+    failed or the split copy is lost."""
+    from targetmirror.mirror import policy
+    from targetmirror.shell.nodes import mirror_summary
+
+    for state in policy.STATES:
+        base = {"name": "m", "state": str(state), "epoch": 1, "health": "ok"}
+        text, colour = mirror_summary(base)
+        assert text.startswith(str(state))
+        assert colour is (True if state in policy.STEADY else None), state
+        text, colour = mirror_summary({**base, "health": "degraded",
+                                       "failed_legs": {"a": {"reason": "EIO"}}})
+        assert colour is False and "DEGRADED (leg A failed)" in text
+    _, colour = mirror_summary({"name": "m", "state": "split", "health": "ok",
+                                "split": {"a_status": "lost: EIO"}})
+    assert colour is False
