@@ -324,14 +324,14 @@ class MirrorCollector:
                     if f.get("wall") is not None:
                         l_failed_at.add_metric([name, leg], f["wall"])
             for leg, bit in LEG_BITS.items():
-                ls = (st.get("legs") or {}).get(leg) or {}
+                calls: dict[str, Any] = (st.get("legs") or {}).get(leg) or {}
                 lab = [name, leg]
-                l_slow.add_metric(lab, 1.0 if ls.get("slow") else 0.0)
-                l_inflight.add_metric(lab, float(ls.get("inflight", 0)))
-                l_oldest.add_metric(lab, float(ls.get("oldest_call_seconds", 0.0)))
-                l_slow_calls.add_metric(lab, float(ls.get("slow_calls", 0)))
-                l_fallbacks.add_metric(lab, float(ls.get("discard_fallbacks", 0)))
-                l_discards_slow.add_metric(lab, float(ls.get("discards_slow", 0)))
+                l_slow.add_metric(lab, 1.0 if calls.get("slow") else 0.0)
+                l_inflight.add_metric(lab, float(calls.get("inflight", 0)))
+                l_oldest.add_metric(lab, float(calls.get("oldest_call_seconds", 0.0)))
+                l_slow_calls.add_metric(lab, float(calls.get("slow_calls", 0)))
+                l_fallbacks.add_metric(lab, float(calls.get("discard_fallbacks", 0)))
+                l_discards_slow.add_metric(lab, float(calls.get("discards_slow", 0)))
                 buckets, total = _leg_histogram(m, bit)
                 l_latency.add_metric(lab, buckets, total)
             for kind, limit in (st.get("deadlines") or {}).items():
