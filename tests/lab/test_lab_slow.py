@@ -5,12 +5,17 @@ table is reloaded (``dmsetup reload`` + ``resume``) to change the delay while I/
 mirrors here open their images with O_DIRECT (``direct=1``: leg B, on tmpfs, falls back to the
 page cache), so every write to A pays A's delay, as on a real slow block device.
 
-* mkfs.ext4 on a 1 GiB LUN whose A has 0 ms added delay: mkfs first discards the whole LUN (UNMAPs
-  of up to 512 MiB), which before issue 19 failed leg A (one BLKZEROOUT of 512 MiB did not return
-  within the 20 s leg deadline).  Then fio with verify, an fstrim and a change of A's write delay
-  to 200 ms while fio runs: no leg is failed, and A == B byte for byte at the end.  fio's
-  completion latency (clat p50/p99) with a 0 ms and a 200 ms leg is printed: what a slow leg
-  costs the initiator.
+* mkfs.ext4 on a 1 GiB LUN whose A has 0 ms added delay: mkfs first discards the whole LUN (two
+  UNMAPs of 512 MiB, our MAXIMUM UNMAP LBA COUNT, at once), which before issue 19 failed leg A:
+  the daemon made each one BLKZEROOUT of 512 MiB, which did not return within the 20 s leg
+  deadline.  dm-delay offers no write-zeroes, so the kernel zeroes by writing zero pages; how
+  fast that goes under TCG depends on the host's load (7 s to over 20 s per 512 MiB), so the
+  test makes it deterministic: targetmirrord's writes to A are limited to 44 MiB/s by the
+  cgroup io controller (``io.max``), as on a device that zeroes by writing at that rate.
+  Then fio with verify, an fstrim and a change of A's write delay to 200 ms while fio runs:
+  no leg is failed, and A == B byte for byte at the end.  Before that, fio's completion
+  latency (clat p50/p99) with a 0 ms and a 200 ms leg is printed: what a slow leg costs the
+  initiator.
 * A split while A's writes take 600 ms each, so the drain of the pre-split writes takes seconds;
   ``kill -9`` of targetmirrord inside that drain; restart.  A sequence-numbered writer
   (tests/lab/seqwriter.py) proves A holds a crash-consistent set: every write acknowledged
@@ -124,6 +129,29 @@ class SlowLun:
         self.leg.remove()
 
 
+ZEROING_RATE = 44 << 20
+"""Bytes per second targetmirrord may write to leg A in the mkfs test: 1 GiB of zeroing (two
+512 MiB UNMAPs at once) takes ~23 s, more than the old 20 s deadline for one 512 MiB call and
+less than LIO's 30 s command timeout for the UNMAPs cut into pieces."""
+
+
+def _limit_writes(pid: int, dev: str, wbps: int) -> None:
+    """Put process ``pid`` in a cgroup whose writes to block device ``dev`` are limited to
+    ``wbps`` bytes per second (cgroup v2 ``io.max``; blk-throttle counts every bio the
+    process submits, the kernel's zero pages for BLKZEROOUT included)."""
+    root = Path("/sys/fs/cgroup")
+    if not (root / "cgroup.controllers").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        guest.run(["mount", "-t", "cgroup2", "none", str(root)])
+    (root / "cgroup.subtree_control").write_text("+io\n")
+    group = root / "tm-slowleg"
+    group.mkdir(exist_ok=True)
+    rdev = os.stat(dev).st_rdev
+    (group / "io.max").write_text(f"{os.major(rdev)}:{os.minor(rdev)} wbps={wbps}\n")
+    (group / "cgroup.procs").write_text(f"{pid}\n")
+    _note(f"targetmirrord's writes to {dev} limited to {wbps >> 20} MiB/s")
+
+
 def _status(daemon: Mirrord, name: str) -> dict[str, Any]:
     st: dict[str, Any] = Client(daemon.socket).status([name])["mirrors"][0]
     return st
@@ -178,8 +206,12 @@ def test_mkfs_and_fio_verify_on_a_slow_leg_leave_the_mirror_mirrored(
         _assert_no_leg_failed(mirrord, lun.name)
 
         lun.leg.delay(0)
+        assert mirrord.proc is not None
+        _limit_writes(mirrord.proc.pid, lun.leg.path, ZEROING_RATE)
         t = time.monotonic()
-        guest.run(["mkfs.ext4", "-F", lun.dev], timeout=900)  # discards the whole LUN first
+        mkfs = guest.run(["mkfs.ext4", "-F", lun.dev], timeout=900)  # discards it all first
+        _note(" ".join(line.strip() for line in mkfs.stdout.splitlines()
+                       if "iscard" in line))
         mkfs_s = time.monotonic() - t
         st = _assert_no_leg_failed(mirrord, lun.name)
         _note(f"mkfs.ext4 with A at 0 ms: {mkfs_s:.1f} s, no leg failed; "
