@@ -6,11 +6,11 @@ mirrors here open their images with O_DIRECT (``direct=1``: leg B, on tmpfs, fal
 page cache), so every write to A pays A's delay, as on a real slow block device.
 
 * mkfs.ext4 on a 1 GiB LUN whose A has 0 ms added delay: mkfs first discards the whole LUN (two
-  UNMAPs of 512 MiB, our MAXIMUM UNMAP LBA COUNT, at once), which before issue 19 failed leg A:
+  UNMAPs of 512 MiB, our MAXIMUM UNMAP LBA COUNT), which before issue 19 failed leg A:
   the daemon made each one BLKZEROOUT of 512 MiB, which did not return within the 20 s leg
   deadline.  dm-delay offers no write-zeroes, so the kernel zeroes by writing zero pages; how
   fast that goes under TCG depends on the host's load (7 s to over 20 s per 512 MiB), so the
-  test makes it deterministic: targetmirrord's writes to A are limited to 44 MiB/s by the
+  test makes it deterministic: targetmirrord's writes to A are limited to 22 MiB/s by the
   cgroup io controller (``io.max``), as on a device that zeroes by writing at that rate.
   Then fio with verify, an fstrim and a change of A's write delay to 200 ms while fio runs:
   no leg is failed, and A == B byte for byte at the end.  Before that, fio's completion
@@ -129,10 +129,10 @@ class SlowLun:
         self.leg.remove()
 
 
-ZEROING_RATE = 44 << 20
-"""Bytes per second targetmirrord may write to leg A in the mkfs test: 1 GiB of zeroing (two
-512 MiB UNMAPs at once) takes ~23 s, more than the old 20 s deadline for one 512 MiB call and
-less than LIO's 30 s command timeout for the UNMAPs cut into pieces."""
+ZEROING_RATE = 22 << 20
+"""Bytes per second targetmirrord may write to leg A in the mkfs test: zeroing one 512 MiB
+UNMAP takes ~23 s (mkfs sends them one after the other), more than the old 20 s deadline for
+it as one call, less than LIO's 30 s command timeout for the UNMAP cut into pieces."""
 
 
 def _limit_writes(pid: int, dev: str, wbps: int) -> None:
@@ -182,13 +182,18 @@ def _clat_ms(out: Path) -> dict[str, float]:
             "mean_ms": job["clat_ns"]["mean"] / 1e6, "iops": job["iops"]}
 
 
-def _latency_run(dev: str, out: Path, seconds: int) -> dict[str, float]:
-    """4 KiB random writes, 4 in flight, straight to the LUN: the initiator's view."""
+def _latency_run(dev: str, out: Path, seconds: int, depth: int) -> dict[str, float]:
+    """4 KiB random writes, ``depth`` in flight, straight to the LUN: the initiator's view."""
     fio = _fio(["--name=lat", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-                "--rw=randwrite", "--bs=4k", "--iodepth=4", "--offset=768M", "--size=128M",
-                "--time_based", f"--runtime={seconds}"], out)
+                "--rw=randwrite", "--bs=4k", f"--iodepth={depth}", "--offset=768M",
+                "--size=128M", "--time_based", f"--runtime={seconds}"], out)
     assert fio.wait(timeout=seconds + 300) == 0, out.read_text()[-3000:]
     return _clat_ms(out)
+
+
+def _latency(dev: str, tmp_path: Path, label: str) -> dict[str, dict[str, float]]:
+    return {f"qd{d}": _latency_run(dev, tmp_path / f"lat-{label}-qd{d}.json", s, d)
+            for d, s in ((1, 10), (4, 15))}
 
 
 def test_mkfs_and_fio_verify_on_a_slow_leg_leave_the_mirror_mirrored(
@@ -198,11 +203,12 @@ def test_mkfs_and_fio_verify_on_a_slow_leg_leave_the_mirror_mirrored(
     mnt.mkdir()
     try:
         # what a slow leg costs the initiator: the same fio run with A at 0 ms, then 200 ms
-        fast = _latency_run(lun.dev, tmp_path / "lat-0ms.json", 20)
+        fast = _latency(lun.dev, tmp_path, "0ms")
         lun.leg.delay(200)
-        slow = _latency_run(lun.dev, tmp_path / "lat-200ms.json", 20)
+        slow = _latency(lun.dev, tmp_path, "200ms")
         print("SLOW-LEG-LATENCY", json.dumps({"leg_a_0ms": fast, "leg_a_200ms": slow}))
-        assert slow["p50_ms"] >= 200 > fast["p50_ms"], (fast, slow)
+        # the delay took effect (a sanity check, not a speed target: the numbers are printed)
+        assert slow["qd1"]["p50_ms"] >= 200 > fast["qd1"]["p50_ms"], (fast, slow)
         _assert_no_leg_failed(mirrord, lun.name)
 
         lun.leg.delay(0)
