@@ -229,18 +229,25 @@ def test_mkfs_and_fio_verify_on_a_slow_leg_leave_the_mirror_mirrored(
         fio = _fio(["--name=verify", f"--directory={mnt}", "--size=64M", "--direct=1",
                     "--ioengine=libaio", "--rw=randwrite", "--bs=4k", "--iodepth=4",
                     "--fsync=32", "--verify=crc32c", "--verify_backlog=64",
-                    "--verify_fatal=1", "--time_based", "--runtime=60"], out)
+                    "--verify_fatal=1", "--verify_state_save=0", "--time_based",
+                    "--runtime=120"], out)
         try:
             stat = Path("/sys/block", Path(lun.dev).name, "stat")
-            base = int(stat.read_text().split()[4])
-            guest.wait_for(lambda: int(stat.read_text().split()[4]) > base + 300,
-                           timeout=120, what="fio to be writing")
+
+            def fio_writes(n: int, what: str) -> None:
+                base = int(stat.read_text().split()[4])
+                guest.wait_for(lambda: int(stat.read_text().split()[4]) > base + n
+                               or fio.poll() is not None, timeout=180, what=what)
+                assert fio.poll() is None, f"fio ended early: {out.read_text()[-3000:]}"
+
+            fio_writes(300, "fio to be writing")
             lun.leg.delay(200)
-            trim = guest.run(["fstrim", "-v", str(mnt)], timeout=600)
-            _note(f"fstrim on the 200 ms leg: {trim.stdout.strip()}")
-            base = int(stat.read_text().split()[4])
-            guest.wait_for(lambda: int(stat.read_text().split()[4]) > base + 50,
-                           timeout=120, what="fio to write through the 200 ms leg")
+            trim = subprocess.Popen(["fstrim", "-v", str(mnt)], stdout=subprocess.PIPE,
+                                    text=True)      # discards of the free space, under fio
+            fio_writes(50, "fio to write through the 200 ms leg")
+            trimmed, _ = trim.communicate(timeout=600)
+            assert trim.returncode == 0, trimmed
+            _note(f"fstrim on the 200 ms leg, under fio: {trimmed.strip()}")
             lun.leg.delay(0)
         finally:
             rc = fio.wait(timeout=900)
