@@ -79,6 +79,7 @@ class ServedDevice:
     """Per-command counters for the metrics endpoint (mirrors only)."""
     lane: _Lane | None = None
     """The express lane's counters (volume 1 of a mirror, when the lane is built)."""
+    commands: MirrorCommands | None = None
     reason_code: str | None = None
     """The error code of ``reason`` (``config``, ``store``, ...): what kind of refusal."""
 
@@ -87,6 +88,8 @@ class ServedDevice:
         self.runner.stop()
         self.runner.join()
         self.uio.close()
+        if self.commands is not None:
+            self.commands.close()
         if self.mirror is not None and self.volume == 1:
             self.mirror.close()
         if self.snapshot is not None:
@@ -181,6 +184,14 @@ class MirrorCommands:
 
         self.lane = _Lane(self.stats) if express.available() and volume == 1 else None
         """The express lane of this device (None: not built, disabled, or not volume 1)."""
+        if volume != 1:
+            # The lane bypasses admission; a second LUN's commands must never wait behind it.
+            mirror.lane.attach_other()
+
+    def close(self) -> None:
+        """The device stops being served (after its ring loop has stopped)."""
+        if self._volume != 1:
+            self._mirror.lane.detach_other()
 
     def commit(self) -> None:
         """Once per ring batch, before it runs: one sync for the bits admission marked."""
@@ -520,6 +531,8 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     except (TargetMirrorError, OSError) as exc:
         reason = str(exc)
         reason_code = exc.code if isinstance(exc, TargetMirrorError) else "os"
+        if commands is not None:
+            commands.close()
         commands = None
         log.error("cannot serve %s: %s; answering NOT READY until it is fixed", info.dev_name,
                   reason, extra={"device": info.dev_name})
@@ -560,7 +573,8 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
         log.info("serving %s: read-only snapshot of %s (%s)", info.dev_name, snapshot.mirror,
                  snapshot.image.path, extra={"device": info.dev_name})
     return ServedDevice(info, uio, runner, mirror, reason, snapshot, volume, stats,
-                        commands.lane if commands is not None else None, reason_code)
+                        commands.lane if commands is not None else None, commands,
+                        reason_code)
 
 
 def not_ready_admit(identity: Callable[[], DeviceIdentity],

@@ -154,6 +154,9 @@ class LaneGate:
         self.stop_fd = -1
         """An eventfd, made at the first lease (most mirrors in tests never lend)."""
         self._closed = False
+        self.others = 0
+        """Other volumes (one-way cut-over LUNs) attached: while any is, the lane is never
+        lent, so their admission never waits behind a lane run stalled in a leg's syscall."""
 
     def lease(self, volume: int) -> LaneLease | None:
         """A lease if the mirror is quiet enough for the lane right now, else None.  Never
@@ -162,7 +165,7 @@ class LaneGate:
         if volume != 1 or not m.mu.acquire(blocking=False):
             return None
         try:
-            if self.active is not None or self.blockers or self._closed:
+            if self.active is not None or self.blockers or self._closed or self.others:
                 return None
             plan = m.quiet_plan_locked()
             if plan is None:
@@ -187,6 +190,17 @@ class LaneGate:
             m.flight.finished_regions(touched)
             self.active = None
             m.cv.notify_all()
+
+    def attach_other(self) -> None:
+        """A second volume now reaches this mirror: no lease from here on; a run already
+        active is asked to stop (never waited for: this is called off the ring threads)."""
+        with self._m.mu:
+            self.others += 1
+            self.revoke_locked()
+
+    def detach_other(self) -> None:
+        with self._m.mu:
+            self.others = max(0, self.others - 1)
 
     def revoke_locked(self) -> None:
         """With the admission lock held: ask an active lane to stop (no waiting)."""

@@ -23,8 +23,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from targetmirror.errors import MirrorError
-from targetmirror.mirror.policy import Event
+from targetmirror.errors import MirrorError, StoreError
+from targetmirror.mirror.policy import LEG_A, Event
 from targetmirror.mirror.state import MirrorState, SplitRecord, State
 
 if TYPE_CHECKING:
@@ -111,7 +111,12 @@ def _finish_interrupted_drain(m: Mirror, st: MirrorState) -> None:
             new.split.a_status = "one-way"
         m.records.transition(Event.INTERRUPTED_DRAIN_ONE_WAY, one_way)
         return
-    m.legs.a.flush()
+    try:
+        m.legs.a.flush()
+    except StoreError as exc:
+        # A cannot be made durable: the split copy is lost, but B (the live copy) must still
+        # be served.  The failure is recorded like any other leg failure (A failed, lost).
+        m.legs.fail(LEG_A, exc)
 
     def crash_consistent(new: MirrorState) -> None:
         split = new.split or SplitRecord(st.epoch, time.time())
