@@ -65,6 +65,18 @@ def render() -> str:
             "(symlinks and ..) and must land inside one of image_dirs. Target and initiator "
             "names are iSCSI names (iqn., eui., naa.) in lower case. apply never removes or "
             "changes what it did not create, and never deletes an image."),
+        ".SS Deadlines",
+        esc("A slow leg is reported, never failed: a leg is failed when a call on it errors, "
+            "or when a data read or write, or a flush, stays unanswered past its deadline "
+            "(deadlines.read, .write plus .per_mib per MiB beyond the first, .flush). Discards "
+            "and zeroing go to a leg in pieces of deadlines.piece; a piece slower than "
+            "deadlines.discard is only logged and counted, and a piece that fails is written "
+            "as zeros instead. A value of never turns a failure deadline off. Key by key, a "
+            "mirror's own mirrors[].deadlines win over targetmirrord's --leg-timeout, "
+            "--flush-timeout, --discard-timeout and --discard-piece, which win over the "
+            "file's deadlines, which win over the defaults. Keep read and write below LIO's "
+            "cmd_time_out (30 s) and the initiator's SCSI timeout, so the other leg answers "
+            "before they give up."),
         ".SH KEYS",
         esc("[] marks the items of a list; a key without a default is required."),
     ]

@@ -190,15 +190,17 @@ class CephCluster:
         body = f"rbd/{self.pool}/{namespace + '/' if namespace else ''}{image}"
         return body
 
-    def create_image(self, name: str, size: int) -> None:
-        """Create an RBD image of ``size`` bytes in pool ``rbd``."""
+    def create_image(self, name: str, size: int, *, features: int | None = None) -> None:
+        """Create an RBD image of ``size`` bytes in pool ``rbd`` (``features``: librbd's
+        feature bits, e.g. 1 for layering only, without exclusive-lock; default: the
+        cluster's default set)."""
         import rados
         import rbd
 
         with rados.Rados(conffile=str(self.conf)) as cluster:
             cluster.conf_set("client_mount_timeout", "60")
             with cluster.open_ioctx(self.pool) as ioctx:
-                rbd.RBD().create(ioctx, name, size, old_format=False)
+                rbd.RBD().create(ioctx, name, size, old_format=False, features=features)
 
     # -- tear-down -----------------------------------------------------------------------------
     def stop(self) -> None:

@@ -40,7 +40,9 @@ from typing import Any
 
 import yaml
 
+from targetmirror.config import deadlines as dl
 from targetmirror.config.cfgstring import MirrorSpec, parse
+from targetmirror.config.deadlines import DEFAULTS as DEADLINES
 from targetmirror.errors import ConfigError, ConfigFileError
 from targetmirror.mirror.bitmap import DEFAULT_REGION
 from targetmirror.names import IQN_EXPECTED, NAME_EXPECTED, valid_iscsi_name, valid_name
@@ -65,6 +67,10 @@ DEFAULTS: tuple[tuple[str, Any, str], ...] = (
     ("daemon.write_intent_extent", "4M",
      "while mirrored, a write marks this much around it in the bitmap: one bitmap sync per "
      "extent, and a crash or failed leg copies the hot extents whole (a power of two, 4K-1G)"),
+    ("deadlines", {}, "how long a leg may take before it is failed, for every mirror "
+     "(docs/operations.md, 'Slow legs and deadlines'); targetmirrord's --leg-timeout, "
+     "--flush-timeout, --discard-timeout and --discard-piece replace these"),
+    *((f"deadlines.{k}", default, meaning) for k, (default, meaning) in DEADLINES.items()),
     ("image_dirs", ["/var/lib/targetmirror/images"],
      "directories images must resolve into (after symlinks and ..)"),
     ("mirrors", [], "the mirrored LUNs"),
@@ -92,6 +98,9 @@ DEFAULTS: tuple[tuple[str, Any, str], ...] = (
     ("mirrors[].region_size", human_size(DEFAULT_REGION),
      "change-bitmap region: a power of two of at least 4K; fixed once the mirror exists"),
     ("mirrors[].direct", False, "open the images with O_DIRECT"),
+    ("mirrors[].deadlines", {},
+     "this mirror's own deadlines: any keys of deadlines, each overriding the daemon-wide "
+     "value (and the daemon's flags) for this mirror"),
     ("mirrors[].create_images", False,
      "create missing image files (sparse, of size); existing ones are never touched"),
     ("groups", [], "consistency groups: mirrors split at one instant"),
@@ -145,6 +154,8 @@ class MirrorConfig:
     """How an RBD image_a reaches its cluster (None: a path)."""
     ceph_b: CephAccess | None = None
     rbd_snapshots_keep: int = 0
+    deadlines: tuple[tuple[str, float | int | None], ...] = ()
+    """This mirror's own deadlines (the keys it sets; see config/deadlines.py)."""
 
     def spec(self) -> MirrorSpec:
         """The cfgstring content the ``user:mirror`` backstore carries."""
@@ -195,12 +206,26 @@ class Config:
     mirrors: tuple[MirrorConfig, ...] = ()
     groups: tuple[GroupConfig, ...] = ()
     exports: tuple[ExportConfig, ...] = ()
+    deadlines: tuple[tuple[str, float | int | None], ...] = ()
+    """The daemon-wide deadlines the file sets (the keys it gives)."""
 
     def mirror(self, name: str) -> MirrorConfig:
         for m in self.mirrors:
             if m.name == name:
                 return m
         raise KeyError(name)
+
+    def deadlines_of(self, name: str,
+                     daemon: dict[str, float | int | None] | None = None
+                     ) -> dict[str, float | int | None]:
+        """The deadlines mirror ``name`` gets: the file's daemon-wide ones (``daemon`` in
+        their place when targetmirrord's flags gave some: they are laid over them), then
+        the mirror's own entry, key by key."""
+        own: tuple[tuple[str, float | int | None], ...] = ()
+        for m in self.mirrors:
+            if m.name == name:
+                own = m.deadlines
+        return dl.merged(dict(self.deadlines), daemon or {}, dict(own))
 
 
 def default_path() -> str:
@@ -266,6 +291,10 @@ class _Checker:
             self.error(key, expected, value)
             return None
         return value
+
+    def report(self, key: str, expected: str, got: object, show: bool) -> None:
+        """:meth:`error` in the shape config/deadlines.py reports through."""
+        self.error(key, expected, got, show=show)
 
     def boolean(self, value: object, key: str) -> bool:
         if not isinstance(value, bool):
@@ -434,9 +463,10 @@ def validate(data: object, path: str) -> Config:
 def check(data: object, path: str) -> Checked:
     """Check a parsed document completely; never raises for what the document holds."""
     c = _Checker(path)
-    top = c.mapping(data, "", ("daemon", "image_dirs", "ceph", "mirrors", "groups",
-                               "exports")) or {}
+    top = c.mapping(data, "", ("daemon", "deadlines", "image_dirs", "ceph", "mirrors",
+                               "groups", "exports")) or {}
     daemon = _daemon(c, top.get("daemon", {}))
+    deadlines = dl.check_mapping(top.get("deadlines"), "deadlines", c.report) or {}
     dirs = _image_dirs(c, top.get("image_dirs", default("image_dirs")))
     clusters = _clusters(c, c.seq(top.get("ceph"), "ceph", "Ceph clusters"))
     raw_mirrors = c.seq(top.get("mirrors"), "mirrors", "mirrors")
@@ -454,7 +484,8 @@ def check(data: object, path: str) -> Checked:
         luns = tuple((n, m) for n, m in e.luns if m in valid)
         if luns:
             kept.append(ExportConfig(e.target, e.portals, luns, e.acls))
-    config = Config(path, daemon, tuple(dirs), tuple(mirrors), tuple(groups), tuple(kept))
+    config = Config(path, daemon, tuple(dirs), tuple(mirrors), tuple(groups), tuple(kept),
+                    tuple(deadlines.items()))
     return Checked(config, tuple(c.problems),
                    {n: tuple(p) for n, p in c.by_mirror.items() if n not in valid})
 
@@ -597,7 +628,7 @@ def _rbd_image(c: _Checker, raw: str, key: str, access: CephAccess | None,
 def _mirrors(c: _Checker, raw: list[Any], dirs: list[str],
              clusters: dict[str, CephAccess | None]) -> list[MirrorConfig]:
     keys = ("name", "size", "image_a", "image_b", "region_size", "direct", "create_images",
-            "cluster_a", "cluster_b", "rbd_snapshots_keep")
+            "cluster_a", "cluster_b", "rbd_snapshots_keep", "deadlines")
     out: list[MirrorConfig] = []
     seen_names: dict[str, str] = {}
     seen_images: dict[object, str] = {}
@@ -647,6 +678,7 @@ def _mirror(c: _Checker, item: object, key: str, keys: tuple[str, ...], dirs: li
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
         c.error(f"{key}.rbd_snapshots_keep", "a count of 0 or more (0 keeps all)", keep)
         keep = None
+    own = dl.check_mapping(m.get("deadlines"), f"{key}.deadlines", c.report)
     images: list[str | None] = []
     access: list[CephAccess | None] = []
     for leg in ("image_a", "image_b"):
@@ -660,9 +692,10 @@ def _mirror(c: _Checker, item: object, key: str, keys: tuple[str, ...], dirs: li
             images.append(_image(c, m[leg], f"{key}.{leg}", dirs, create, size, seen_images))
     a, b = images
     if name is None or size is None or region is None or keep is None or a is None \
-            or b is None:
+            or b is None or own is None:
         return None
-    mc = MirrorConfig(name, size, a, b, region, direct, create, access[0], access[1], keep)
+    mc = MirrorConfig(name, size, a, b, region, direct, create, access[0], access[1], keep,
+                      tuple(own.items()))
     try:
         parse(mc.cfgstring())
     except ConfigError as exc:

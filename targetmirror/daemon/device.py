@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import Protocol
 
 from targetmirror import __version__, express
+from targetmirror.config import deadlines as dl
 from targetmirror.config.cfgstring import (
     MirrorSpec,
     SnapshotSpec,
@@ -121,9 +122,13 @@ def build_snapshot(info: UioInfo, cfs: ConfigfsDevice, spec: SnapshotSpec,
 
 
 def build_mirror(info: UioInfo, cfs: ConfigfsDevice, store: StateStore | None,
-                 wi_extent: int = WI_EXTENT) -> Mirror:
-    """Open the images named by the cfgstring and shape the mirror like the kernel's device."""
+                 wi_extent: int = WI_EXTENT,
+                 deadlines: Mapping[str, float | int | None] | None = None) -> Mirror:
+    """Open the images named by the cfgstring and shape the mirror like the kernel's device.
+    ``deadlines``: the keys of :class:`~targetmirror.mirror.legs.Deadlines` the admin set
+    (targetmirror/config/deadlines.py); the others keep the mirror's defaults."""
     spec = parse(info.cfgstring)
+    limits = dl.build(deadlines or {})  # before any image is opened: a bad value opens none
     size = cfs.size()
     block_size = cfs.hw_block_size()
     a = open_image(spec.image_a, spec.access("a"), direct=spec.direct)
@@ -136,7 +141,7 @@ def build_mirror(info: UioInfo, cfs: ConfigfsDevice, store: StateStore | None,
         mirror = Mirror(info.dev_name, a, b, size=size, block_size=block_size,
                         write_cache=True, store=store, wi_extent=wi_extent,
                         region_size=(DEFAULT_REGION if spec.region_size is None
-                                     else spec.region_size))
+                                     else spec.region_size), deadlines=limits)
     except BaseException:
         a.close()
         b.close()
@@ -472,7 +477,8 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
           mirrors: Callable[[str], Mirror | None] = lambda name: None,
           wi_extent: int = WI_EXTENT,
           guard: Callable[[MirrorSpec | SnapshotSpec], None] | None = None,
-          refused: str | None = None) -> ServedDevice:
+          refused: str | None = None,
+          deadlines: Mapping[str, float | int | None] | None = None) -> ServedDevice:
     """Open the UIO device, build its mirror and start its ring loop.
 
     ``mirrors`` finds an already served mirror by name, for a volume-2 device (whose caller
@@ -481,7 +487,8 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
     confinement and "one image, one mirror" rule): the device is then answered NOT READY and
     nothing is opened, created or written.  ``refused`` (why the configuration file refuses
     this backstore) does the same before even the cfgstring is looked at: reason code
-    ``config``.
+    ``config``.  ``deadlines``: the mirror's leg deadlines as the admin set them
+    (:func:`build_mirror`).
     """
     cfs = ConfigfsDevice.for_device(info, configfs_root)
     mirror: Mirror | None = None
@@ -516,7 +523,7 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
             snapshot = build_snapshot(info, cfs, spec, store)
             admit = snapshot_admit(snapshot, lambda: read_identity(info, cfs))
         else:
-            mirror = build_mirror(info, cfs, store, wi_extent)
+            mirror = build_mirror(info, cfs, store, wi_extent, deadlines)
             commands = MirrorCommands(mirror, lambda: read_identity(info, cfs))
             admit = commands.admit
             stats = commands.stats

@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from targetmirror import __version__, express
+from targetmirror.config import deadlines as dl
 from targetmirror.config.loader import Config
 from targetmirror.daemon import logs, restore, sdnotify
 from targetmirror.daemon.control import ControlServer, Handler
@@ -66,8 +67,12 @@ class Daemon:
                  control_uids: tuple[int, ...] = (),
                  wi_extent: int = WI_EXTENT, config_path: str | None = None,
                  state_dir_override: str | None = None,
-                 image_dirs_fixed: bool = False) -> None:
+                 image_dirs_fixed: bool = False,
+                 deadlines: dict[str, float | int | None] | None = None) -> None:
         self.config_path = config_path
+        self.flag_deadlines = dict(deadlines or {})
+        """Leg deadlines targetmirrord's flags set: they replace the file's daemon-wide
+        ``deadlines`` (a mirror's own entry in the file still wins for it)."""
         """The YAML file read at start and on SIGHUP (None: none)."""
         self.loaded: Loaded | None = None
         """The configuration in force (its valid part is what was applied)."""
@@ -85,7 +90,7 @@ class Daemon:
         self.registry = DeviceRegistry(
             StateStore(os.path.join(state_dir, "mirrors")), workers=workers,
             image_dirs=image_dirs, sysfs_root=sysfs_root, dev_root=dev_root,
-            configfs_root=configfs_root, wi_extent=wi_extent)
+            configfs_root=configfs_root, wi_extent=wi_extent, deadlines=self.deadlines_for)
         self.groups = GroupStore(os.path.join(state_dir, "groups.json"))
         # always running: it also sends systemd's WATCHDOG=1 (--stuck-after 0 only turns the
         # stuck-command reports off)
@@ -126,6 +131,15 @@ class Daemon:
         return self.ops.handlers()
 
     # -- the configuration file --------------------------------------------------------------
+    def deadlines_for(self, name: str) -> dict[str, float | int | None]:
+        """The leg deadlines mirror ``name`` is opened with: the file's daemon-wide ones, the
+        flags' over them, the mirror's own entry over both (only the keys someone set; the
+        mirror's defaults fill in the rest)."""
+        config = self.loaded.config if self.loaded is not None else None
+        if config is None:
+            return dict(self.flag_deadlines)
+        return config.deadlines_of(name, self.flag_deadlines)
+
     def start_with(self, loaded: Loaded) -> None:
         """Take the file read at start: refuse its invalid mirrors, apply its valid part
         (in full when the file is valid; only what is new when it has problems)."""
@@ -157,8 +171,16 @@ class Daemon:
                 return False
             config = loaded.config
             self._take_settings(config)
+            before = {d.info.dev_name: self.deadlines_for(d.info.dev_name)
+                      for d in self.registry.served() if d.mirror is not None}
             applied = restore.apply_config(config, self.groups, self._state_dir_override)
             self.loaded = loaded
+            for name, old in before.items():
+                if self.deadlines_for(name) != old:
+                    log.warning("%s: its deadlines changed in %s (now %s): they take effect "
+                                "when targetmirrord restarts", name, config.path,
+                                dl.describe(self.deadlines_for(name)),
+                                extra={"device": name})
             self.registry.refuse({})
             self.last_reload = {"wall": loaded.wall,
                                 "result": "applied" if applied else "not applied (see the log)",
@@ -369,6 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="while mirrored, a write marks this much around it in the bitmap "
                    "(a power of two, 4K-1G; default: the file's daemon.write_intent_extent, "
                    "else 4M)")
+    limits = p.add_argument_group(
+        "leg deadlines", "How long a leg may take before it is failed (docs/operations.md, "
+        "'Slow legs and deadlines'). They replace the file's daemon-wide deadlines; a "
+        "mirror's own deadlines in the file still win for that mirror. A slow leg is reported "
+        "(status, metrics), never failed: only one that stops answering is.")
+    limits.add_argument("--leg-timeout", default=None, metavar="SECONDS",
+                        help="a data read or write unanswered this long fails its leg, plus "
+                        "deadlines.per_mib per MiB beyond the first ('never': no deadline; "
+                        "default: the file's deadlines.read/write, else 20)")
+    limits.add_argument("--flush-timeout", default=None, metavar="SECONDS",
+                        help="the same for a flush (fdatasync) (default: the file's "
+                        "deadlines.flush, else 60)")
+    limits.add_argument("--discard-timeout", default=None, metavar="SECONDS",
+                        help="a discard or zeroing piece slower than this is logged and "
+                        "counted as slow; it never fails a leg (default: the file's "
+                        "deadlines.discard, else 30)")
+    limits.add_argument("--discard-piece", default=None, metavar="SIZE",
+                        help="discards and zeroing go to a leg in calls of at most SIZE, each "
+                        "with its own deadline (4K-1G, a multiple of 4K; default: the file's "
+                        "deadlines.piece, else 64M)")
     p.add_argument("--control-allow-uid", type=int, action="append", default=None,
                    metavar="UID", help="also accept control connections from this user id "
                    "(repeatable; default: root only; the socket stays mode 0600, so that user "
@@ -408,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be 0 or more")
     if args.stuck_after < 0:
         p.error("--stuck-after must be 0 or more")
+    try:
+        flag_deadlines = dl.from_flags(vars(args))
+        dl.build(dl.merged(dict(config.deadlines) if config is not None else {},
+                           flag_deadlines))
+    except TargetMirrorError as exc:
+        p.error(str(exc))
     if args.no_express:
         express.disable("--no-express")
     wi_extent = d.write_intent_extent if d else WI_EXTENT
@@ -427,12 +475,16 @@ def main(argv: list[str] | None = None) -> int:
                     image_dirs=(tuple(args.image_dir) if args.image_dir
                                 else config.image_dirs if config is not None else None),
                     config_path=path, state_dir_override=args.state_dir,
-                    image_dirs_fixed=bool(args.image_dir))
+                    image_dirs_fixed=bool(args.image_dir), deadlines=flag_deadlines)
     if daemon.image_dirs is None:
         log.warning("images are not confined: give --image-dir or a configuration file with "
                     "image_dirs (see docs/security.md)")
     if loaded is not None:
         daemon.start_with(loaded)
+    own = [m.name for m in config.mirrors if m.deadlines] if config is not None else []
+    log.info("leg deadlines: %s, the defaults for the rest%s",
+             dl.describe(daemon.deadlines_for("")),
+             f"; mirrors with their own: {', '.join(own)}" if own else "")
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing in-flight commands", signal.Signals(signum).name)

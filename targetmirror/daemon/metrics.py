@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import logging
+import math
 import socket
 import threading
 import time
@@ -40,6 +41,8 @@ from targetmirror.daemon.stats import READ as READ
 from targetmirror.daemon.stats import WRITE as WRITE
 from targetmirror.daemon.stats import CommandStats as CommandStats
 from targetmirror.errors import ConfigError
+from targetmirror.mirror.legs import LAT_BOUNDS
+from targetmirror.mirror.policy import LEG_A, LEG_B
 from targetmirror.netaddr import EXPECTED, parse_hostport
 from targetmirror.states import LEG_HEALTH as LEG_HEALTH
 from targetmirror.states import LEG_STATES as LEG_STATES
@@ -51,10 +54,12 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from targetmirror.daemon.ops import ControlOps
+    from targetmirror.mirror.mirror import Mirror
 
 log = logging.getLogger("targetmirror.metrics")
 
 MIRROR_HEALTH = ("ok", "degraded", "failed")
+LEG_BITS = {"a": LEG_A, "b": LEG_B}
 RESYNC_KINDS = ("sync", "rejoin", "repair", "recovery", "verify")
 """What copies or compares a mirror's legs: the initial sync, a rejoin after a split, a repair
 of a failed leg, the recovery after an unclean stop, and a verify (all in ``Mirror.resync``)."""
@@ -108,6 +113,24 @@ def copies(st: dict[str, Any]) -> list[Copy]:
     return [Copy(kind, bool(rs.get("running")), bool(rs.get("error")), done, total,
                  rs.get("regions_done"), rs.get("regions_total"), rs.get("eta_seconds"),
                  rs.get("started_wall"))]
+
+
+DEADLINE_KINDS = ("read", "write", "flush", "discard", "slow")
+"""The deadlines exported as ``targetmirror_deadline_seconds`` (seconds; per_mib and piece
+are not times of their own)."""
+
+
+def _leg_histogram(m: Mirror, leg: int) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative latency buckets and the sum (seconds) of one leg's calls, from the counts
+    the leg keeps itself (``legs.LegStats``: plain integers its calling threads add to)."""
+    st = m.legs.stats[leg]
+    counts = list(st.buckets)
+    out: list[tuple[str, float]] = []
+    acc = 0
+    for bound, n in zip((*LAT_BOUNDS, math.inf), counts, strict=True):
+        acc += n
+        out.append(("+Inf" if bound == math.inf else repr(float(bound)), float(acc)))
+    return out, float(st.seconds)
 
 
 def _oldest_age(runner: Any, now: float) -> float:
@@ -185,6 +208,28 @@ class MirrorCollector:
                                      labels=["mirror", "leg"])
         l_failed_at = gauge("leg_failed_timestamp_seconds", "when the leg failed",
                             ("mirror", "leg"))
+        l_slow = gauge("leg_slow", "1 while the leg has a call older than the mirror's slow "
+                       "deadline in flight (slow legs are reported, never failed)",
+                       ("mirror", "leg"))
+        l_inflight = gauge("leg_calls_in_flight", "calls (read, write, flush, discard) on "
+                           "the leg right now", ("mirror", "leg"))
+        l_oldest = gauge("leg_oldest_call_seconds", "age of the leg's oldest call in flight "
+                         "(0: none); the leg fails when it passes its deadline",
+                         ("mirror", "leg"))
+        l_latency = HistogramMetricFamily("targetmirror_leg_latency_seconds",
+                                          "time each call on the leg took (every kind)",
+                                          labels=["mirror", "leg"])
+        l_slow_calls = counter("leg_slow_calls", "calls that took longer than the slow "
+                               "deadline", ("mirror", "leg"))
+        l_fallbacks = counter("leg_discard_fallbacks", "discard or zeroing pieces that failed "
+                              "and were written as zeros instead", ("mirror", "leg"))
+        l_discards_slow = counter("leg_discards_slow", "discard or zeroing pieces slower than "
+                                  "the discard deadline (logged; never a failure)",
+                                  ("mirror", "leg"))
+        deadline = gauge("deadline_seconds", "the mirror's deadlines: read, write, flush (a "
+                         "call unanswered this long fails its leg), discard (slower pieces "
+                         "are counted), slow (a leg with an older call is slow); absent: never",
+                         ("mirror", "kind"))
         inflight = gauge("writes_in_flight", "writes admitted and not finished")
         pre = gauge("pre_split_in_flight", "pre-split writes still draining to A")
         dirty = gauge("bitmap_dirty_regions", "regions marked in the change bitmap (changed "
@@ -278,6 +323,20 @@ class MirrorCollector:
                         "reason": str(f.get("reason"))[:200]})
                     if f.get("wall") is not None:
                         l_failed_at.add_metric([name, leg], f["wall"])
+            for leg, bit in LEG_BITS.items():
+                calls: dict[str, Any] = (st.get("legs") or {}).get(leg) or {}
+                lab = [name, leg]
+                l_slow.add_metric(lab, 1.0 if calls.get("slow") else 0.0)
+                l_inflight.add_metric(lab, float(calls.get("inflight", 0)))
+                l_oldest.add_metric(lab, float(calls.get("oldest_call_seconds", 0.0)))
+                l_slow_calls.add_metric(lab, float(calls.get("slow_calls", 0)))
+                l_fallbacks.add_metric(lab, float(calls.get("discard_fallbacks", 0)))
+                l_discards_slow.add_metric(lab, float(calls.get("discards_slow", 0)))
+                buckets, total = _leg_histogram(m, bit)
+                l_latency.add_metric(lab, buckets, total)
+            for kind, limit in (st.get("deadlines") or {}).items():
+                if kind in DEADLINE_KINDS and limit is not None:
+                    deadline.add_metric([name, kind], float(limit))
             inflight.add_metric([name], st["writes_in_flight"])
             pre.add_metric([name], st["pre_split_in_flight"])
             bm = st.get("bitmap")
@@ -316,7 +375,9 @@ class MirrorCollector:
 
         yield from (ready, ring_cmds, ring_batches, stuck, oldest, lane_cmds, lane_runs,
                     m_state, m_health, m_info, epoch, size, l_state, l_health, l_failure,
-                    l_failed_at, inflight, pre, dirty, regions, region_size, split_epoch,
+                    l_failed_at, l_slow, l_inflight, l_oldest, l_latency, l_slow_calls,
+                    l_fallbacks, l_discards_slow, deadline, inflight, pre, dirty, regions,
+                    region_size, split_epoch,
                     split_instant, split_drain, split_info, r_active, r_failed, r_bytes,
                     r_total, r_ratio, r_regions_done, r_regions_total, r_eta, r_started,
                     v_mismatch, v_last, commands, nbytes, latency)

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Callable, Mapping
 
 from targetmirror.config.cfgstring import (
     MirrorSpec,
@@ -38,8 +39,13 @@ class DeviceRegistry:
                  image_dirs: tuple[str, ...] | None = None,
                  sysfs_root: str = "/sys", dev_root: str = "/dev",
                  configfs_root: str = "/sys/kernel/config",
-                 wi_extent: int = WI_EXTENT) -> None:
+                 wi_extent: int = WI_EXTENT,
+                 deadlines: Callable[[str], Mapping[str, float | int | None]] | None = None
+                 ) -> None:
         self.store = store
+        self.deadlines = deadlines or (lambda name: {})
+        """Backstore name -> the leg deadlines its mirror is opened with (the keys the admin
+        set: the configuration file's and targetmirrord's flags, config/deadlines.py)."""
         self.workers = workers
         self.wi_extent = wi_extent
         self.image_dirs = image_dirs
@@ -165,7 +171,8 @@ class DeviceRegistry:
                 dev = serve(info, workers=self.workers, store=self.store,
                             configfs_root=self.configfs_root, mirrors=self.served_mirror,
                             guard=self.check_images, wi_extent=self.wi_extent,
-                            refused=self.refused.get(info.dev_name))
+                            refused=self.refused.get(info.dev_name),
+                            deadlines=self.deadlines(info.dev_name))
                 self.devices[info.name] = dev
                 if dev.mirror is not None and dev.volume == 1:
                     dev.mirror.a_readers = functools.partial(self.a_readers, dev.mirror.name)

@@ -20,6 +20,18 @@ later as a second guard.  The mirror then fails the leg (degraded mode) and the 
 librbd's write-back cache is switched off: a write is acknowledged only once the OSDs have it,
 and a cache would hide a dead cluster until the next flush.
 
+**Fencing.**  librados cancels a timed-out operation on the client side only: a write whose
+message already left can still be applied by an OSD later.  A leg that is failed (by an error
+or by the mirror's deadline) and then repaired must not receive such a late write after the
+repair copied its region, or A would silently differ from B there.  So the handle a repair
+opens (:meth:`RbdImage.reopen`) first *fences* the old one: the old client's address is
+blocklisted in the cluster (``osd blocklist add``, what ceph-iscsi and rbd-mirror do when they
+take an image over; ``mon 'profile rbd'`` allows it) and the new client waits for the OSD map
+that says so, before it opens the image.  Every operation of the new client then carries that
+map's epoch, so no OSD applies one before it knows the blocklist -- and from then on the OSDs
+refuse everything the old client sends, however late it arrives.  The blocklist entry expires
+after :data:`FENCE_SECONDS`; the old client is closed by then.
+
 Mapping of the SCSI operations: FUA and SYNCHRONIZE CACHE -> ``aio_flush``; UNMAP ->
 ``aio_discard``; WRITE SAME with UNMAP / zeroing -> ``aio_write_zeroes`` (the image reads back
 zeros afterwards, as LBPRZ promises).
@@ -30,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import errno as errno_mod
 import functools
+import logging
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -48,7 +61,11 @@ DEFAULT_CONF = "/etc/ceph/ceph.conf"
 DEFAULT_CLIENT = "admin"
 DEFAULT_TIMEOUT = 10
 """Seconds; below the mirror's leg timeout (20 s) and LIO's command timeout (30 s)."""
+FENCE_SECONDS = 24 * 3600
+"""How long a fenced client stays blocklisted (an operation of it still in flight after a day
+is not a concern; the entries do not pile up for ever)."""
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,96}")
+log = logging.getLogger("targetmirror.store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +168,10 @@ class RbdImage(Image):
     """One RBD image (or a snapshot of it, read-only) opened through librbd."""
 
     def __init__(self, name: str, access: CephAccess | None = None, *,
-                 readonly: bool = False, direct: bool = False) -> None:
+                 readonly: bool = False, direct: bool = False,
+                 fence: str | None = None) -> None:
+        """``fence``: the address of an earlier client of this image to blocklist before the
+        image is opened (see the module docstring; :meth:`reopen` passes it)."""
         import rados
         import rbd
 
@@ -162,7 +182,16 @@ class RbdImage(Image):
         self.direct = False
         self.is_block_device = False
         self.fd = -1
+        self.fenced: str | None = None
+        """The address of the client this handle fenced when it was opened (None: none)."""
         self._cluster = _connect(self.access, self.path)
+        try:
+            if fence:
+                self._fence(fence)
+                self.fenced = fence
+        except BaseException:
+            self._cluster.shutdown()
+            raise
         try:
             self._ioctx = self._cluster.open_ioctx(self.rbd_name.pool)
             if self.rbd_name.namespace:
@@ -189,6 +218,40 @@ class RbdImage(Image):
         O_DIRECT: ``direct`` is ignored."""
         del direct
         return cls(name, access, readonly=readonly)
+
+    def reopen(self, path: str | None = None) -> Image:
+        """A new handle on ``path`` (default: this image) for a repair: this handle's client
+        is fenced first when the new handle writes the same image (see the module
+        docstring), so nothing it still has in flight can land after the repair's copy.
+        Raises :class:`StoreError` (and opens nothing) if the fence cannot be put up."""
+        target = path or self.path
+        if self.readonly or not is_rbd(target) or str(parse_name(target)) != self.path:
+            return open_image(target, self.access, readonly=self.readonly)
+        return RbdImage(target, self.access, readonly=False, fence=self.client_address())
+
+    def client_address(self) -> str:
+        """This handle's client address in its cluster (what a fence blocklists)."""
+        return str(self._cluster.get_addrs())
+
+    def _fence(self, addr: str) -> None:
+        """Blocklist client ``addr`` and wait until this client has the OSD map that says
+        so: from then on every operation this client sends carries that epoch, and no OSD
+        applies anything of ``addr`` after it knows it."""
+        import rados
+
+        try:
+            self._cluster.blocklist_add(addr, FENCE_SECONDS)
+            self._cluster.wait_for_latest_osdmap()
+        except rados.Error as exc:
+            raise StoreError(
+                f"cannot fence the earlier client {addr} of {self.path} before reopening it "
+                f"({exc}); a write it still has in flight could land after the repair: "
+                f"check the cluster, and that client.{self.access.client} may blocklist "
+                "(mon 'profile rbd')",
+                kind="open", path=self.path,
+                errno=getattr(exc, "errno", None) or errno_mod.EIO) from exc
+        log.warning("%s: fenced the earlier client %s (blocklisted for %d s) before "
+                    "reopening the image", self.path, addr, FENCE_SECONDS)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _wait(self, w: _Waiter, kind: str, what: str) -> None:

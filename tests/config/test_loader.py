@@ -408,7 +408,7 @@ def test_check_keeps_the_valid_part_and_names_the_refused_mirrors(tmp_path: Path
     assert checked.refused["m2"] == (
         "f.yaml: mirrors[1].sise: expected no such key (did you mean size? It is required; "
         "known keys here: name, size, image_a, image_b, region_size, direct, create_images, "
-        "cluster_a, cluster_b, rbd_snapshots_keep)",)
+        "cluster_a, cluster_b, rbd_snapshots_keep, deadlines)",)
     # a bad daemon setting falls back to its default in the valid part
     doc["daemon"]["log_level"] = "loud"
     assert loader.check(doc, "f.yaml").config.daemon.log_level == "info"

@@ -4,6 +4,7 @@ runner + SCSI + mirror stack (kernel double), parsed with prometheus_client's ow
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -187,3 +188,55 @@ def test_port_in_use_is_a_clear_error(rig):
     _dev, daemon, server = rig
     with pytest.raises(ConfigError, match="cannot listen"):
         MetricsServer(daemon.ops, f"127.0.0.1:{server.address[1]}")
+
+
+def test_a_slow_leg_is_scraped(rig):
+    """A write held inside leg A: A is slow (an old call in flight) and B is not; once it
+    returns, the slow call is counted and its time is in A's latency histogram (issue 19)."""
+    dev, _daemon, server = rig
+    mirror = dev.served.mirror
+    _write(dev, 0, 1)                                   # one quick call on each leg
+    entered, release = dev.a.gate(8 * BS)
+    payload = block(1, 9, 0, 8)
+    q = dev.uio.submit("write", write10(8, 1), 8, 1, payload)
+    try:
+        assert entered.wait(10), "the write never reached leg A"
+        deadline = time.monotonic() + 20
+        while not mirror.status()["legs"]["a"]["slow"]:   # a call older than deadlines.slow
+            assert time.monotonic() < deadline, mirror.status()["legs"]["a"]
+            time.sleep(0.05)
+        s = scrape(server)
+    finally:
+        release.set()
+    assert dev.uio.wait_reaped([q.cmd_id])
+    assert dev.uio.reaped[q.cmd_id][1].status == 0
+    limit = mirror.deadlines.slow
+    assert val(s, "targetmirror_leg_slow", mirror="m0", leg="a") == 1
+    assert val(s, "targetmirror_leg_slow", mirror="m0", leg="b") == 0
+    assert val(s, "targetmirror_leg_calls_in_flight", mirror="m0", leg="a") == 1
+    assert val(s, "targetmirror_leg_calls_in_flight", mirror="m0", leg="b") == 0
+    assert val(s, "targetmirror_leg_oldest_call_seconds", mirror="m0", leg="a") > limit
+    assert val(s, "targetmirror_leg_slow_calls_total", mirror="m0", leg="a") == 0
+    for kind, want in (("read", 20.0), ("write", 20.0), ("flush", 60.0), ("discard", 30.0),
+                       ("slow", limit)):
+        assert val(s, "targetmirror_deadline_seconds", mirror="m0", kind=kind) == want
+
+    after = scrape(server)
+    assert val(after, "targetmirror_leg_slow", mirror="m0", leg="a") == 0
+    assert val(after, "targetmirror_leg_calls_in_flight", mirror="m0", leg="a") == 0
+    assert val(after, "targetmirror_leg_slow_calls_total", mirror="m0", leg="a") == 1
+    assert val(after, "targetmirror_leg_slow_calls_total", mirror="m0", leg="b") == 0
+    for leg in "ab":
+        assert val(after, "targetmirror_leg_discard_fallbacks_total", mirror="m0", leg=leg) == 0
+        assert val(after, "targetmirror_leg_discards_slow_total", mirror="m0", leg=leg) == 0
+    calls = {leg: mirror.status()["legs"][leg]["latency"]["calls"] for leg in "ab"}
+    assert calls["a"] >= 2
+    for leg in "ab":
+        count = val(after, "targetmirror_leg_latency_seconds_count", mirror="m0", leg=leg)
+        assert count == calls[leg]
+        assert val(after, "targetmirror_leg_latency_seconds_bucket", mirror="m0", leg=leg,
+                   le="+Inf") == count
+    assert val(after, "targetmirror_leg_latency_seconds_sum", mirror="m0", leg="a") > limit
+    # the held call is in a bucket above the slow deadline, the quick ones below it
+    assert val(after, "targetmirror_leg_latency_seconds_bucket", mirror="m0", leg="a",
+               le="1.0") == calls["a"] - 1

@@ -248,3 +248,45 @@ def test_mirror_a_on_rbd_b_file_split_rejoin_verify(ceph_cluster, rbd_image, tmp
     finally:
         probe.close()
         m.close()
+
+
+def _blocklist(cluster: cephcluster.CephCluster) -> str:
+    return cluster.ceph("osd", "blocklist", "ls", timeout=60)
+
+
+def test_reopen_fences_the_old_client(ceph_cluster, rbd_image):
+    """A repair's handle blocklists the old handle's client before it opens the image: the
+    old client can write nothing more (an OSD refuses it however late its messages come),
+    the new one reads and writes."""
+    spec = rbd_image(4 * MiB)
+    old = RbdImage(spec, access(ceph_cluster, timeout=5))
+    new = None
+    try:
+        old.writev(0, [memoryview(b"o" * BS)])
+        addr = old.client_address()
+        assert addr not in _blocklist(ceph_cluster)
+        new = old.reopen()
+        assert isinstance(new, RbdImage) and new.fenced == addr
+        assert addr in _blocklist(ceph_cluster)
+        box = _bounded(lambda: old.writev(BS, [memoryview(b"x" * BS)]), 60)
+        err = box.get("error")
+        assert isinstance(err, StoreError), box
+        assert err.errno == errno.ESHUTDOWN, err   # EBLOCKLISTED, at once
+        new.writev(BS, [memoryview(b"n" * BS)])
+        assert read(new, 0, 2 * BS) == b"o" * BS + b"n" * BS
+        # a read-only handle (a snapshot LUN's) and another image are not fenced
+        other = old.reopen(rbd_image(MiB))
+        try:
+            assert isinstance(other, RbdImage) and other.fenced is None
+        finally:
+            other.close()
+    finally:
+        _bounded(old.close)
+        if new is not None:
+            new.close()
+
+
+def test_a_fence_that_cannot_be_put_up_opens_nothing(ceph_cluster, rbd_image):
+    spec = rbd_image(MiB)
+    with pytest.raises(StoreError, match="cannot fence the earlier client not-an-address"):
+        RbdImage(spec, access(ceph_cluster), fence="not-an-address")
