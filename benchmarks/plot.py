@@ -11,9 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-ORDER = ("fileio", "tcmu-runner", "targetmirror", "targetmirror-python")
-COLOURS = {"fileio": "#888888", "tcmu-runner": "#4477aa", "targetmirror": "#cc6677",
-           "targetmirror-python": "#ddaa33"}
+ORDER = ("fileio", "tcmu-runner", "plain", "targetmirror", "targetmirror-python")
+COLOURS = {"fileio": "#888888", "tcmu-runner": "#4477aa", "plain": "#66aa55",
+           "targetmirror": "#cc6677", "targetmirror-python": "#ddaa33"}
 
 
 def main() -> None:
