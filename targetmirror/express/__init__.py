@@ -36,8 +36,13 @@ from collections.abc import Callable
 from typing import Any
 
 drain: Callable[..., tuple[int, int, int, int, int]] | None
+loop: Callable[..., tuple[int, int, int, int, int, int, int]] | None = None
+uring: Callable[[], object] | None = None
+HAVE_URING = False
+"""True if the lane was built with liburing (batched submission, both legs in parallel)."""
 WHY_NOT: str | None = None
 STOP_HEAD = STOP_ENTRY = STOP_GATE = STOP_IO = STOP_FULL = STOP_CORRUPT = -1
+STOP_IDLE = STOP_REVOKED = STOP_WAKE = STOP_DEVICE = -1
 
 if os.environ.get("TARGETMIRROR_EXPRESS", "1") == "0":
     drain = None
@@ -58,19 +63,39 @@ else:
         drain = None
     else:
         drain = _mod.drain
+        loop = _mod.loop
+        uring = _mod.uring
+        HAVE_URING = bool(_mod.HAVE_URING)
         STOP_HEAD, STOP_ENTRY, STOP_GATE = _mod.STOP_HEAD, _mod.STOP_ENTRY, _mod.STOP_GATE
         STOP_IO, STOP_FULL, STOP_CORRUPT = _mod.STOP_IO, _mod.STOP_FULL, _mod.STOP_CORRUPT
+        STOP_IDLE, STOP_REVOKED = _mod.STOP_IDLE, _mod.STOP_REVOKED
+        STOP_WAKE, STOP_DEVICE = _mod.STOP_WAKE, _mod.STOP_DEVICE
 
 STOP_NAMES = {STOP_HEAD: "head", STOP_ENTRY: "entry", STOP_GATE: "gate", STOP_IO: "io",
-              STOP_FULL: "full", STOP_CORRUPT: "corrupt"}
+              STOP_FULL: "full", STOP_CORRUPT: "corrupt", STOP_IDLE: "idle",
+              STOP_REVOKED: "revoked", STOP_WAKE: "wake", STOP_DEVICE: "device"}
 """Why a run stopped, by code (for counters and tests)."""
 
 
 def disable(reason: str) -> None:
     """Turn the lane off for devices served from now on (``targetmirrord --no-express``)."""
-    global drain, WHY_NOT
+    global drain, loop, WHY_NOT
     drain = None
+    loop = None
     WHY_NOT = f"disabled by {reason}"
+
+
+def new_uring() -> tuple[object | None, str | None]:
+    """A batched-submission handle for one lane, or (None, why not): the lane then makes one
+    ``pwritev``/``preadv`` per leg.  ``TARGETMIRROR_URING=0`` turns it off at run time."""
+    if uring is None or not HAVE_URING:
+        return None, "the lane was built without liburing"
+    if os.environ.get("TARGETMIRROR_URING", "1") == "0":
+        return None, "disabled by TARGETMIRROR_URING=0"
+    try:
+        return uring(), None
+    except OSError as exc:  # a kernel without io_uring, a seccomp filter, a sysctl
+        return None, f"io_uring refused: {exc}"
 
 
 def available() -> bool:
