@@ -4,8 +4,9 @@ mirroring handler, our yardstick).
 
 Runs *inside* the lab guest (one boot), all four LUNs on guest tmpfs, same fio jobs, two rounds
 in opposite order to even out drift; then, unless ``--no-python-pass``, targetmirrord is
-restarted with ``--no-express`` and the jobs run again on the same LUN (``targetmirror-python``:
-what the compiled express lane is worth, measured in the same boot).  Prints a table with
+restarted other ways and the jobs run again on the same LUN (``--variants``: ``tm-drain``, the
+lane without its wait loop and io_uring, as before issue 17; ``targetmirror-python``, no lane
+at all: what each part is worth, measured in the same boot).  Prints a table with
 IOPS, MB/s and p50/p99 latency, the handler's CPU per I/O and its syscalls and wake-ups per
 I/O (from /proc: ``syscr``/``syscw`` of ``/proc/PID/io``, context switches of every thread),
 the ratios targetmirror/tcmu-runner, targetmirror/fileio and targetmirror/plain, and writes
@@ -51,6 +52,16 @@ JOBS = {
     "1m-write-qd4": ["--rw=write", "--bs=1M", "--iodepth=4"],
     "1m-read-qd4": ["--rw=read", "--bs=1M", "--iodepth=4"],
 }
+
+
+VARIANTS: dict[str, tuple[str, dict[str, str], list[str]]] = {
+    "drain": ("tm-drain", {"TARGETMIRROR_EXPRESS_LOOP": "0", "TARGETMIRROR_URING": "0"}, []),
+    "calls": ("tm-calls", {"TARGETMIRROR_URING": "0"}, []),
+    "python": ("targetmirror-python", {}, ["--no-express"]),
+}
+"""name in the table, environment, targetmirrord arguments.  drain: the lane as it was
+before its wait loop (one drain per ring wake-up, one pwritev per leg); calls: the wait loop
+without io_uring (one call per leg); python: no lane at all."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -143,6 +154,10 @@ def main() -> int:
     ap.add_argument("--py-spy", default=None,
                     help="py-spy binary: profile targetmirrord during one more 4k randwrite "
                     "QD1 run")
+    ap.add_argument("--variants", default="drain,python",
+                    help="passes after the main rounds, each restarting targetmirrord another "
+                    "way on the same LUN: " + ", ".join(f"{k} ({v[0]})"
+                                                        for k, v in VARIANTS.items()))
     ap.add_argument("--no-python-pass", dest="python_pass", action="store_false",
                     help="skip the last pass, which restarts targetmirrord with --no-express "
                     "and runs the jobs again on the same LUN (column targetmirror-python)")
@@ -241,20 +256,42 @@ def main() -> int:
             profiles[job] = str(dest)
             print(f"py-spy {job}: {r['iops']:.0f} IOPS while sampled; stacks in {dest} "
                   f"({err.decode(errors='replace').strip()[-200:]})", flush=True)
-        if args.python_pass:
-            # The same LUN, the same boot, the daemon restarted with the express lane off: what
-            # the compiled lane is worth, free of the drift between boots.
+        variants = [v for v in args.variants.split(",") if v]
+        if not args.python_pass and "python" in variants:
+            variants.remove("python")
+        for variant in variants:
+            # The same LUN, the same boot, targetmirrord restarted another way: what each part
+            # of the lane is worth, free of the drift between boots.
+            name, env, extra = VARIANTS[variant]
             daemon.stop()
-            daemon.extra_args = ["--no-express"]
-            daemon.start()
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            daemon.extra_args = list(extra)
+            try:
+                daemon.start()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             daemon.wait_serving("b_mirror")
             assert daemon.proc is not None
             for rnd in range(args.rounds):
                 for job in args.jobs.split(","):
                     r = fio(devs["targetmirror"], job, JOBS[job], args.seconds, daemon.proc.pid)
-                    results[job].setdefault("targetmirror-python", []).append(r)
-                    print(f"round {rnd + 1} {job:18} {'tm-python':13} {r['iops']:9.0f} IOPS "
-                          f"{r['mbps']:8.1f} MB/s cpu {r['cpu_us_per_io']:6.0f} us/io",
+                    results[job].setdefault(name, []).append(r)
+                    print(f"round {rnd + 1} {job:18} {name:13} {r['iops']:9.0f} IOPS "
+                          f"{r['mbps']:8.1f} MB/s cpu {r['cpu_us_per_io']:6.0f} us/io "
+                          f"rd+wr {r['syscr_per_io'] + r['syscw_per_io']:5.2f}/io "
+                          f"cs {r['cs_per_io']:5.2f}/io", flush=True)
+            if args.strace_seconds and shutil.which("strace") and variant != "python":
+                for job in [j for j in args.jobs.split(",") if j.startswith("4k")]:
+                    calls = strace_pass(devs["targetmirror"], job, JOBS[job],
+                                        args.strace_seconds, daemon.proc.pid,
+                                        work / f"{job}-{name}")
+                    strace.setdefault(job, {})[name] = calls
+                    print(f"strace {job:18} {name:13} {calls['total']:6.2f} syscalls/io",
                           flush=True)
         print(f"\n{'job':18} {'backstore':13} {'IOPS':>9} {'MB/s':>8} {'p50 us':>8} "
               f"{'p99 us':>8} {'cpu us/io':>9} {'rd+wr/io':>8} {'cs/io':>6}   tm/runner  "
@@ -265,7 +302,7 @@ def main() -> int:
             summary[job] = avg
             for name, r in avg.items():
                 ratio = ""
-                if name.startswith("targetmirror"):
+                if name.startswith(("targetmirror", "tm-")):
                     ratio = (f"   {r['iops'] / avg['tcmu-runner']['iops']:9.2f} "
                              f"{r['iops'] / avg['fileio']['iops']:10.2f}")
                     if "plain" in avg:

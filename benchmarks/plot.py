@@ -11,9 +11,11 @@ import argparse
 import json
 from pathlib import Path
 
-ORDER = ("fileio", "tcmu-runner", "plain", "targetmirror", "targetmirror-python")
+ORDER = ("fileio", "tcmu-runner", "plain", "targetmirror", "tm-calls", "tm-drain",
+         "targetmirror-python")
 COLOURS = {"fileio": "#888888", "tcmu-runner": "#4477aa", "plain": "#66aa55",
-           "targetmirror": "#cc6677", "targetmirror-python": "#ddaa33"}
+           "targetmirror": "#cc6677", "tm-calls": "#aa4499", "tm-drain": "#882255",
+           "targetmirror-python": "#ddaa33"}
 
 
 def main() -> None:

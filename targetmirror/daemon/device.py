@@ -283,7 +283,7 @@ class _Lane:
     __slots__ = ("_bounds", "_bytes_off", "_drain", "_loop", "_ntouched", "_plan", "_shard",
                  "_stride", "_touched", "_uring",
                  "errno", "geometry", "max_bytes", "notifies", "ring", "runs", "served", "stops",
-                 "unnotified", "uring_why_not", "wait", "write_protected")
+                 "unnotified", "uring_min", "uring_why_not", "wait", "write_protected")
 
     def __init__(self, stats: CommandStats) -> None:
         drain = express.drain
@@ -291,6 +291,7 @@ class _Lane:
         self._drain = drain
         self._loop = express.loop
         self._uring: object | None = None
+        self.uring_min = express.URING_MIN
         self.uring_why_not: str | None = "not tried yet"
         """Why the lane makes one call per leg instead of batched io_uring submission (None:
         it batches)."""
@@ -348,7 +349,7 @@ class _Lane:
                 0 if gate is None else gate.shift, 0 if gate is None else gate.regions,
                 self._touched, self._shard, self._bounds, self._stride, self._bytes_off,
                 uio_fd, stop_fd, wake_fd, timeout_ms, budget_ns, clock, self._uring,
-                not self.write_protected)
+                not self.write_protected, self.uring_min)
             self.notifies += notifies
             self.unnotified = bool(unnotified)
             if stop == express.STOP_DEVICE:

@@ -294,7 +294,11 @@ class Daemon:
             if dev.lane is not None:
                 st["express"] = {"commands": dev.lane.served, "runs": dev.lane.runs,
                                  "stops": {why: dev.lane.stops[code]
-                                           for code, why in express.STOP_NAMES.items()}}
+                                           for code, why in express.STOP_NAMES.items()},
+                                 "loop": express.loop is not None,
+                                 "notifies": dev.lane.notifies,
+                                 "batched": dev.lane.uring_why_not is None,
+                                 "batched_why_not": dev.lane.uring_why_not}
             if self.watchdog is not None:
                 st["stuck_commands"] = self.watchdog.stuck(dev.info.dev_name)
             out.append(st)
@@ -498,7 +502,10 @@ class Daemon:
             if not bus.start():
                 bus = None
         log.info("targetmirrord %s serving %d device(s); express lane %s", __version__,
-                 len(self.devices), "on" if express.available() else f"off: {express.WHY_NOT}")
+                 len(self.devices),
+                 (f"on (wait loop {'on' if express.loop is not None else 'off'}, io_uring "
+                  f"{'built' if express.HAVE_URING else 'not built'})")
+                 if express.available() else f"off: {express.WHY_NOT}")
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
         try:
             while not self._stop.is_set():

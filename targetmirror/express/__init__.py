@@ -40,6 +40,11 @@ loop: Callable[..., tuple[int, int, int, int, int, int, int]] | None = None
 uring: Callable[[], object] | None = None
 HAVE_URING = False
 """True if the lane was built with liburing (batched submission, both legs in parallel)."""
+URING_MIN = int(os.environ.get("TARGETMIRROR_URING_MIN", str(256 * 1024)))
+"""Commands of at least this many bytes go through io_uring (both legs in parallel, a run of
+them in one call); smaller ones make one ``pwritev``/``preadv`` per leg.  Measured in the lab
+(benchmarks/lab_iocost.py): a page-cache write that io_uring cannot do without blocking is
+handed to a kernel worker thread, which costs a 4 KiB write 2-8x the CPU of a ``pwrite``."""
 WHY_NOT: str | None = None
 STOP_HEAD = STOP_ENTRY = STOP_GATE = STOP_IO = STOP_FULL = STOP_CORRUPT = -1
 STOP_IDLE = STOP_REVOKED = STOP_WAKE = STOP_DEVICE = -1
@@ -63,7 +68,8 @@ else:
         drain = None
     else:
         drain = _mod.drain
-        loop = _mod.loop
+        # TARGETMIRROR_EXPRESS_LOOP=0: one drain per ring wake-up, no wait loop (to compare)
+        loop = _mod.loop if os.environ.get("TARGETMIRROR_EXPRESS_LOOP", "1") != "0" else None
         uring = _mod.uring
         HAVE_URING = bool(_mod.HAVE_URING)
         STOP_HEAD, STOP_ENTRY, STOP_GATE = _mod.STOP_HEAD, _mod.STOP_ENTRY, _mod.STOP_GATE

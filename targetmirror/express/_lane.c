@@ -106,6 +106,7 @@ struct lane {
     Py_ssize_t stride, bytes_off;
     int err;
     int fua_ok;               /* FUA writes are served, as RWF_DSYNC writes */
+    uint64_t uring_min;       /* smaller commands are served by plain calls even with ur */
     int64_t *io_clock;        /* [2]: when a call on leg A / B started, 0 when none is running */
     int64_t t_last;           /* end of the previous command: the next one's start */
     struct uring *ur;         /* batched submission, or NULL: one pwritev/preadv per leg */
@@ -496,14 +497,15 @@ static int run(struct lane *l, uint64_t *rp_io, Py_ssize_t *served)
                 why = STOP_FULL;
                 break;
             }
-            if (u && overlaps(jobs, n, j))
-                break; /* ring order on each leg: serve the batch first */
+            /* small commands are cheaper as plain calls than through io_uring, which hands
+             * page-cache writes it cannot do without blocking to a worker thread */
+            int small = u && j->length < l->uring_min;
+            if (u && n && (small || overlaps(jobs, n, j)))
+                break; /* serve the batch first: ring order on each leg */
             j->iov0 = niov;
             j->next_rp = next;
-            pend_regions += reg;
-            niov += j->iov_cnt;
             walk = next;
-            if (!u) {
+            if (!u || small) {
                 int r = serve_sync(l, j);
                 if (r != STOP_HEAD) {
                     why = r;
@@ -513,6 +515,8 @@ static int run(struct lane *l, uint64_t *rp_io, Py_ssize_t *served)
                 rp = next;
                 continue;
             }
+            pend_regions += reg;
+            niov += j->iov_cnt;
             if (++n == BATCH_MAX)
                 break;
         }
@@ -528,7 +532,8 @@ static int run(struct lane *l, uint64_t *rp_io, Py_ssize_t *served)
                 u->broken = 1; /* it may hold stale entries: never used again */
                 break;
             }
-            int64_t each = (t1 - t0) / n;
+            /* the commands of a batch ran side by side: each took the batch's time */
+            int64_t each = t1 - t0;
             for (int k = 0; k < n; k++) {
                 struct job *j = &jobs[k];
                 int bad = 0;
@@ -555,6 +560,8 @@ static int run(struct lane *l, uint64_t *rp_io, Py_ssize_t *served)
 #endif
         if (!u)
             break; /* the synchronous walk above went to the head or to a stop */
+        if (!n && walk == rp)
+            break; /* nothing consumed, nothing batched: a stop (why says which) */
     }
     if (rp != *rp_io) {
         /* the responses above are stored before the tail that publishes them */
@@ -633,15 +640,16 @@ PyDoc_STRVAR(drain_doc,
 
 PyDoc_STRVAR(loop_doc,
 "loop(<drain's arguments>, uio_fd, stop_fd, wake_fd, timeout_ms, budget_ns, io_clock, uring,\n"
-"     fua_ok) -> (rp, served, touched_n, stop, errno, notifies, unnotified)\n\n"
+"     fua_ok, uring_min) -> (rp, served, touched_n, stop, errno, notifies, unnotified)\n\n"
 "drain, then notify the kernel (one 4-byte write to uio_fd per batch) and wait in poll for\n"
 "the next commands, serving them the same way, without going back to Python.  Returns for an\n"
 "entry Python must handle (unnotified: answers are in the ring but the kernel was not told),\n"
 "when stop_fd or wake_fd is readable (neither is read), after timeout_ms without a command\n"
 "or once budget_ns have passed, or when the uio fd fails.  io_clock (2 x int64 or None)\n"
 "holds CLOCK_MONOTONIC ns while a call on leg A / B runs, else 0.  uring: a handle from\n"
-"uring() (both legs of a batch of commands in one io_uring_enter) or None.  fua_ok: serve\n"
-"FUA writes as RWF_DSYNC writes.");
+"uring() (both legs of a batch of commands of at least uring_min bytes each in one\n"
+"io_uring_enter; smaller ones one call per leg) or None.  fua_ok: serve FUA writes as\n"
+"RWF_DSYNC writes.");
 
 #ifdef TM_HAVE_URING
 static void uring_free(PyObject *cap)
@@ -691,15 +699,17 @@ static PyObject *call(PyObject *args, int is_loop)
     unsigned long long cmdr_off, cmdr_size, rp, block_size, num_blocks, max_bytes, gate_bits;
     int wfd_a, wfd_b, rfd, rleg, gate_shift;
     int uio_fd = -1, stop_fd = -1, wake_fd = -1, timeout_ms = 0, fua_ok = 0;
+    unsigned long long uring_min = 0;
     long long budget_ns = 0;
     Py_ssize_t stride, bytes_off;
     struct lane l;
     int ok = is_loop
-        ? PyArg_ParseTuple(args, "w*KKKiiiiKKKOiKw*w*y*nniiiiLOOp:loop", &map, &cmdr_off,
+        ? PyArg_ParseTuple(args, "w*KKKiiiiKKKOiKw*w*y*nniiiiLOOpK:loop", &map, &cmdr_off,
                            &cmdr_size, &rp, &wfd_a, &wfd_b, &rfd, &rleg, &block_size,
                            &num_blocks, &max_bytes, &gate_obj, &gate_shift, &gate_bits,
                            &touched, &stats, &bounds, &stride, &bytes_off, &uio_fd, &stop_fd,
-                           &wake_fd, &timeout_ms, &budget_ns, &clock_obj, &uring_obj, &fua_ok)
+                           &wake_fd, &timeout_ms, &budget_ns, &clock_obj, &uring_obj, &fua_ok,
+                           &uring_min)
         : PyArg_ParseTuple(args, "w*KKKiiiiKKKOiKw*w*y*nn:drain", &map, &cmdr_off, &cmdr_size,
                            &rp, &wfd_a, &wfd_b, &rfd, &rleg, &block_size, &num_blocks,
                            &max_bytes, &gate_obj, &gate_shift, &gate_bits, &touched, &stats,
@@ -754,6 +764,7 @@ static PyObject *call(PyObject *args, int is_loop)
     l.bytes_off = bytes_off;
     l.io_clock = clock.buf;
     l.fua_ok = fua_ok;
+    l.uring_min = uring_min;
     uint64_t new_rp = rp;
     Py_ssize_t served = 0;
     int why, notifies = 0, unnotified = 0;

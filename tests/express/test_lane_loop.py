@@ -35,7 +35,9 @@ from tests.tcmu.producer import Producer
 pytestmark = pytest.mark.skipif(not express.available(),
                                 reason=f"express lane unavailable: {express.WHY_NOT}")
 
-URING_MODES = ["uring", "calls"] if express.HAVE_URING else ["calls"]
+URING_MODES = ["uring", "mixed", "calls"] if express.HAVE_URING else ["calls"]
+"""uring: every command through io_uring; mixed: only those of URING_MIN bytes or more (the
+default); calls: one pwritev/preadv per leg."""
 
 
 @dataclass
@@ -74,7 +76,7 @@ class LoopRig:
 
 
 def make_loop_rig(directory: str, *, lane: bool = True, store: bool = True,
-                  uring: bool = True, leased: bool = True, b_readonly: bool = False
+                  uring: str | bool = True, leased: bool = True, b_readonly: bool = False
                   ) -> LoopRig:
     paths = []
     for leg in ("a", "b"):
@@ -92,8 +94,10 @@ def make_loop_rig(directory: str, *, lane: bool = True, store: bool = True,
         mirror.lane_lease = lease.lease  # type: ignore[attr-defined]
     commands = MirrorCommands(mirror, lambda: DeviceIdentity(serial="x0001",
                                                              max_transfer_blocks=4096))
-    if commands.lane is not None and not uring:
+    if commands.lane is not None and (not uring or uring == "calls"):
         commands.lane.uring_why_not = "off for this test"
+    elif commands.lane is not None and uring != "mixed":
+        commands.lane.uring_min = 0
     producer = Producer(cmdr_size=256 * 1024 - 128, data_size=16 << 20)
     uio = SocketUio(producer)
     runner = DeviceRunner("x", uio, Ring(producer.buf), commands.admit,
@@ -108,7 +112,7 @@ def make_loop_rig(directory: str, *, lane: bool = True, store: bool = True,
 
 @pytest.fixture(params=URING_MODES)
 def rig(request, tmp_path) -> Iterator[LoopRig]:
-    r = make_loop_rig(str(tmp_path), uring=request.param == "uring")
+    r = make_loop_rig(str(tmp_path), uring=request.param)
     yield r
     r.close()
 
@@ -223,7 +227,7 @@ def test_big_writes_reach_both_legs(rig: LoopRig) -> None:
 
 @pytest.mark.parametrize("mode", URING_MODES)
 def test_a_failing_leg_is_left_to_python_which_degrades_the_mirror(tmp_path, mode) -> None:
-    rig = make_loop_rig(str(tmp_path), b_readonly=True, store=False, uring=mode == "uring")
+    rig = make_loop_rig(str(tmp_path), b_readonly=True, store=False, uring=mode)
     try:
         ids = rig.uio.queue_many([(w10(8, 2), b"\7" * 2 * BS, 0), (r10(0, 1), b"", BS)])
         done = rig.uio.wait_for(ids)
@@ -231,7 +235,7 @@ def test_a_failing_leg_is_left_to_python_which_degrades_the_mirror(tmp_path, mod
         assert rig.image(0)[8 * BS:10 * BS] == b"\7" * 2 * BS
         assert rig.mirror.health == "degraded"
         rig.settle()
-        assert (rig.lane.uring_why_not is None) == (mode == "uring")
+        assert (rig.lane.uring_why_not is None) == (mode != "calls")
         assert rig.lane.stops[express.STOP_IO] == 1 and rig.lane.errno != 0
         runs = rig.lane.runs
         cid = rig.uio.queue(w10(8, 2), b"\10" * 2 * BS)
@@ -262,7 +266,7 @@ _cmd = st.one_of(
        seed=st.integers(0, 2**32 - 1), store=st.booleans())
 def test_loop_gives_the_same_answers_and_bytes_as_the_python_path(tmp_path_factory, batches,
                                                                   seed, store) -> None:
-    modes = [("python", False, False)] + [(m, True, m == "uring") for m in URING_MODES]
+    modes = [("python", False, "calls")] + [(m, True, m) for m in URING_MODES]
     rigs = [make_loop_rig(str(tmp_path_factory.mktemp("loop")), lane=on, store=store,
                           uring=ur) for _name, on, ur in modes]
     try:
