@@ -23,6 +23,14 @@ The lane stops at the first entry it does not fully understand, or whose write w
 bitmap mark, or whose I/O fails; Python continues from exactly that entry, so every unusual
 command, every error and every sense code still comes from the one general path.
 
+**The wait loop** (:data:`loop`).  Given the UIO fd, the lane does not return after one drain:
+it notifies the kernel once per batch and waits in ``poll`` for the next commands, in C, until
+an entry needs Python, the mirror revokes its lane lease (``stop_fd``), the ring thread is
+woken, or it times out.  Commands of :data:`URING_MIN` bytes or more go through io_uring when
+built with liburing (both legs of a run of them in one ``io_uring_enter``).
+``TARGETMIRROR_EXPRESS_LOOP=0`` keeps one drain per wake-up (the lane before the loop), and
+``TARGETMIRROR_URING=0`` one call per leg, to compare.
+
 **Fallback.**  The pure-Python path is complete on its own.  If the extension was not built (no
 compiler when the package was installed) or ``TARGETMIRROR_EXPRESS=0`` is set, :data:`drain` is
 None and nothing changes but speed; :data:`WHY_NOT` says why.
