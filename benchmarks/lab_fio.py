@@ -64,6 +64,23 @@ before its wait loop (one drain per ring wake-up, one pwritev per leg); calls: t
 without io_uring (one call per leg); python: no lane at all."""
 
 
+def restart(daemon: Mirrord, env: dict[str, str], extra: list[str]) -> None:
+    """Restart targetmirrord with ``env`` added to its environment and ``extra`` arguments."""
+    daemon.stop()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    daemon.extra_args = ["--rescan-interval", "5", *extra]
+    try:
+        daemon.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    daemon.wait_serving("b_mirror")
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process and its threads, from /proc (clock ticks)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -158,6 +175,10 @@ def main() -> int:
                     help="passes after the main rounds, each restarting targetmirrord another "
                     "way on the same LUN: " + ", ".join(f"{k} ({v[0]})"
                                                         for k, v in VARIANTS.items()))
+    ap.add_argument("--ab-rounds", type=int, default=0,
+                    help="after the main rounds, alternate targetmirrord as it is and as "
+                    "--ab says this many times on the 4k jobs (ab-default / ab-VARIANT)")
+    ap.add_argument("--ab", default="drain", choices=sorted(VARIANTS))
     ap.add_argument("--no-python-pass", dest="python_pass", action="store_false",
                     help="skip the last pass, which restarts targetmirrord with --no-express "
                     "and runs the jobs again on the same LUN (column targetmirror-python)")
@@ -259,6 +280,23 @@ def main() -> int:
             profiles[job] = str(dest)
             print(f"py-spy {job}: {r['iops']:.0f} IOPS while sampled; stacks in {dest} "
                   f"({err.decode(errors='replace').strip()[-200:]})", flush=True)
+        if args.ab_rounds:
+            # targetmirrord as built against one variant, alternated (ABBA...) on the same LUN,
+            # so load that drifts during the run hits both alike: the fair before/after
+            ab = VARIANTS[args.ab]
+            configs = [("ab-" + "default", {}, []), ("ab-" + args.ab, ab[1], ab[2])]
+            for rnd in range(args.ab_rounds):
+                for label, env, extra in (configs if rnd % 2 == 0 else configs[::-1]):
+                    restart(daemon, env, extra)
+                    assert daemon.proc is not None
+                    for job in [j for j in args.jobs.split(",") if j.startswith("4k")]:
+                        r = fio(devs["targetmirror"], job, JOBS[job], args.seconds,
+                                daemon.proc.pid)
+                        results[job].setdefault(label, []).append(r)
+                        print(f"ab {rnd + 1} {job:18} {label:13} {r['iops']:9.0f} IOPS "
+                              f"cpu {r['cpu_us_per_io']:6.0f} us/io rd+wr "
+                              f"{r['syscr_per_io'] + r['syscw_per_io']:5.2f}/io "
+                              f"cs {r['cs_per_io']:5.2f}/io", flush=True)
         variants = [v for v in args.variants.split(",") if v]
         if not args.python_pass and "python" in variants:
             variants.remove("python")
@@ -266,19 +304,7 @@ def main() -> int:
             # The same LUN, the same boot, targetmirrord restarted another way: what each part
             # of the lane is worth, free of the drift between boots.
             name, env, extra = VARIANTS[variant]
-            daemon.stop()
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            daemon.extra_args = ["--rescan-interval", "5", *extra]
-            try:
-                daemon.start()
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-            daemon.wait_serving("b_mirror")
+            restart(daemon, env, extra)
             assert daemon.proc is not None
             for rnd in range(args.rounds):
                 for job in args.jobs.split(","):
@@ -305,7 +331,7 @@ def main() -> int:
             summary[job] = avg
             for name, r in avg.items():
                 ratio = ""
-                if name.startswith(("targetmirror", "tm-")):
+                if name.startswith(("targetmirror", "tm-", "ab-")):
                     ratio = (f"   {r['iops'] / avg['tcmu-runner']['iops']:9.2f} "
                              f"{r['iops'] / avg['fileio']['iops']:10.2f}")
                     if "plain" in avg:

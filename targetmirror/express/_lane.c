@@ -623,8 +623,13 @@ static int loop(struct lane *l, int uio_fd, int stop_fd, int wake_fd, int timeou
             return STOP_DEVICE;
         }
         uint32_t events;
-        if (read(uio_fd, &events, 4) < 0 && errno != EAGAIN && errno != EINTR) {
+        ssize_t r = read(uio_fd, &events, 4);
+        if (r < 0 && errno != EAGAIN && errno != EINTR) {
             l->err = errno;
+            return STOP_DEVICE;
+        }
+        if (r >= 0 && r != 4) { /* a UIO fd reads 4 bytes or fails: end of file, device gone */
+            l->err = EIO;
             return STOP_DEVICE;
         }
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from targetmirror import express
 from targetmirror.daemon import device as device_mod
 from targetmirror.daemon.device import MirrorCommands
 from targetmirror.daemon.runner import DeviceRunner
+from targetmirror.errors import DeviceError
 from targetmirror.mirror.mirror import Mirror
 from targetmirror.mirror.state import StateStore
 from targetmirror.scsi.identity import DeviceIdentity
@@ -315,3 +317,25 @@ def test_loop_gives_the_same_answers_and_bytes_as_the_python_path(tmp_path_facto
     finally:
         for rig in rigs:
             rig.close()
+
+
+def test_a_vanished_device_ends_the_ring_loop(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(device_mod, "LEASE_WAIT_MS", 60_000)
+    monkeypatch.setattr(device_mod, "LEASE_BUDGET_NS", 600 * 10**9)
+    rig = make_loop_rig(str(tmp_path))
+    try:
+        rig.mirror.bitmap.sync(rig.mirror.bitmap.mark_all())
+        cid = rig.uio.queue(r10(0, 1), data_in_len=BS)
+        assert rig.uio.wait_for([cid])[cid].status == 0
+        rig.uio.kernel.shutdown(socket.SHUT_RDWR)  # the lane is waiting in poll: a hang-up
+        rig.runner.join(10)
+        assert not rig.runner.alive
+        assert isinstance(rig.runner.error, DeviceError)
+        assert rig.lane.stops[express.STOP_DEVICE] == 1
+        assert rig.lease is not None and not rig.lease._out  # released on the way out
+    finally:
+        rig.uio.kernel.close()
+        rig.uio.user.close()
+        rig.mirror.close()
+        if rig.lease is not None:
+            rig.lease.close()
