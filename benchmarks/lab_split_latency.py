@@ -115,7 +115,7 @@ def socket_split(daemon: Mirrord, names: list[str], group: str | None
                  ) -> tuple[float, float, dict[str, Any]]:
     """Split through the control socket from this process (no CLI start-up): ``wait=False``
     returns at the instant with ``locks_held_seconds``; then poll status until complete."""
-    from targetmirror.daemon.control import call
+    from targetmirror.protocol import call
 
     t0 = time.time()
     res = call(daemon.socket, "split", names=[] if group else names, group=group, wait=False)

@@ -70,7 +70,7 @@ def per_scrape(n: int, rounds: int = 20) -> float:
             stats.record(WRITE, 100_000, 4096, 4096)
             daemon.devices[info.name] = ServedDevice(info, None, Runner(), m,  # type: ignore
                                                      stats=stats)
-        server = MetricsServer(daemon, "127.0.0.1:0")
+        server = MetricsServer(daemon.ops, ("127.0.0.1", 0))
         server.start()
         url = f"http://127.0.0.1:{server.address[1]}/metrics"
         try:

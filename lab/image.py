@@ -106,6 +106,10 @@ PACKAGES: tuple[str, ...] = (
     "util-linux",
     "procps",
     "python3-tqdm",
+    # tests/lab/test_lab_deb.py: systemd-analyze (verify the installed unit, expand its system
+    # call groups; systemd is not PID 1 here) and python3-seccomp (the unit's syscall filter)
+    "systemd",
+    "python3-seccomp",
     "busybox-static",  # for the lab's own initramfs (lab/initramfs.py)
     "strace",  # benchmarks/lab_fio.py counts each user backstore's syscalls per command
     "linux-perf",  # where the kernel's share of a command goes (docs/performance.md)
@@ -365,8 +369,14 @@ def build_image(*, log: Log = _stderr_log) -> Image:
     return Image(final)
 
 
+KEEP_IMAGES = 3
+"""Images of other recipes kept besides the newest (each ~1 GB): branches with different
+recipes (several worktrees, a bisect) then do not keep rebuilding each other's image."""
+
+
 def _prune_old_images(*, keep: str, log: Log) -> None:
-    """Drop images of older recipes (each holds ~1 GB) and leftovers of failed builds."""
+    """Drop all but the newest few images of other recipes, and leftovers of failed builds."""
+    others = []
     for entry in images_dir().iterdir():
         if entry.name in (keep, ".lock"):
             continue
@@ -374,6 +384,12 @@ def _prune_old_images(*, keep: str, log: Log) -> None:
             pid = entry.name.rsplit("-", 1)[-1]
             if pid.isdigit() and Path(f"/proc/{pid}").exists():
                 continue  # another build in progress
+            log(f"removing a failed build {entry}")
+            shutil.rmtree(entry, ignore_errors=True)
+            continue
+        others.append(entry)
+    others.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+    for entry in others[KEEP_IMAGES:]:
         log(f"removing old lab image {entry}")
         shutil.rmtree(entry, ignore_errors=True)
 

@@ -70,4 +70,29 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-echo "install-host-deps.sh: host ready (qemu-system-x86_64, mmdebstrap, gcc, deb-src, ceph)"
+
+# promtool, Prometheus's checker, for tests/etc/test_monitoring.py (the shipped alert rules and
+# Grafana dashboard).  Debian ships it only inside the `prometheus` package, whose installation
+# would also enable and start a Prometheus server on port 9090 on this machine; so the package
+# is downloaded and only its promtool (one program, linked against libc alone) is unpacked into
+# the cache.  Without it those tests are skipped, saying so; nothing else needs it.
+PROMTOOL_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/targetmirror/promtool
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$PROMTOOL_DIR/usr/bin/promtool" ]; then
+    tmp=$(mktemp -d)
+    # apt-get download as root warns that _apt cannot reach the directory: harmless here
+    if ! (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1); then
+        apt-get update -qq
+        (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1) || true
+    fi
+    deb=$(ls "$tmp"/prometheus_*.deb 2>/dev/null | head -n 1)
+    if [ -n "$deb" ] && mkdir -p "$PROMTOOL_DIR" \
+            && dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$PROMTOOL_DIR" ./usr/bin/promtool; then
+        echo "install-host-deps.sh: promtool unpacked into $PROMTOOL_DIR/usr/bin"
+    else
+        echo "install-host-deps.sh: WARNING: could not fetch Debian's prometheus package for" \
+             "promtool; the monitoring tests will be skipped" >&2
+    fi
+    rm -rf "$tmp"
+fi
+echo "install-host-deps.sh: host ready (qemu-system-x86_64, mmdebstrap, gcc, deb-src, ceph," \
+     "promtool)"

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from targetmirror.daemon.control import DEFAULT_SOCKET, call
 from targetmirror.errors import MirrorError
+from targetmirror.protocol import DEFAULT_SOCKET, call
 from targetmirror.store.rbd import CephAccess
 
 
@@ -28,28 +28,109 @@ def when(ts: float | None) -> str:
         f".{int(ts * 1000) % 1000:03d}"
 
 
-def status_rows(mirrors: Sequence[dict[str, Any]]) -> list[str]:
-    """The ``status`` table, header first, columns aligned."""
-    rows = [("NAME", "STATE", "EPOCH", "WRITES", "PRE-SPLIT", "SPLIT INSTANT", "DRAIN", "A")]
+def copy_progress(m: dict[str, Any]) -> tuple[int, int] | None:
+    """(bytes done, bytes in all) of the copy a mirror is running (sync, rejoin, repair,
+    recovery, verify: its ``resync`` status), or None when nothing is copying or the total is
+    not known yet (a rejoin counts its regions first)."""
+    rs = m.get("resync") or {}
+    if not rs:
+        return None
+    total = rs.get("bytes_total")
+    if total:
+        done = rs.get("cursor")
+        return int(done if done is not None else rs.get("bytes_copied", 0)), int(total)
+    regions = rs.get("regions_total")
+    region_size = (m.get("bitmap") or {}).get("region_size") or 0
+    if regions and region_size:
+        return int(rs.get("regions_done", 0)) * region_size, int(regions) * region_size
+    return None
+
+
+def copy_percent(m: dict[str, Any]) -> str:
+    """``Cpy%`` (as lvs shows it): how far the running copy is, ``-`` when none runs."""
+    rs = m.get("resync") or {}
+    if not rs:
+        return "-"
+    if rs.get("error"):
+        return "failed"
+    progress = copy_progress(m)
+    if progress is None:
+        return "0.0"
+    done, total = progress
+    return f"{100.0 * min(done, total) / total:.1f}"
+
+
+def eta_text(seconds: float | None) -> str:
+    """``1h02m``, ``3m05s``, ``12s``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def status_rows(mirrors: Sequence[dict[str, Any]],
+                config: dict[str, Any] | None = None) -> list[str]:
+    """The ``status`` table, header first, columns aligned; under it, loudly, every mirror that
+    is not healthy (a failed leg, a failed copy, a LUN answered NOT READY) and the problems of
+    the configuration file."""
+    rows = [("NAME", "STATE", "EPOCH", "WRITES", "PRE-SPLIT", "SPLIT INSTANT", "DRAIN", "A",
+             "COPY", "CPY%", "ETA")]
     for m in mirrors:
         sp = m.get("split") or {}
+        rs = m.get("resync") or {}
         drain = sp.get("drain_seconds")
         rows.append((
             m["name"], m["state"], str(m.get("epoch", "-")), str(m.get("writes_in_flight", "-")),
             str(m.get("pre_split_in_flight", "-")), when(sp.get("instant_wall")),
-            "-" if drain is None else f"{drain * 1000:.3f} ms", sp.get("a_status", "-")))
+            "-" if drain is None else f"{drain * 1000:.3f} ms", sp.get("a_status", "-"),
+            str(rs.get("kind", "-")), copy_percent(m),
+            "-" if rs.get("error") else eta_text(rs.get("eta_seconds"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
     for m in mirrors:  # a failed leg is said loudly, under the table
         health = m.get("health", "ok")
-        if health != "ok":
+        if m["state"] == "not-ready":
+            lines.append(f"{m['name']}: NOT READY ({m.get('reason_code') or 'error'}): "
+                         f"{m.get('reason')}")
+        elif health != "ok":
             word = "DEGRADED" if health == "degraded" else "FAILED (no complete leg)"
             lines.append(f"{m['name']}: {word}")
             for leg, f in sorted((m.get("failed_legs") or {}).items()):
                 lines.append(f"  leg {leg.upper()} failed at {when(f.get('wall'))}: "
                              f"{f.get('reason')}")
+        rs = m.get("resync") or {}
+        if rs.get("error"):
+            lines.append(f"{m['name']}: {rs.get('kind')} failed: {rs['error']}")
+    if config and config.get("problems"):
+        n = len(config["problems"])
+        lines.append(f"configuration {config['path']}: {n} problem{'s' if n != 1 else ''}"
+                     + (f", refusing {', '.join(config['refused'])}" if config.get("refused")
+                        else "") + f" (targetmirror validate {config['path']})")
     return lines
+
+
+def unhealthy(mirrors: Sequence[dict[str, Any]]) -> list[str]:
+    """Names of the mirrors ``status --check`` reports: degraded, failed, a leg failed, a
+    copy failed, or answered NOT READY."""
+    return [m["name"] for m in mirrors
+            if m.get("health", "ok") != "ok" or m.get("failed_legs")
+            or m["state"] == "not-ready" or (m.get("resync") or {}).get("error")]
+def describe_schedule(s: dict[str, Any]) -> str:
+    """One line of ``status`` for a scheduled split (daemon/schedule.py): a missed or failed
+    one says why and how to clear it."""
+    line = f"scheduled split {s['id']}: {', '.join(s['names'])} at {when(s['at'])}"
+    state = s.get("state", "pending")
+    if state in ("missed", "failed"):
+        line += (f" -- {state.upper()}: {s.get('note')} (clear with 'targetmirror cancel "
+                 f"{s['id']}')")
+    elif state != "pending":
+        line += f" ({state})"
+    return line
 
 
 def describe_rejoin(m: dict[str, Any]) -> str:

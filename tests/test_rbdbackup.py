@@ -110,7 +110,7 @@ def test_cli_backup_rbd_snapshot_and_listing(ceph_cluster, rbd_image, monkeypatc
     lio.state.backstores["m"] = BackstoreState(
         SIZE, f"a={spec};b=/srv/m-b.img;a_conf={ceph_cluster.conf}", "serial")
     lio.state.backstores["plain"] = BackstoreState(SIZE, "a=/srv/p-a.img;b=/srv/p-b.img", "s")
-    monkeypatch.setattr(cli, "_lio_seam", lambda: lio)
+    monkeypatch.setattr(cli.common, "lio_seam", lambda: lio)
     fake = _SplitClient(spec)
     monkeypatch.setattr(Client, "mirror", lambda self, name: fake.mirror(name))
     assert cli.main(["backup", "m", "--rbd-snapshot", "--json", "--keep", "1"]) == 0

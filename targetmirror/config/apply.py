@@ -89,13 +89,19 @@ def create_image(path: str, size: int) -> None:
 
 
 def apply(config: Config, lio: LioSeam, groups: GroupSeam, *, dry_run: bool = False,
-          out: Callable[[str], None] = print) -> Result:
-    """Make LIO and the daemon's groups match ``config``; print the plan and each step."""
+          out: Callable[[str], None] = print, only_new: bool = False) -> Result:
+    """Make LIO and the daemon's groups match ``config``; print the plan and each step.
+
+    ``only_new`` (the daemon with a file that has problems, :mod:`targetmirror.daemon.restore`)
+    keeps only the creation of what does not exist at all -- images, backstores, targets with
+    everything in them, groups -- and changes or removes nothing."""
     mpath = manifest_path(config)
     manifest = Manifest.load(mpath)
     current = lio.read_state()
     current.groups = groups.all()
     actions = plan(config, current, manifest)
+    if only_new:
+        actions = creations_only(actions, current)
     result = Result(actions, dry_run=dry_run)
     if not actions:
         out(f"nothing to change: LIO matches {config.path}")
@@ -120,6 +126,19 @@ def apply(config: Config, lio: LioSeam, groups: GroupSeam, *, dry_run: bool = Fa
         manifest.save(mpath)
     out(f"applied {len(result.done)} change{'s' if len(result.done) != 1 else ''}")
     return result
+
+
+def creations_only(actions: list[Action], current: LioState) -> list[Action]:
+    """The actions that make something new and touch nothing that exists."""
+    new_targets = {a.args["iqn"] for a in actions if a.op == "create_target"}
+    def new(a: Action) -> bool:
+        if a.op in ("create_image", "create_backstore"):
+            return True
+        if a.op == "group_create":
+            return a.args["name"] not in current.groups
+        return a.args.get("iqn") in new_targets
+
+    return [a for a in actions if new(a)]
 
 
 def _prune(manifest: Manifest, current: LioState, config: Config, path: str) -> None:

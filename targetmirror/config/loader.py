@@ -16,11 +16,21 @@ redirect a running mirror.
 
 The result is a :class:`Config` of frozen dataclasses; a mirror maps onto the cfgstring of its
 ``user:mirror`` backstore through :meth:`MirrorConfig.spec`.
+
+Why no schema library (measured for issue 16): pydantic v2 is not in Debian bookworm (its
+python3-pydantic is 1.10), and the lab guest and the Debian package can use only bookworm's.
+jsonschema 4.10 (python3-jsonschema) covers only shape, types, required and unknown keys: the
+schema for this file plus the adapter that turns its errors into our
+``FILE: key.path: expected ..., got ...`` lines came to 73 lines, against the 60 of
+:class:`_Checker`; its own messages ("[] is too short", "300 is greater than the maximum of
+255") needed a translation per keyword, a typo of a required key gave two errors, and every
+check only we know (sizes with units, names, IQNs, portals, image paths, duplicates, group
+members, CHAP) stays here either way.  So the checker stays ours.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import difflib
 import os
 import re
 import stat
@@ -32,7 +42,11 @@ import yaml
 
 from targetmirror.config.cfgstring import MirrorSpec, parse
 from targetmirror.errors import ConfigError, ConfigFileError
+from targetmirror.mirror.bitmap import DEFAULT_REGION
+from targetmirror.names import IQN_EXPECTED, NAME_EXPECTED, valid_iscsi_name, valid_name
+from targetmirror.netaddr import EXPECTED, parse_hostport
 from targetmirror.store.rbd import CephAccess, is_rbd, parse_name
+from targetmirror.units import human_size, parse_size
 
 DEFAULT_PATH = "/etc/targetmirror/targetmirror.yaml"
 ENV_VAR = "TARGETMIRROR_CONFIG"
@@ -75,7 +89,7 @@ DEFAULTS: tuple[tuple[str, Any, str], ...] = (
     ("mirrors[].rbd_snapshots_keep", 0,
      "backup --rbd-snapshot keeps this many snapshots of an RBD image_a, pruning the oldest; "
      "0 keeps all"),
-    ("mirrors[].region_size", "64K",
+    ("mirrors[].region_size", human_size(DEFAULT_REGION),
      "change-bitmap region: a power of two of at least 4K; fixed once the mirror exists"),
     ("mirrors[].direct", False, "open the images with O_DIRECT"),
     ("mirrors[].create_images", False,
@@ -100,21 +114,11 @@ DEFAULTS: tuple[tuple[str, Any, str], ...] = (
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_WI_EXTENT = 4 << 20
 SECTOR = 512
 MIN_REGION = 4096
-DEFAULT_REGION = 64 * 1024
 CHAP_MIN, CHAP_MAX = 12, 255
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
-_IQN = re.compile(rf"^iqn\.\d{{4}}-(?:0[1-9]|1[0-2])\.{_LABEL}(?:\.{_LABEL})*"
-                  r"(?::[a-z0-9.:-]+)?$")
-_EUI = re.compile(r"^eui\.[0-9a-f]{16}$")
-_NAA = re.compile(r"^naa\.[0-9a-f]{16}(?:[0-9a-f]{16})?$")
 _CHAP_TEXT = re.compile(r"^[!-~]+$")  # printable ASCII, no blanks
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
-IQN_EXPECTED = ("an iSCSI name: iqn.YYYY-MM.reversed.domain[:suffix] in lower case "
-                "(no '_' or blanks), eui.<16 hex> or naa.<16 or 32 hex>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +127,7 @@ class DaemonSettings:
     state_dir: str
     metrics_address: str
     log_level: str
-    write_intent_extent: int = 4 << 20
+    write_intent_extent: int = DEFAULT_WI_EXTENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,30 +215,14 @@ def default(key: str) -> Any:
     raise KeyError(key)
 
 
-def parse_size(value: object) -> int | None:
-    """An int, or ``512M`` / ``1G`` / ``2TiB`` (binary units); None if neither."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        m = _SIZE.fullmatch(value)
-        if m:
-            return int(m.group(1)) * _UNITS[m.group(2).lower()]
-    return None
-
-
-def valid_iscsi_name(name: str) -> bool:
-    return len(name.encode()) <= 223 and bool(
-        _IQN.match(name) or _EUI.match(name) or _NAA.match(name))
-
-
 class _Checker:
     """Collects problems as ``file: key.path: expected ..., got ...`` lines."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.problems: list[str] = []
+        self.by_mirror: dict[str, list[str]] = {}
+        """A mirror's name -> the problems of its entry."""
 
     def error(self, key: str, expected: str, got: object = None, *, show: bool = True) -> None:
         text = f"{self.path}: {key}: expected {expected}"
@@ -247,12 +235,20 @@ class _Checker:
         if not isinstance(value, dict):
             self.error(key or "(top level)", "a mapping of " + ", ".join(allowed), value)
             return None
+        suggested = set()
         for k in value:
             if k not in allowed:
-                self.error(_join(key, str(k)), f"no such key (known keys here: "
+                near = difflib.get_close_matches(str(k), allowed, n=1, cutoff=0.6)
+                if near and near[0] not in value:
+                    suggested.add(near[0])
+                    hint = (f"did you mean {near[0]}?" + (" It is required; " if near[0] in
+                                                          required else " "))
+                else:
+                    hint = ""
+                self.error(_join(key, str(k)), f"no such key ({hint}known keys here: "
                            f"{', '.join(allowed)})", show=False)
         for k in required:
-            if k not in value:
+            if k not in value and k not in suggested:  # a typo of it was named above
                 self.error(_join(key, k), "this key (it is required)", show=False)
         return value
 
@@ -309,19 +305,134 @@ def load(path: str | None = None) -> Config:
 
 def loads(text: str, path: str = "<string>") -> Config:
     """Parse and validate YAML ``text``; ``path`` names the file in messages."""
+    return validate(parse_yaml(text, path), path)
+
+
+def parse_yaml(text: str, path: str = "<string>") -> object:
+    """The document in ``text`` (``{}`` when empty), read safely and within bounds.
+
+    ``yaml.safe_load`` builds no arbitrary objects, but an alias (``*a``) is a reference that
+    a walk over the result follows again each time: nine nested aliases of nine make a billion
+    values to validate (the "billion laughs").  So the node graph is composed first, its
+    expanded size counted once per node (aliases shared, cycles refused), and a document that
+    would expand past :data:`MAX_VALUES` values, or a file past :data:`MAX_BYTES`, is refused
+    before anything is built.  A key given twice in one mapping (YAML keeps the last one,
+    silently) is refused too."""
+    if len(text.encode()) > MAX_BYTES:
+        raise ConfigFileError(path, [f"{path}: expected a configuration file of at most "
+                                     f"{MAX_BYTES} bytes, got {len(text.encode())}"])
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        problems = _yaml_bounds(node, path)
+        if problems:
+            raise ConfigFileError(path, problems)
+        data = loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigFileError(path, [f"{path}: {where}expected valid YAML: {problem}"]) \
             from exc
-    return validate(data if data is not None else {}, path)
+    finally:
+        loader.dispose()
+    return data if data is not None else {}
+
+
+MAX_BYTES = 1 << 20
+"""Largest configuration file read (a large site's file is a few hundred KiB at most)."""
+MAX_VALUES = 100_000
+"""Most values (scalars, lists, mappings) a document may expand to, aliases followed."""
+
+
+def _yaml_bounds(root: yaml.Node, path: str) -> list[str]:
+    """Problems with the composed document's size (aliases expanded) and duplicate keys."""
+    sizes: dict[int, int] = {}
+    problems: list[str] = []
+    active: set[int] = set()
+
+    def line(node: yaml.Node) -> str:
+        return f"line {node.start_mark.line + 1}"
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _Recursive(node)
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                total += size(child)
+                if total > MAX_VALUES:
+                    break
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[object, yaml.Node] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    if k.value in seen:
+                        problems.append(f"{path}: {line(k)}: expected each key once in a "
+                                        f"mapping, got {k.value!r} again (first at "
+                                        f"{line(seen[k.value])})")
+                    seen[k.value] = k
+                total += size(k) + size(v)
+                if total > MAX_VALUES:
+                    break
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        total = size(root)
+    except _Recursive as exc:
+        return [f"{path}: {line(exc.node)}: expected no recursive YAML alias (an anchor used "
+                "inside itself)"]
+    except RecursionError:
+        return [f"{path}: expected a document nested less deeply"]
+    if total > MAX_VALUES:
+        return [f"{path}: expected at most {MAX_VALUES} values with YAML aliases expanded, got "
+                "more (aliases of aliases multiply; write the values out)"]
+    return problems
+
+
+class _Recursive(Exception):
+    def __init__(self, node: yaml.Node) -> None:
+        super().__init__()
+        self.node = node
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """What :func:`check` found: the valid part of the file and every problem.
+
+    ``config`` holds only what is valid: the mirrors without problems, the groups and exports
+    whose mirrors are all among them (an export keeps its LUNs of valid mirrors), the daemon
+    settings with the defaults in place of bad values.  ``refused`` names each mirror whose
+    entry has problems (by its name, when the name itself is valid) with those problems: the
+    daemon serves such a backstore NOT READY, reason ``config``, rather than guess."""
+
+    config: Config
+    problems: tuple[str, ...]
+    refused: dict[str, tuple[str, ...]]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 def validate(data: object, path: str) -> Config:
     """Check a parsed document completely; raise one error listing every problem."""
+    checked = check(data, path)
+    if checked.problems:
+        raise ConfigFileError(path, list(checked.problems))
+    return checked.config
+
+
+def check(data: object, path: str) -> Checked:
+    """Check a parsed document completely; never raises for what the document holds."""
     c = _Checker(path)
     top = c.mapping(data, "", ("daemon", "image_dirs", "ceph", "mirrors", "groups",
                                "exports")) or {}
@@ -336,62 +447,52 @@ def validate(data: object, path: str) -> Config:
         m.get("name"), str)}
     groups = _groups(c, c.seq(top.get("groups"), "groups", "groups"), names)
     exports = _exports(c, c.seq(top.get("exports"), "exports", "exports"), names)
-    if c.problems:
-        raise ConfigFileError(path, c.problems)
-    assert daemon is not None
-    return Config(path, daemon, tuple(dirs), tuple(mirrors), tuple(groups), tuple(exports))
+    valid = {m.name for m in mirrors}
+    groups = [g for g in groups if set(g.mirrors) <= valid]
+    kept = []
+    for e in exports:
+        luns = tuple((n, m) for n, m in e.luns if m in valid)
+        if luns:
+            kept.append(ExportConfig(e.target, e.portals, luns, e.acls))
+    config = Config(path, daemon, tuple(dirs), tuple(mirrors), tuple(groups), tuple(kept))
+    return Checked(config, tuple(c.problems),
+                   {n: tuple(p) for n, p in c.by_mirror.items() if n not in valid})
 
 
-def _daemon(c: _Checker, raw: object) -> DaemonSettings | None:
+def summary(config: Config) -> str:
+    """One line: what a valid file holds (``targetmirror validate``)."""
+    def n(count: int, word: str) -> str:
+        return f"{count} {word}{'' if count == 1 else 's'}"
+
+    luns = sum(len(e.luns) for e in config.exports)
+    acls = sum(len(e.acls) for e in config.exports)
+    return (f"{config.path}: valid: {n(len(config.mirrors), 'mirror')}, "
+            f"{n(len(config.groups), 'group')}, {n(len(config.exports), 'export')} "
+            f"({n(luns, 'LUN')}, {n(acls, 'ACL')}); image_dirs "
+            + (", ".join(config.image_dirs) or "none"))
+
+
+def _daemon(c: _Checker, raw: object) -> DaemonSettings:
+    """The daemon settings; a bad value is reported and its default used in its place."""
     keys = ("control_socket", "state_dir", "metrics_address", "log_level")
-    d = c.mapping({} if raw is None else raw, "daemon", (*keys, "write_intent_extent"))
-    if d is None:
-        return None
+    d = c.mapping({} if raw is None else raw, "daemon", (*keys, "write_intent_extent")) or {}
     values = {k: d.get(k, default(f"daemon.{k}")) for k in keys}
     raw_ext = d.get("write_intent_extent", default("daemon.write_intent_extent"))
     extent = parse_size(raw_ext)
     if extent is None or extent < 4096 or extent > 1 << 30 or extent & (extent - 1):
         c.error("daemon.write_intent_extent", "a power of two from 4K to 1G (e.g. 4M)", raw_ext)
-        extent = None
-    for k in ("control_socket", "state_dir"):
-        c.text(values[k], f"daemon.{k}", "an absolute path",
-               lambda s: s.startswith("/") and "\0" not in s)
-    addr = values["metrics_address"]
-    if c.text(addr, "daemon.metrics_address", "HOST:PORT or an empty string",
-              lambda s: s == "" or _split_hostport(s) is not None) is None:
-        pass
-    c.text(values["log_level"], "daemon.log_level", "one of " + ", ".join(LOG_LEVELS),
-           lambda s: s in LOG_LEVELS)
-    if any(not isinstance(v, str) for v in values.values()) or extent is None:
-        return None
+        extent = DEFAULT_WI_EXTENT
+    checks: dict[str, tuple[str, Callable[[str], bool]]] = {
+        "control_socket": ("an absolute path", lambda s: s.startswith("/") and "\0" not in s),
+        "state_dir": ("an absolute path", lambda s: s.startswith("/") and "\0" not in s),
+        "metrics_address": (f"{EXPECTED}, or an empty string",
+                            lambda s: s == "" or parse_hostport(s) is not None),
+        "log_level": ("one of " + ", ".join(LOG_LEVELS), lambda s: s in LOG_LEVELS),
+    }
+    for k, (expected, ok) in checks.items():
+        if c.text(values[k], f"daemon.{k}", expected, ok) is None:
+            values[k] = default(f"daemon.{k}")
     return DaemonSettings(**values, write_intent_extent=extent)
-
-
-def _split_hostport(text: str) -> tuple[str, int] | None:
-    """``1.2.3.4:3260`` / ``[::1]:3260`` / ``name:9100`` -> (host, port), or None."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            return None
-    elif ":" in host:
-        return None
-    return host, int(port)
-
-
-def _portal(text: str) -> tuple[str, int] | None:
-    hp = _split_hostport(text)
-    if hp is None:
-        return None
-    try:
-        ipaddress.ip_address(hp[0])
-    except ValueError:
-        return None
-    return hp
 
 
 def _image_dirs(c: _Checker, raw: object) -> list[str]:
@@ -422,7 +523,7 @@ def _clusters(c: _Checker, raw: list[Any]) -> dict[str, CephAccess | None]:
             continue
         n_before = len(c.problems)
         name = c.text(e.get("name"), f"{key}.name", "a name of letters, digits, '_', '.', '-'",
-                      lambda s: bool(_NAME.match(s)))
+                      valid_name)
         if name is not None and name in out:
             c.error(f"{key}.name", "a cluster name not used before", name)
         conf = c.text(e.get("conf", default("ceph[].conf")), f"{key}.conf",
@@ -430,7 +531,7 @@ def _clusters(c: _Checker, raw: list[Any]) -> dict[str, CephAccess | None]:
                       lambda s: s.startswith("/") and os.path.isfile(s))
         client = c.text(e.get("client", default("ceph[].client")), f"{key}.client",
                         "a cephx user name without 'client.' (letters, digits, '_', '.', '-')",
-                        lambda s: bool(_NAME.match(s)) and not s.startswith("client."))
+                        lambda s: valid_name(s) and not s.startswith("client."))
         keyring = c.text(e.get("keyring", ""), f"{key}.keyring",
                          "empty, or the absolute path of an existing keyring file",
                          lambda s: s == "" or (s.startswith("/") and os.path.isfile(s)))
@@ -502,57 +603,72 @@ def _mirrors(c: _Checker, raw: list[Any], dirs: list[str],
     seen_images: dict[object, str] = {}
     for i, item in enumerate(raw):
         key = f"mirrors[{i}]"
-        m = c.mapping(item, key, keys, ("name", "size", "image_a", "image_b"))
-        if m is None:
-            continue
         n_before = len(c.problems)
-        name = c.text(m.get("name"), f"{key}.name", "a name of letters, digits, '_', '.', "
-                      "'-' (1-64 characters, starting with a letter or digit)",
-                      lambda s: bool(_NAME.match(s))) if "name" in m else None
-        if name is not None:
-            if name in seen_names:
-                c.error(f"{key}.name", f"a name not used before ({seen_names[name]}.name "
-                        "has it too)", name)
-            seen_names.setdefault(name, key)
-        size = parse_size(m.get("size"))
-        if "size" in m and (size is None or size <= 0 or size % SECTOR):
-            c.error(f"{key}.size", f"a positive size in bytes or with a unit (512M, 10G), a "
-                    f"multiple of {SECTOR}", m.get("size"))
-        region = parse_size(m.get("region_size", default("mirrors[].region_size")))
-        if region is None or region < MIN_REGION or region & (region - 1):
-            c.error(f"{key}.region_size", f"a power of two of at least {MIN_REGION} (e.g. 64K)",
-                    m.get("region_size"))
-        direct = c.boolean(m.get("direct", False), f"{key}.direct")
-        create = c.boolean(m.get("create_images", False), f"{key}.create_images")
-        keep = m.get("rbd_snapshots_keep", 0)
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-            c.error(f"{key}.rbd_snapshots_keep", "a count of 0 or more (0 keeps all)", keep)
-        images = []
-        access: list[CephAccess | None] = []
-        for leg in ("image_a", "image_b"):
-            ok, acc = _cluster_of(c, m, key, leg[-1], m.get(leg), clusters)
-            access.append(acc)
-            if leg not in m or not ok:
-                continue
-            if isinstance(m[leg], str) and is_rbd(m[leg]):
-                images.append(_rbd_image(c, m[leg], f"{key}.{leg}", acc, seen_images))
-                continue
-            images.append(_image(c, m[leg], f"{key}.{leg}", dirs, create,
-                                 size if size and size > 0 else None, seen_images))
-        if len(c.problems) > n_before or len(images) != 2 or None in images:
+        mc = _mirror(c, item, key, keys, dirs, clusters, seen_names, seen_images)
+        name = item.get("name") if isinstance(item, dict) else None
+        if len(c.problems) > n_before:
+            if valid_name(name):
+                c.by_mirror.setdefault(str(name), []).extend(c.problems[n_before:])
             continue
-        assert name is not None and size is not None and region is not None
-        a, b = images
-        assert a is not None and b is not None
-        mc = MirrorConfig(name, size, a, b, region, direct, create, access[0], access[1],
-                          int(keep))
-        try:
-            parse(mc.cfgstring())
-        except ConfigError as exc:
-            c.error(key, f"image paths the kernel's dev_config can carry ({exc})", show=False)
-            continue
-        out.append(mc)
+        if mc is not None:
+            out.append(mc)
     return out
+
+
+def _mirror(c: _Checker, item: object, key: str, keys: tuple[str, ...], dirs: list[str],
+            clusters: dict[str, CephAccess | None], seen_names: dict[str, str],
+            seen_images: dict[object, str]) -> MirrorConfig | None:
+    """One mirror entry: every problem reported; the MirrorConfig only when it has none."""
+    m = c.mapping(item, key, keys, ("name", "size", "image_a", "image_b"))
+    if m is None:
+        return None
+    name = c.text(m.get("name"), f"{key}.name", NAME_EXPECTED,
+                  valid_name) if "name" in m else None
+    if name is not None:
+        if name in seen_names:
+            c.error(f"{key}.name", f"a name not used before ({seen_names[name]}.name "
+                    "has it too)", name)
+            name = None
+        else:
+            seen_names[name] = key
+    size = parse_size(m.get("size"))
+    if "size" in m and (size is None or size <= 0 or size % SECTOR):
+        c.error(f"{key}.size", f"a positive size in bytes or with a unit (512M, 10G), a "
+                f"multiple of {SECTOR}", m.get("size"))
+        size = None
+    region = parse_size(m.get("region_size", default("mirrors[].region_size")))
+    if region is None or region < MIN_REGION or region & (region - 1):
+        c.error(f"{key}.region_size", f"a power of two of at least {MIN_REGION} (e.g. 64K)",
+                m.get("region_size"))
+        region = None
+    direct = c.boolean(m.get("direct", False), f"{key}.direct")
+    create = c.boolean(m.get("create_images", False), f"{key}.create_images")
+    keep = m.get("rbd_snapshots_keep", 0)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        c.error(f"{key}.rbd_snapshots_keep", "a count of 0 or more (0 keeps all)", keep)
+        keep = None
+    images: list[str | None] = []
+    access: list[CephAccess | None] = []
+    for leg in ("image_a", "image_b"):
+        ok, acc = _cluster_of(c, m, key, leg[-1], m.get(leg), clusters)
+        access.append(acc)
+        if leg not in m or not ok:
+            images.append(None)
+        elif isinstance(m[leg], str) and is_rbd(m[leg]):
+            images.append(_rbd_image(c, m[leg], f"{key}.{leg}", acc, seen_images))
+        else:
+            images.append(_image(c, m[leg], f"{key}.{leg}", dirs, create, size, seen_images))
+    a, b = images
+    if name is None or size is None or region is None or keep is None or a is None \
+            or b is None:
+        return None
+    mc = MirrorConfig(name, size, a, b, region, direct, create, access[0], access[1], keep)
+    try:
+        parse(mc.cfgstring())
+    except ConfigError as exc:
+        c.error(key, f"image paths the kernel's dev_config can carry ({exc})", show=False)
+        return None
+    return mc
 
 
 def _image(c: _Checker, raw: object, key: str, dirs: list[str], create: bool,
@@ -608,7 +724,7 @@ def _groups(c: _Checker, raw: list[Any], mirrors: set[str]) -> list[GroupConfig]
             continue
         n_before = len(c.problems)
         name = c.text(g.get("name"), f"{key}.name", "a group name of letters, digits, '_', "
-                      "'.', '-'", lambda s: bool(_NAME.match(s))) if "name" in g else None
+                      "'.', '-'", valid_name) if "name" in g else None
         if name is not None and name in names:
             c.error(f"{key}.name", "a group name not used before", name)
         members = g.get("mirrors")
@@ -658,10 +774,9 @@ def _exports(c: _Checker, raw: list[Any], mirrors: set[str]) -> list[ExportConfi
         else:
             for j, p in enumerate(raw_portals):
                 pk = f"{key}.portals[{j}]"
-                hp = _portal(p) if isinstance(p, str) else None
+                hp = parse_hostport(p) if isinstance(p, str) else None
                 if hp is None:
-                    c.error(pk, "IP:PORT with a numeric IP and a port 1-65535 "
-                            "(e.g. 192.0.2.10:3260 or [2001:db8::1]:3260)", p)
+                    c.error(pk, EXPECTED, p)
                 elif hp in portals:
                     c.error(pk, "a portal not listed before", p)
                 else:

@@ -38,13 +38,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from targetmirror.atomicfile import write_json
 from targetmirror.config.cfgstring import MirrorSpec, SnapshotSpec, parse, parse_any
 from targetmirror.config.loader import Chap, Config
 from targetmirror.errors import ConfigError, ConfigFileError
+from targetmirror.lio.iscsi import TPG_TAG
 from targetmirror.store.rbd import is_rbd
 
 MANIFEST_NAME = "apply-manifest.json"
-TPG_TAG = 1
 
 
 @dataclass
@@ -114,14 +115,8 @@ class Manifest:
 
     def save(self, path: str) -> None:
         """Write atomically (temp file, fsync, rename): a crash leaves the old or the new."""
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"backstores": self.backstores, "targets": sorted(self.targets),
-                       "groups": sorted(self.groups)}, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
+        write_json(path, {"backstores": self.backstores, "targets": sorted(self.targets),
+                          "groups": sorted(self.groups)})
 
 
 @dataclass(frozen=True)

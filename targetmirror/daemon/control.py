@@ -1,64 +1,137 @@
-"""The daemon's local control API: a Unix socket speaking one JSON object per line.
-
-Request:  ``{"v": 1, "op": "<name>", ...arguments}``
-Response: ``{"v": 1, "ok": true, "result": {...}}`` or
-          ``{"v": 1, "ok": false, "error": {"code": "<stable code>", "message": "..."}}``
+"""The daemon's side of the control API (:mod:`targetmirror.protocol` has the wire format, the
+client and the error classes): a Unix socket speaking one JSON object per line.
 
 Only root may talk to it: the socket lives in a 0700 directory, is itself 0600, and every
 connection's peer credentials (SO_PEERCRED) are checked, so a permission slip on the directory
 is not enough to control mirrors.  Requests are bounded in size; anything that is not a valid
 request gets a ``protocol`` error and changes nothing.
 
+A request's arguments are checked against its handler's signature before the handler runs
+(configshell-fb's ``assert_params`` is the model): an unknown or missing argument, or one of
+the wrong JSON type for the handler's annotation, is a ``protocol`` error naming it, and the
+handler is not called.  A handler is then a plain method with keyword arguments; an exception
+it did not foresee (a ``KeyError`` or ``TypeError`` deep inside, i.e. a bug) answers
+``internal`` and logs the traceback, instead of passing for the client's bad arguments.
+
 A client cannot tie the daemon up either: at most :data:`MAX_CONNECTIONS` connections are
 served at once (one more is answered ``busy`` and closed), and a connection that sends part of
 a request and then nothing for :data:`IDLE_TIMEOUT` seconds is closed without running it (an
 operation that takes long, such as ``rejoin --wait``, is not idle: the timeout only covers
-waiting for a request).  A handler that fails in a way it did not foresee answers ``internal``
-and logs the traceback, instead of leaving the client without a reply.
+waiting for a request).
 
-Error codes are the ``.code`` of :mod:`targetmirror.errors` plus ``protocol``, ``permission``,
-``busy`` and ``internal``.
+Error codes are the ``.code`` of :mod:`targetmirror.errors` (``protocol``, ``permission``,
+``busy`` and ``internal`` included).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import os
 import socket
 import struct
 import threading
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
-from targetmirror.errors import TargetMirrorError
+from targetmirror.errors import ProtocolError, TargetMirrorError
+from targetmirror.protocol import DEFAULT_SOCKET, MAX_REQUEST, VERSION
+from targetmirror.protocol import error_reply as _error
 
 log = logging.getLogger("targetmirror.control")
 
-VERSION = 1
-MAX_REQUEST = 64 * 1024
 MAX_CONNECTIONS = 32
 """Connections served at once; the CLI opens one per command."""
 IDLE_TIMEOUT = 30.0
 """Seconds a connection may wait between bytes of an unfinished request."""
-DEFAULT_SOCKET = "/run/targetmirror/control.sock"
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handler = Callable[..., dict[str, Any]]
+"""An operation: keyword arguments (the request's, checked first), a JSON-able result."""
 
-
-class ProtocolError(TargetMirrorError):
-    """A request that is not valid JSON, too large, or of an unknown version or operation."""
-
-    code = "protocol"
+_ENVELOPE = ("v", "op")
 
 
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"v": VERSION, "ok": False, "error": {"code": code, "message": message}}
+def _describe(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+        return f"a list of {plural.get(item, _describe(item))}" if item is not Any else "a list"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            dict: "an object"}.get(hint, str(hint))
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a handler's annotation (the few shapes handlers use)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list or hint is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def _signature(handler: Handler) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    sig = inspect.signature(handler)
+    try:
+        hints = typing.get_type_hints(handler)
+    except (NameError, TypeError):  # an annotation that does not resolve: names only
+        hints = {}
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    params = {n: p for n, p in sig.parameters.items()
+              if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                            inspect.Parameter.KEYWORD_ONLY)}
+    return params, hints, open_ended
+
+
+def check_arguments(op: str, handler: Handler, args: dict[str, Any]) -> None:
+    """Raise :class:`ProtocolError` naming every argument of ``args`` that ``handler`` does not
+    take, every one it needs and lacks, and every one of the wrong JSON type."""
+    params, hints, open_ended = _signature(handler)
+    problems = []
+    if not open_ended:
+        problems += [f"unknown argument {k!r} (it takes "
+                     f"{', '.join(params) or 'none'})" for k in args if k not in params]
+    problems += [f"missing argument {n!r}" for n, p in params.items()
+                 if p.default is inspect.Parameter.empty and n not in args]
+    for k, v in args.items():
+        hint = hints.get(k)
+        if k in params and hint is not None and not _conforms(v, hint):
+            shown = json.dumps(v)
+            problems.append(f"{k}: expected {_describe(hint)}, got "
+                            f"{shown if len(shown) <= 40 else shown[:37] + '...'}")
+    if problems:
+        raise ProtocolError(f"bad arguments for {op}: {'; '.join(problems)}")
 
 
 def handle_line(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]:
-    """Decode one request, run its handler, and return the response object (pure logic)."""
+    """Decode one request, check its arguments, run its handler, and return the response
+    object (pure logic)."""
     try:
         req = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -73,12 +146,12 @@ def handle_line(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]:
     if handler is None:
         return _error("protocol", f"unknown operation {op!r}; expected one of "
                                   f"{', '.join(sorted(handlers))}")
+    args = {k: v for k, v in req.items() if k not in _ENVELOPE}
     try:
-        return {"v": VERSION, "ok": True, "result": handler(req)}
+        check_arguments(str(op), handler, args)
+        return {"v": VERSION, "ok": True, "result": handler(**args)}
     except TargetMirrorError as exc:
         return _error(exc.code, str(exc))
-    except (TypeError, ValueError, KeyError) as exc:
-        return _error("protocol", f"bad arguments for {op}: {exc}")
     except Exception as exc:  # a bug, but the client still deserves an answer
         log.exception("control operation %s failed", op)
         return _error("internal", f"{op} failed unexpectedly ({type(exc).__name__}: {exc}); "
@@ -175,8 +248,6 @@ class ControlServer:
                 conn.settimeout(None)  # a handler may take long; sending its reply must not
                 if not chunk:
                     return
-                if not chunk:
-                    return
                 buf += chunk
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
@@ -193,45 +264,5 @@ class ControlServer:
             conn.sendall(json.dumps(obj).encode() + b"\n")
 
 
-def call(path: str, op: str, sock_timeout: float = 7200.0, **args: Any) -> dict[str, Any]:
-    """Client side: send one request and return its ``result``, raising on an error reply.
-
-    ``sock_timeout`` only bounds the wait for the reply; operations take their own ``timeout``
-    argument (how long the daemon waits for a split or rejoin to finish)."""
-    from targetmirror.errors import DeviceError
-
-    req = {"v": VERSION, "op": op, **args}
-    buf = b""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-            s.settimeout(sock_timeout)
-            s.connect(path)
-            # A daemon that refuses us (permissions) answers and closes at once; our send may
-            # then fail, but its answer is still there to read.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                s.sendall(json.dumps(req).encode() + b"\n")
-            while b"\n" not in buf:
-                try:
-                    chunk = s.recv(65536)
-                except ConnectionResetError:
-                    break
-                if not chunk:
-                    break
-                buf += chunk
-    except OSError as exc:
-        raise DeviceError(f"cannot reach targetmirrord at {path}: {exc.strerror or exc} "
-                          "(is it running?)") from exc
-    if not buf:
-        raise DeviceError(f"targetmirrord at {path} closed the connection without answering")
-    try:
-        resp = json.loads(buf)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"daemon sent a malformed reply: {buf[:200]!r}") from exc
-    if not resp.get("ok"):
-        err = resp.get("error", {})
-        exc2 = TargetMirrorError(err.get("message", "unknown error"))
-        exc2.code = err.get("code", "error")
-        raise exc2
-    result = resp.get("result", {})
-    assert isinstance(result, dict)
-    return result
+__all__ = ["DEFAULT_SOCKET", "MAX_REQUEST", "ControlServer", "Handler",
+           "check_arguments", "handle_line"]

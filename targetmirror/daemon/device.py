@@ -26,9 +26,9 @@ from targetmirror.config.cfgstring import (
     parse,
     parse_any,
 )
-from targetmirror.daemon.metrics import OTHER, READ, WRITE, CommandStats
 from targetmirror.daemon.runner import Admit, DeviceRunner, Job, PlainJob
-from targetmirror.errors import DeviceError, MirrorError, TargetMirrorError
+from targetmirror.daemon.stats import OTHER, READ, WRITE, CommandStats
+from targetmirror.errors import ConfigError, DeviceError, MirrorError, TargetMirrorError
 from targetmirror.mirror.bitmap import DEFAULT_REGION
 from targetmirror.mirror.mirror import LEG_A, WI_EXTENT, Mirror, MirrorIO, QuietPlan
 from targetmirror.mirror.snapshot import SnapshotVolume, owning_split_mirror
@@ -42,7 +42,8 @@ from targetmirror.scsi.identity import DeviceIdentity
 from targetmirror.scsi.inquiry import inquiry
 from targetmirror.scsi.iov import copy_out, iov_len
 from targetmirror.scsi.sense import SenseError, build_fixed_sense
-from targetmirror.store.rbd import is_rbd, open_image, parse_name
+from targetmirror.store.image import open_image
+from targetmirror.store.rbd import is_rbd, parse_name
 from targetmirror.tcmu.ring import Ring
 from targetmirror.tcmu.uio import ConfigfsDevice, UioDevice, UioInfo
 
@@ -89,12 +90,17 @@ class ServedDevice:
     """Per-command counters for the metrics endpoint (mirrors only)."""
     lane: _Lane | None = None
     """The express lane's counters (volume 1 of a mirror, when the lane is built)."""
+    commands: MirrorCommands | None = None
+    reason_code: str | None = None
+    """The error code of ``reason`` (``config``, ``store``, ...): what kind of refusal."""
 
     def close(self) -> None:
         """Stop the ring loop (finishing in-flight commands), then close ring and images."""
         self.runner.stop()
         self.runner.join()
         self.uio.close()
+        if self.commands is not None:
+            self.commands.close()
         if self.mirror is not None and self.volume == 1:
             self.mirror.close()
         if self.snapshot is not None:
@@ -185,6 +191,14 @@ class MirrorCommands:
 
         self.lane = _Lane(self.stats) if express.available() and volume == 1 else None
         """The express lane of this device (None: not built, disabled, or not volume 1)."""
+        if volume != 1:
+            # The lane bypasses admission; a second LUN's commands must never wait behind it.
+            mirror.lane.attach_other()
+
+    def close(self) -> None:
+        """The device stops being served (after its ring loop has stopped)."""
+        if self._volume != 1:
+            self._mirror.lane.detach_other()
 
     def commit(self) -> None:
         """Once per ring batch, before it runs: one sync for the bits admission marked."""
@@ -536,25 +550,31 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
           configfs_root: str = "/sys/kernel/config",
           mirrors: Callable[[str], Mirror | None] = lambda name: None,
           wi_extent: int = WI_EXTENT,
-          guard: Callable[[MirrorSpec | SnapshotSpec], None] | None = None) -> ServedDevice:
+          guard: Callable[[MirrorSpec | SnapshotSpec], None] | None = None,
+          refused: str | None = None) -> ServedDevice:
     """Open the UIO device, build its mirror and start its ring loop.
 
     ``mirrors`` finds an already served mirror by name, for a volume-2 device (whose caller
     must make sure the mirror is served first, see :func:`volume_of`).  ``guard`` sees the
     parsed cfgstring before any image is opened and raises to refuse it (the daemon's image
     confinement and "one image, one mirror" rule): the device is then answered NOT READY and
-    nothing is opened, created or written.
+    nothing is opened, created or written.  ``refused`` (why the configuration file refuses
+    this backstore) does the same before even the cfgstring is looked at: reason code
+    ``config``.
     """
     cfs = ConfigfsDevice.for_device(info, configfs_root)
     mirror: Mirror | None = None
     snapshot: SnapshotVolume | None = None
     reason: str | None = None
+    reason_code: str | None = None
     volume = 1
     stats: CommandStats | None = None
     before_dispatch: Callable[[], None] | None = None
     commands: MirrorCommands | None = None
     admit: Admit
     try:
+        if refused is not None:
+            raise ConfigError(f"the configuration file refuses it: {refused}")
         spec = parse_any(info.cfgstring)
         if guard is not None and not isinstance(spec, VolumeSpec):
             guard(spec)
@@ -582,6 +602,9 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
             before_dispatch = commands.commit
     except (TargetMirrorError, OSError) as exc:
         reason = str(exc)
+        reason_code = exc.code if isinstance(exc, TargetMirrorError) else "os"
+        if commands is not None:
+            commands.close()
         commands = None
         log.error("cannot serve %s: %s; answering NOT READY until it is fixed", info.dev_name,
                   reason, extra={"device": info.dev_name})
@@ -622,7 +645,8 @@ def serve(info: UioInfo, *, workers: int, store: StateStore | None,
         log.info("serving %s: read-only snapshot of %s (%s)", info.dev_name, snapshot.mirror,
                  snapshot.image.path, extra={"device": info.dev_name})
     return ServedDevice(info, uio, runner, mirror, reason, snapshot, volume, stats,
-                        commands.lane if commands is not None else None)
+                        commands.lane if commands is not None else None, commands,
+                        reason_code)
 
 
 def not_ready_admit(identity: Callable[[], DeviceIdentity],

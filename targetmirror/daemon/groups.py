@@ -6,13 +6,11 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import threading
 
+from targetmirror.atomicfile import write_json
 from targetmirror.errors import ConfigError, MirrorError
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+from targetmirror.names import valid_name
 
 
 class GroupStore:
@@ -43,7 +41,7 @@ class GroupStore:
             return list(self._groups[group])
 
     def create(self, group: str, names: list[str]) -> dict[str, list[str]]:
-        if not _NAME.match(group):
+        if not valid_name(group):
             raise ConfigError(f"group name {group!r}: expected letters, digits, '_', '.', '-'")
         if len(names) < 2 or len(set(names)) != len(names):
             raise ConfigError(f"group {group}: expected two or more distinct mirror names")
@@ -62,9 +60,4 @@ class GroupStore:
         return self.all()
 
     def _save(self) -> None:
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self._groups, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.path)
+        write_json(self.path, self._groups)

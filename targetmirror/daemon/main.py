@@ -13,8 +13,8 @@ close every device and image before exiting 0.
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
+import math
 import os
 import signal
 import sys
@@ -24,26 +24,23 @@ from types import FrameType
 from typing import Any
 
 from targetmirror import __version__, express
-from targetmirror.config.cfgstring import (
-    MirrorSpec,
-    SnapshotSpec,
-    check_confined,
-    image_identity,
-)
-from targetmirror.config.loader import parse_size
-from targetmirror.daemon import logs, sdnotify
-from targetmirror.daemon.control import DEFAULT_SOCKET, ControlServer, Handler
-from targetmirror.daemon.device import ServedDevice, serve, volume_of
+from targetmirror.config.loader import Config
+from targetmirror.daemon import logs, restore, sdnotify
+from targetmirror.daemon.control import ControlServer, Handler
+from targetmirror.daemon.device import ServedDevice
 from targetmirror.daemon.groups import GroupStore
-from targetmirror.daemon.runner import DeviceRunner
-from targetmirror.daemon.split import split as split_mirrors
+from targetmirror.daemon.ops import ControlOps
+from targetmirror.daemon.registry import DeviceRegistry
+from targetmirror.daemon.restore import Loaded
 from targetmirror.daemon.watchdog import DEFAULT_THRESHOLD, Watchdog
-from targetmirror.errors import ConfigError, DeviceError, MirrorError, TargetMirrorError
-from targetmirror.mirror.mirror import WI_EXTENT, Mirror
+from targetmirror.errors import DeviceError, TargetMirrorError
+from targetmirror.mirror.mirror import WI_EXTENT
 from targetmirror.mirror.state import StateStore
+from targetmirror.protocol import DEFAULT_SOCKET
 from targetmirror.tcmu import layout as L
 from targetmirror.tcmu.netlink import NetlinkEvent, TcmuNetlink
-from targetmirror.tcmu.uio import UioInfo, find_devices
+from targetmirror.tcmu.uio import UioInfo
+from targetmirror.units import parse_size
 
 log = logging.getLogger("targetmirror.daemon")
 
@@ -51,7 +48,13 @@ DEFAULT_STATE_DIR = "/var/lib/targetmirror"
 
 
 class Daemon:
-    """Keeps the set of served devices equal to the set of ``user:mirror`` devices."""
+    """Keeps the set of served devices equal to the set of ``user:mirror`` devices: the main
+    loop, kernel events (netlink) and the faces (control socket, metrics, D-Bus).
+
+    The parts live in their own modules: the device set and the image guard in
+    :class:`~targetmirror.daemon.registry.DeviceRegistry`, the control operations in
+    :class:`~targetmirror.daemon.ops.ControlOps` (with the split scheduler).
+    """
 
     def __init__(self, *, workers: int = 2, rescan_interval: float = 5.0,
                  state_dir: str = DEFAULT_STATE_DIR, control_socket: str | None = None,
@@ -61,140 +64,133 @@ class Daemon:
                  metrics_address: str | None = None, dbus: bool = False,
                  image_dirs: tuple[str, ...] | None = None,
                  control_uids: tuple[int, ...] = (),
-                 wi_extent: int = WI_EXTENT) -> None:
-        self.workers = workers
-        self.wi_extent = wi_extent
+                 wi_extent: int = WI_EXTENT, config_path: str | None = None,
+                 state_dir_override: str | None = None,
+                 image_dirs_fixed: bool = False) -> None:
+        self.config_path = config_path
+        """The YAML file read at start and on SIGHUP (None: none)."""
+        self.loaded: Loaded | None = None
+        """The configuration in force (its valid part is what was applied)."""
+        self.last_reload: dict[str, Any] | None = None
+        self._state_dir_override = state_dir_override
+        self._image_dirs_fixed = image_dirs_fixed
+        """--image-dir was given: the file's image_dirs do not replace it on reload."""
+        self._reload = threading.Event()
         self.control_uids = (0, *(u for u in control_uids if u != 0))
         """Peer uids the control socket answers: root, and only whom the admin added."""
-        self.image_dirs = (None if image_dirs is None
-                           else tuple(os.path.realpath(d) for d in image_dirs))
-        """Directories every served image must resolve into (None: not confined)."""
         self.dbus = dbus
         self.metrics_address = metrics_address
-        self.store = StateStore(os.path.join(state_dir, "mirrors"))
-        self.groups = GroupStore(os.path.join(state_dir, "groups.json"))
         self.control_socket = control_socket
-        self._timers: dict[int, tuple[float, list[str], threading.Timer]] = {}
-        self._timer_ids = itertools.count(1)
         self.rescan_interval = rescan_interval
-        self.sysfs_root = sysfs_root
-        self.dev_root = dev_root
-        self.configfs_root = configfs_root
-        self.devices: dict[str, ServedDevice] = {}
-        self._lock = threading.Lock()
+        self.registry = DeviceRegistry(
+            StateStore(os.path.join(state_dir, "mirrors")), workers=workers,
+            image_dirs=image_dirs, sysfs_root=sysfs_root, dev_root=dev_root,
+            configfs_root=configfs_root, wi_extent=wi_extent)
+        self.groups = GroupStore(os.path.join(state_dir, "groups.json"))
+        # always running: it also sends systemd's WATCHDOG=1 (--stuck-after 0 only turns the
+        # stuck-command reports off)
+        self.watchdog = Watchdog(self.registry.runners,
+                                 threshold=stuck_after if stuck_after > 0 else math.inf)
+        self.ops = ControlOps(self.registry, self.groups, self.watchdog,
+                              config_status=self._config_status,
+                              schedules_path=os.path.join(state_dir, "schedules.json"))
         self._stop = threading.Event()
         self._last_scan = 0.0
-        self.watchdog = (Watchdog(self._runners, threshold=stuck_after) if stuck_after > 0
-                         else None)
 
-    def _runners(self) -> list[tuple[str, DeviceRunner]]:
-        with self._lock:
-            return [(d.info.dev_name, d.runner) for d in self.devices.values()]
+    # -- the registry's, for the callers that hold a Daemon ------------------------------------
+    @property
+    def devices(self) -> dict[str, ServedDevice]:
+        return self.registry.devices
 
-    # -- device set ------------------------------------------------------------------------
-    def _served_mirror(self, name: str) -> Mirror | None:
-        """The mirror served under backstore ``name`` (call with ``_lock`` held)."""
-        for dev in self.devices.values():
-            if dev.volume == 1 and dev.mirror is not None and dev.info.dev_name == name:
-                return dev.mirror
-        return None
+    @property
+    def image_dirs(self) -> tuple[str, ...] | None:
+        return self.registry.image_dirs
 
-    def _served_images(self) -> dict[tuple[object, ...], str]:
-        """Identity of every image a served device uses -> that device (``_lock`` held)."""
-        out: dict[tuple[object, ...], str] = {}
-        for dev in self.devices.values():
-            paths = []
-            if dev.mirror is not None and dev.volume == 1:
-                paths = [dev.mirror.a.path, dev.mirror.b.path]
-            elif dev.snapshot is not None:
-                paths = [dev.snapshot.image.path]
-            for p in paths:
-                ident = image_identity(p)
-                if ident is not None:
-                    out[ident] = dev.info.dev_name
-        return out
-
-    def _check_image(self, key: str, path: str, exclude: str | None = None) -> None:
-        """Refuse an image outside the image directories or used by another served device."""
-        if self.image_dirs is not None:
-            check_confined(key, path, self.image_dirs)
-        owner = self._served_images().get(image_identity(path) or ("missing", path))
-        if owner is not None and owner != exclude:
-            raise ConfigError(f"image {key} {path} is already used by {owner}; one image "
-                              "belongs to one mirror")
-
-    def _check_images(self, spec: MirrorSpec | SnapshotSpec) -> None:
-        """``serve``'s guard (``_lock`` held): confinement for every image; a mirror's legs
-        must not be images another device serves (a snapshot LUN reads a split mirror's A
-        on purpose)."""
-        if isinstance(spec, SnapshotSpec):
-            if self.image_dirs is not None:
-                check_confined("snapshot", spec.image, self.image_dirs)
-            return
-        for key, path in (("a", spec.image_a), ("b", spec.image_b)):
-            self._check_image(key, path)
-
-    def check_config(self, config: str) -> tuple[bool, str]:
-        """D-Bus CheckConfig (targetcli's ``create``): the cfgstring's syntax and images, and
-        this daemon's own refusals, so a backstore it would not serve is never made."""
-        from targetmirror.daemon.dbus_service import check_config
-
-        def guard(spec: MirrorSpec | SnapshotSpec) -> None:
-            with self._lock:
-                self._check_images(spec)
-
-        return check_config(config, guard)
+    @image_dirs.setter
+    def image_dirs(self, dirs: tuple[str, ...] | None) -> None:
+        self.registry.image_dirs = dirs
 
     def attach(self, info: UioInfo) -> None:
-        """Serve ``info`` unless it is served already."""
-        with self._lock:
-            if info.name in self.devices:
-                return
-            owner = volume_of(info)
-            if owner is not None and self._served_mirror(owner) is None:
-                # volume 2 waits for its mirror: the next rescan tries again
-                log.warning("%s is volume 2 of mirror %s, which is not served (yet)",
-                            info.dev_name, owner, extra={"device": info.dev_name})
-                return
-            try:
-                dev = serve(info, workers=self.workers, store=self.store,
-                            configfs_root=self.configfs_root, mirrors=self._served_mirror,
-                            guard=self._check_images, wi_extent=self.wi_extent)
-                self.devices[info.name] = dev
-                if dev.mirror is not None and dev.volume == 1:
-                    dev.mirror.resume()
-            except TargetMirrorError as exc:
-                log.error("cannot open %s: %s", info.dev_path, exc,
-                          extra={"device": info.dev_name})
+        self.registry.attach(info)
 
     def detach(self, name: str) -> None:
-        """Stop serving the device whose UIO name is ``name`` (and a mirror's volume 2s
-        before the mirror itself: they share its Mirror)."""
-        with self._lock:
-            dev = self.devices.get(name)
-            peers = [] if dev is None or dev.volume != 1 or dev.mirror is None else [
-                n for n, d in self.devices.items() if d.volume == 2 and d.mirror is dev.mirror]
-        for peer in peers:
-            self.detach(peer)
-        with self._lock:
-            dev = self.devices.pop(name, None)
-        if dev is not None:
-            dev.close()
-            log.info("stopped serving %s", dev.info.dev_name, extra={"device": dev.info.dev_name})
+        self.registry.detach(name)
 
     def rescan(self) -> None:
-        """Attach new devices; reap ring loops whose device went away."""
+        self.registry.rescan()
+
+    def check_config(self, config: str) -> tuple[bool, str]:
+        return self.registry.check_config(config)
+
+    def handlers(self) -> dict[str, Handler]:
+        return self.ops.handlers()
+
+    # -- the configuration file --------------------------------------------------------------
+    def start_with(self, loaded: Loaded) -> None:
+        """Take the file read at start: refuse its invalid mirrors, apply its valid part
+        (in full when the file is valid; only what is new when it has problems)."""
+        self.loaded = loaded
+        self.registry.refused = loaded.refused  # before the first rescan: nothing served yet
+        config = loaded.config
+        if config is not None:
+            restore.apply_config(config, self.groups, self._state_dir_override,
+                                 only_new=not loaded.ok)
+
+    def request_reload(self) -> None:
+        """Ask the main loop to reload the file (signal-safe: SIGHUP)."""
+        self._reload.set()
+
+    def reload(self) -> bool:
+        """SIGHUP / ``systemctl reload``: read and check the file; apply a valid one in full
+        and lift every refusal, keep the running configuration if it has a problem."""
+        if self.config_path is None:
+            log.warning("reload asked for, but targetmirrord runs without a configuration "
+                        "file (--config)")
+            return False
+        sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            found = {i.name: i for i in find_devices("mirror", self.sysfs_root, self.dev_root)}
-        except OSError as exc:
-            log.warning("scanning UIO devices failed: %s", exc)
-            return
-        for name, dev in list(self.devices.items()):
-            if name not in found or not dev.runner.alive:
-                self.detach(name)
-        # mirrors before their volume 2s
-        for info in sorted(found.values(), key=lambda i: volume_of(i) is not None):
-            self.attach(info)
+            loaded = restore.read(self.config_path)
+            if not loaded.ok or loaded.config is None:
+                restore.log_problems(loaded, "keeping the running configuration")
+                self.last_reload = {"wall": loaded.wall, "result": "kept the running "
+                                    "configuration", "problems": list(loaded.problems)}
+                return False
+            config = loaded.config
+            self._take_settings(config)
+            applied = restore.apply_config(config, self.groups, self._state_dir_override)
+            self.loaded = loaded
+            self.registry.refuse({})
+            self.last_reload = {"wall": loaded.wall,
+                                "result": "applied" if applied else "not applied (see the log)",
+                                "problems": []}
+            log.info("configuration %s reloaded: %s", self.config_path,
+                     self.last_reload["result"])
+            return applied
+        finally:
+            sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
+
+    def _take_settings(self, config: Config) -> None:
+        """The daemon settings a reload can change (log level, image directories); the
+        others need a restart, which is said."""
+        logging.getLogger().setLevel(config.daemon.log_level.upper())
+        if not self._image_dirs_fixed and self.registry.image_dirs != tuple(
+                os.path.realpath(d) for d in config.image_dirs):
+            log.info("image directories now %s", ", ".join(config.image_dirs) or "none")
+            self.registry.image_dirs = config.image_dirs
+        old = self.loaded.config if self.loaded is not None else None
+        if old is not None:
+            for key in ("control_socket", "state_dir", "metrics_address",
+                        "write_intent_extent"):
+                if getattr(old.daemon, key) != getattr(config.daemon, key):
+                    log.warning("daemon.%s changed in %s: it takes effect when targetmirrord "
+                                "restarts", key, config.path)
+
+    def _config_status(self) -> dict[str, Any] | None:
+        if self.loaded is None:
+            return None
+        st = self.loaded.status()
+        st["last_reload"] = self.last_reload
+        return st
 
     # -- netlink -----------------------------------------------------------------------------
     def _on_event(self, nl: TcmuNetlink, event: NetlinkEvent) -> None:
@@ -231,7 +227,7 @@ class Daemon:
         initiator sees our MODE SENSE caching page, which MODE SELECT changes), so it is
         accepted and logged.
         """
-        with self._lock:
+        with self.registry.lock:
             dev = self.devices.get(event.device)
         mirror = dev.mirror if dev is not None else None
         if dev is None or mirror is None:
@@ -253,217 +249,6 @@ class Daemon:
                      dev.info.dev_name, event.writecache, extra={"device": dev.info.dev_name})
         return 0
 
-    # -- control API -----------------------------------------------------------------------------
-    def _by_name(self, name: str) -> ServedDevice:
-        with self._lock:
-            for dev in self.devices.values():
-                if dev.info.dev_name == name:
-                    return dev
-        raise MirrorError(f"no mirror named {name!r} is served by this daemon")
-
-    def _names(self, req: dict[str, Any]) -> list[str]:
-        names = list(req.get("names") or [])
-        group = req.get("group")
-        if group:
-            names += self.groups.members(str(group))
-        if not names or not all(isinstance(n, str) for n in names):
-            raise MirrorError("name at least one mirror or a group")
-        return names
-
-    def op_status(self, req: dict[str, Any]) -> dict[str, Any]:
-        names = req.get("names") or []
-        with self._lock:
-            devs = list(self.devices.values())
-        out = []
-        for dev in devs:
-            if names and dev.info.dev_name not in names:
-                continue
-            if dev.mirror is not None and dev.volume == 2:
-                st = {"name": dev.info.dev_name, "volume": 2, "mirror": dev.mirror.name,
-                      "state": str(dev.mirror.state), "epoch": dev.mirror.epoch}
-            elif dev.mirror is not None:
-                st = dev.mirror.status()
-                st["volume2"] = [d.info.dev_name for d in devs
-                                 if d.volume == 2 and d.mirror is dev.mirror]
-            elif dev.snapshot is not None:
-                st = dev.snapshot.status()
-                st["name"] = dev.info.dev_name
-            else:
-                st = {"name": dev.info.dev_name, "state": "not-ready", "reason": dev.reason}
-            st["commands"] = dev.runner.commands
-            if dev.lane is not None:
-                st["express"] = {"commands": dev.lane.served, "runs": dev.lane.runs,
-                                 "stops": {why: dev.lane.stops[code]
-                                           for code, why in express.STOP_NAMES.items()},
-                                 "loop": express.loop is not None,
-                                 "notifies": dev.lane.notifies,
-                                 "batched": dev.lane.uring_why_not is None,
-                                 "batched_why_not": dev.lane.uring_why_not}
-            if self.watchdog is not None:
-                st["stuck_commands"] = self.watchdog.stuck(dev.info.dev_name)
-            out.append(st)
-        missing = set(names) - {m["name"] for m in out}
-        if missing:
-            raise MirrorError(f"no mirror named {', '.join(sorted(missing))} is served")
-        scheduled = [{"id": i, "at": at, "names": n} for i, (at, n, _) in self._timers.items()]
-        return {"version": __version__, "mirrors": out, "scheduled": scheduled,
-                "groups": self.groups.all()}
-
-    def op_split(self, req: dict[str, Any]) -> dict[str, Any]:
-        names = self._names(req)
-        at = req.get("at")
-        if at is not None:
-            return self._schedule(float(at), names)
-        devs = [self._by_name(n) for n in names]
-        for d in devs:
-            if d.volume == 2:
-                raise MirrorError(f"{d.info.dev_name} is volume 2 of mirror "
-                                  f"{d.mirror.name if d.mirror else '?'}; split the mirror")
-        result = split_mirrors(devs, self._volume2s(devs), one_way=bool(req.get("one_way")))
-        if req.get("wait", True):
-            timeout = float(req.get("timeout", 300))
-            deadline = time.monotonic() + timeout
-            for n in names:
-                m = self._by_name(n).mirror
-                assert m is not None
-                if not m.split_complete.wait(max(0.0, deadline - time.monotonic())):
-                    raise MirrorError(f"split of {n} did not complete within {timeout} s "
-                                      "(pre-split writes still in flight)")
-            instant = {r["name"]: r for r in result}
-            result = []
-            for n in names:
-                m2 = self._by_name(n).mirror
-                assert m2 is not None
-                st = m2.status()
-                st["ring_head"] = instant[n]["ring_head"]
-                st["locks_held_seconds"] = instant[n]["locks_held_seconds"]
-                result.append(st)
-        return {"split": result}
-
-    def _volume2s(self, devs: list[ServedDevice]) -> dict[str, list[ServedDevice]]:
-        """For each mirror being split: the volume-2 devices that share it (their rings
-        take part in the instant)."""
-        with self._lock:
-            return {d.info.dev_name: [p for p in self.devices.values()
-                                      if p.volume == 2 and p.mirror is d.mirror]
-                    for d in devs if d.mirror is not None}
-
-    def _schedule(self, at: float, names: list[str]) -> dict[str, Any]:
-        for n in names:
-            dev = self._by_name(n)
-            if dev.mirror is None:
-                raise MirrorError(f"mirror {n} is not being served: {dev.reason}")
-            dev.mirror.check_can_split()
-        delay = at - time.time()
-        if delay < 0:
-            raise MirrorError(f"the split time {time.ctime(at)} is in the past")
-        timer_id = next(self._timer_ids)
-
-        def fire() -> None:
-            self._timers.pop(timer_id, None)
-            try:
-                devs = [self._by_name(n) for n in names]
-                done = split_mirrors(devs, self._volume2s(devs))
-                log.info("scheduled split %d of %s taken (requested for %.3f, late by %.3f s)",
-                         timer_id, ", ".join(names), at, time.time() - at)
-                del done
-            except TargetMirrorError as exc:
-                log.error("scheduled split %d of %s failed: %s", timer_id, ", ".join(names), exc)
-
-        timer = threading.Timer(delay, fire)
-        timer.daemon = True
-        self._timers[timer_id] = (at, names, timer)
-        timer.start()
-        return {"scheduled": {"id": timer_id, "at": at, "names": names}}
-
-    def _mirror(self, name: str) -> Mirror:
-        dev = self._by_name(name)
-        if dev.mirror is None:
-            raise MirrorError(f"{name} is not a served mirror"
-                              + (f": {dev.reason}" if dev.reason else ""))
-        return dev.mirror
-
-    def op_rejoin(self, req: dict[str, Any]) -> dict[str, Any]:
-        names = self._names(req)
-        mirrors = [self._mirror(n) for n in names]
-        rate = req.get("rate")
-        for m in mirrors:
-            m.rejoin(full=bool(req.get("full", False)),
-                     rate=None if rate is None else float(rate))
-        if req.get("wait", False):
-            timeout = float(req.get("timeout", 3600))
-            deadline = time.monotonic() + timeout
-            for m in mirrors:
-                if not m.rejoin_complete.wait(max(0.0, deadline - time.monotonic())):
-                    raise MirrorError(f"rejoin of {m.name} did not finish within {timeout} s "
-                                      "(it goes on in the background)")
-        return {"rejoin": [m.status() for m in mirrors]}
-
-    def op_sync(self, req: dict[str, Any]) -> dict[str, Any]:
-        m = self._mirror(str(req["name"]))
-        rate = req.get("rate")
-        m.initial_sync(rate=None if rate is None else float(rate))
-        if req.get("wait", False):
-            timeout = float(req.get("timeout", 3600))
-            if not m.sync_complete.wait(timeout):
-                raise MirrorError(f"initial sync of {m.name} did not finish within {timeout} s "
-                                  "(it goes on in the background)")
-        return {"sync": m.status()}
-
-    def op_repair(self, req: dict[str, Any]) -> dict[str, Any]:
-        m = self._mirror(str(req["name"]))
-        rate = req.get("rate")
-        leg = req.get("leg")
-        replace = req.get("replace")
-        if replace is not None and not os.path.isabs(str(replace)):
-            raise MirrorError(f"--replace {replace}: expected an absolute path")
-        if replace is not None:
-            with self._lock:
-                self._check_image("replacing a leg", str(replace))
-        m.repair(leg=None if leg is None else str(leg),
-                 replace=None if replace is None else str(replace),
-                 rate=None if rate is None else float(rate))
-        if req.get("wait", False):
-            timeout = float(req.get("timeout", 3600))
-            done = m.sync_complete if m.state == "syncing" else m.rejoin_complete
-            deadline = time.monotonic() + timeout
-            while not done.wait(0.2):  # also watching for a copy that failed
-                progress = m.resync
-                if progress is not None and progress.get("error"):
-                    raise MirrorError(f"repair of {m.name} failed: {progress['error']}")
-                if time.monotonic() > deadline:
-                    raise MirrorError(f"repair of {m.name} did not finish within {timeout} s "
-                                      "(it goes on in the background)")
-        return {"repair": m.status()}
-
-    def op_verify(self, req: dict[str, Any]) -> dict[str, Any]:
-        m = self._mirror(str(req["name"]))
-        rate = req.get("rate")
-        length = req.get("length")
-        return m.verify(repair=bool(req.get("repair", False)), offset=int(req.get("offset", 0)),
-                        length=None if length is None else int(length),
-                        rate=None if rate is None else float(rate))
-
-    def op_cancel(self, req: dict[str, Any]) -> dict[str, Any]:
-        entry = self._timers.pop(int(req["id"]), None)
-        if entry is None:
-            raise MirrorError(f"no scheduled split {req['id']}")
-        entry[2].cancel()
-        return {"cancelled": int(req["id"])}
-
-    def op_group_create(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"groups": self.groups.create(str(req["group"]), list(req["names"]))}
-
-    def op_group_delete(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"groups": self.groups.delete(str(req["group"]))}
-
-    def handlers(self) -> dict[str, Handler]:
-        return {"status": self.op_status, "split": self.op_split, "cancel": self.op_cancel,
-                "rejoin": self.op_rejoin, "verify": self.op_verify, "sync": self.op_sync,
-                "repair": self.op_repair,
-                "group-create": self.op_group_create, "group-delete": self.op_group_delete,
-                "ping": lambda req: {"version": __version__}}
-
     # -- main loop -----------------------------------------------------------------------------
     def stop(self) -> None:
         """Ask :meth:`run` to return (signal-safe)."""
@@ -476,7 +261,7 @@ class Daemon:
             from targetmirror.daemon.metrics import MetricsServer
 
             # bound first: a taken port fails the start before any device is touched
-            metrics = MetricsServer(self, self.metrics_address)
+            metrics = MetricsServer(self.ops, self.metrics_address)
         nl: TcmuNetlink | None
         try:
             nl = TcmuNetlink.open()
@@ -490,15 +275,15 @@ class Daemon:
             control = ControlServer(self.control_socket, self.handlers(),
                                     allowed_uids=self.control_uids)
             control.start()
-        if self.watchdog is not None:
-            self.watchdog.start()
+        self.watchdog.start()
+        self.ops.scheduler.start()  # after the first rescan: a due split finds its mirrors
         if metrics is not None:
             metrics.start()
         bus = None
         if self.dbus:
             from targetmirror.daemon.dbus_service import HandlerService
 
-            bus = HandlerService(check=self.check_config)
+            bus = HandlerService(check=self.registry.check_config)
             if not bus.start():
                 bus = None
         log.info("targetmirrord %s serving %d device(s); express lane %s", __version__,
@@ -509,9 +294,12 @@ class Daemon:
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
         try:
             while not self._stop.is_set():
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
                 if nl is None:
-                    self._stop.wait(self.rescan_interval)
-                    self.rescan()
+                    self._stop.wait(min(self.rescan_interval, 1.0))
+                    self._periodic()
                     continue
                 try:
                     events = nl.receive(timeout=min(self.rescan_interval, 1.0))
@@ -525,21 +313,15 @@ class Daemon:
                 self._periodic()
         finally:
             sdnotify.notify("STOPPING=1")
-            if self.watchdog is not None:
-                self.watchdog.stop()
+            self.watchdog.stop()
             if control is not None:
                 control.close()
             if metrics is not None:
                 metrics.close()
             if bus is not None:
                 bus.close()
-            for _, _, timer in self._timers.values():
-                timer.cancel()
-            # every ring stops fetching at once and drains in parallel; detach then waits
-            for dev in list(self.devices.values()):
-                dev.runner.stop()
-            for name in list(self.devices):
-                self.detach(name)
+            self.ops.scheduler.stop()
+            self.registry.close()
             if nl is not None:
                 nl.close()
         log.info("targetmirrord stopped")
@@ -558,12 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="targetmirrord", description="Serve user:mirror TCMU devices (foreground).",
         epilog="With a configuration file (--config, $TARGETMIRROR_CONFIG, or "
                "/etc/targetmirror/targetmirror.yaml when it exists) the daemon applies it "
-               "before serving, like 'targetmirror apply'; a file that is invalid or cannot be "
-               "applied is logged as an error and the daemon serves what exists. Options given "
-               "here override the file's daemon settings. Exit status: 0 after SIGTERM/SIGINT, "
-               "1 on a fatal error, 2 on a usage error.")
+               "before serving, like 'targetmirror apply'. It never exits because of the file: "
+               "every problem is logged, the valid part is applied (only what is new, when "
+               "the file has problems), and a mirror whose entry is invalid is served NOT "
+               "READY with reason 'config'. SIGHUP (systemctl reload) reads the file again: "
+               "a valid file is applied and the refusals lifted, one with problems is logged "
+               "and the running configuration kept. Options given here override the file's "
+               "daemon settings. Exit status: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on "
+               "a usage error.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--config", default=None, help="YAML configuration to apply at start")
+    p.add_argument("--config", default=None,
+                   help="YAML configuration to apply at start and on SIGHUP")
     p.add_argument("--workers", type=int, default=2,
                    help="I/O worker threads per device; 0 runs commands on the ring thread")
     p.add_argument("--log-level", default=None,
@@ -602,15 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``targetmirrord``."""
-    from targetmirror.daemon import restore
-
     p = build_parser()
     args = p.parse_args(argv)
-    config, problem = restore.load(args.config)
+    path = restore.config_path(args.config)
+    loaded = restore.read(path) if path is not None else None
+    config = loaded.config if loaded is not None else None
     d = config.daemon if config is not None else None
     logs.setup(args.log_level or (d.log_level if d else "info"))
-    if problem:
-        log.error("%s", problem)
+    if loaded is not None:
+        # never an exit because of the file: every problem is logged, the valid part served
+        restore.log_problems(loaded, "serving its valid part and what exists")
     metrics_address = args.metrics_address or (d.metrics_address if d else None)
     if metrics_address:
         from targetmirror.daemon.metrics import parse_address
@@ -640,19 +428,26 @@ def main(argv: list[str] | None = None) -> int:
                     dbus=not args.no_dbus, wi_extent=wi_extent,
                     control_uids=tuple(args.control_allow_uid or ()),
                     image_dirs=(tuple(args.image_dir) if args.image_dir
-                                else config.image_dirs if config is not None else None))
+                                else config.image_dirs if config is not None else None),
+                    config_path=path, state_dir_override=args.state_dir,
+                    image_dirs_fixed=bool(args.image_dir))
     if daemon.image_dirs is None:
         log.warning("images are not confined: give --image-dir or a configuration file with "
                     "image_dirs (see docs/security.md)")
-    if config is not None:
-        restore.apply_at_start(config, daemon.groups, args.state_dir)
+    if loaded is not None:
+        daemon.start_with(loaded)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing in-flight commands", signal.Signals(signum).name)
         daemon.stop()
 
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+        log.info("received SIGHUP; reloading %s", daemon.config_path or "(no file)")
+        daemon.request_reload()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         return daemon.run()
     except TargetMirrorError as exc:

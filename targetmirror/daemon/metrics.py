@@ -17,133 +17,113 @@ can bind port 0 in tests, report the port it got, and be shut down cleanly on SI
 
 from __future__ import annotations
 
+import errno as errno_mod
 import logging
 import socket
 import threading
-from array import array
-from bisect import bisect_left
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from targetmirror import __version__, express
+
+# The counters live in daemon/stats.py (the device layer records them) and the leg table in
+# targetmirror/states.py (derived from the mirror's state table); re-exported here.
+from targetmirror.daemon.stats import DIRECTIONS as DIRECTIONS
+from targetmirror.daemon.stats import LATENCY_BOUNDS_NS as LATENCY_BOUNDS_NS
+from targetmirror.daemon.stats import LEGS as LEGS
+from targetmirror.daemon.stats import OTHER as OTHER
+from targetmirror.daemon.stats import READ as READ
+from targetmirror.daemon.stats import WRITE as WRITE
+from targetmirror.daemon.stats import CommandStats as CommandStats
 from targetmirror.errors import ConfigError
+from targetmirror.netaddr import EXPECTED, parse_hostport
+from targetmirror.states import LEG_HEALTH as LEG_HEALTH
+from targetmirror.states import LEG_STATES as LEG_STATES
+from targetmirror.states import MIRROR_STATES as MIRROR_STATES
+from targetmirror.states import leg_states as leg_states
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
 
-    from targetmirror.daemon.main import Daemon
+    from targetmirror.daemon.ops import ControlOps
 
 log = logging.getLogger("targetmirror.metrics")
 
-READ, WRITE, OTHER = 0, 1, 2
-DIRECTIONS = ("read", "write", "other")
-LEGS = ("a", "b")
+MIRROR_HEALTH = ("ok", "degraded", "failed")
+RESYNC_KINDS = ("sync", "rejoin", "repair", "recovery", "verify")
+"""What copies or compares a mirror's legs: the initial sync, a rejoin after a split, a repair
+of a failed leg, the recovery after an unclean stop, and a verify (all in ``Mirror.resync``)."""
 
-#: Upper bounds of the latency buckets, in nanoseconds (``le`` in seconds on the wire).  Fixed:
-#: a command's latency is counted with one bisect, never a float conversion.
-LATENCY_BOUNDS_NS: tuple[int, ...] = (
-    25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
-    25_000_000, 50_000_000, 100_000_000, 250_000_000, 1_000_000_000, 5_000_000_000)
-
-_NBUCKETS = len(LATENCY_BOUNDS_NS) + 1          # the last one is +Inf
-_STRIDE = 2 + _NBUCKETS                          # count, sum_ns, buckets...
-_BYTES = len(DIRECTIONS) * _STRIDE               # then bytes[direction][leg]
-_SHARD_LEN = _BYTES + len(DIRECTIONS) * len(LEGS)
+def leg_view(st: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """``leg -> (role, health)`` from a ``Mirror.status()`` snapshot (its ``legs``, which the
+    mirror derives from its state table: ``policy.leg_role`` / ``policy.leg_health``)."""
+    legs = st.get("legs") or {}
+    return {leg: (str((legs.get(leg) or {}).get("role", "unknown")),
+                  str((legs.get(leg) or {}).get("health", "ok"))) for leg in LEGS}
 
 
-class CommandStats:
-    """Per-device command counters, written lock-free by the workers (see the module doc).
+@dataclass(frozen=True)
+class Copy:
+    """One copy or compare of a mirror's legs, as the metrics show it."""
 
-    Each thread gets its own shard (a ``list`` of ints) the first time it records; dict
-    ``setdefault`` is atomic under the GIL, so two threads never share a shard and every ``+=``
-    is made by the shard's only writer.  A reader sums the shards; it may see one command's
-    count before its bytes, which a scrape tolerates (the next scrape is exact).
-    """
+    kind: str
+    active: bool
+    failed: bool
+    done_bytes: float
+    total_bytes: float | None
+    regions_done: float | None
+    regions_total: float | None
+    eta_seconds: float | None
+    started_wall: float | None
 
-    __slots__ = ("_arrays", "_shards")
-
-    def __init__(self) -> None:
-        self._shards: dict[int, list[int]] = {}
-        self._arrays: list[array[int]] = []
-
-    def array_shard(self) -> array[int]:
-        """A shard as a flat int64 array, for a writer in C (the express lane, which adds
-        into it with the layout below: ``layout()``).  Owned by one thread, like the others."""
-        shard = array("q", bytes(8 * _SHARD_LEN))
-        self._arrays.append(shard)
-        return shard
-
-    @staticmethod
-    def layout() -> tuple[array[int], int, int]:
-        """``(latency bounds in ns, stride per direction, offset of the byte counters)``."""
-        return array("q", LATENCY_BOUNDS_NS), _STRIDE, _BYTES
-
-    def record(self, direction: int, elapsed_ns: int, a_bytes: int = 0, b_bytes: int = 0
-               ) -> None:
-        """Count one finished command (called by a worker; plain integer additions only)."""
-        s = self._shards.get(threading.get_ident())
-        if s is None:
-            s = self._shards.setdefault(threading.get_ident(), [0] * _SHARD_LEN)
-        base = direction * _STRIDE
-        s[base] += 1
-        s[base + 1] += elapsed_ns
-        s[base + 2 + bisect_left(LATENCY_BOUNDS_NS, elapsed_ns)] += 1
-        if a_bytes:
-            s[_BYTES + direction * 2] += a_bytes
-        if b_bytes:
-            s[_BYTES + direction * 2 + 1] += b_bytes
-
-    def totals(self) -> list[int]:
-        """The shards summed (scrape time)."""
-        out = [0] * _SHARD_LEN
-        for shard in [*self._shards.values(), *self._arrays]:
-            for i, v in enumerate(shard):
-                out[i] += v
-        return out
-
-    def commands(self, totals: list[int], direction: int) -> int:
-        return totals[direction * _STRIDE]
-
-    def latency_sum_seconds(self, totals: list[int], direction: int) -> float:
-        return totals[direction * _STRIDE + 1] / 1e9
-
-    def buckets(self, totals: list[int], direction: int) -> list[tuple[str, int]]:
-        """Cumulative ``(le, count)`` pairs as Prometheus wants them."""
-        base = direction * _STRIDE + 2
-        out: list[tuple[str, int]] = []
-        acc = 0
-        for i in range(_NBUCKETS):
-            acc += totals[base + i]
-            le = "+Inf" if i == len(LATENCY_BOUNDS_NS) else repr(LATENCY_BOUNDS_NS[i] / 1e9)
-            out.append((le, acc))
-        return out
-
-    def bytes(self, totals: list[int], direction: int, leg: int) -> int:
-        return totals[_BYTES + direction * 2 + leg]
+    @property
+    def ratio(self) -> float | None:
+        if self.total_bytes is None:
+            return None
+        return 1.0 if self.total_bytes <= 0 else min(1.0, self.done_bytes / self.total_bytes)
 
 
-def leg_states(state: str) -> tuple[str, str]:
-    """What each leg is doing in a mirror state (A, B)."""
-    return {
-        "mirrored": ("in-sync", "in-sync"),
-        "splitting": ("draining", "live"),
-        "split": ("frozen", "live"),
-        "rejoining": ("resyncing", "live"),
-        "syncing": ("live", "syncing"),
-    }.get(state, ("unknown", "unknown"))
+def copies(st: dict[str, Any]) -> list[Copy]:
+    """The copy of a ``Mirror.status()`` snapshot (its ``resync``: sync, rejoin, repair,
+    recovery or verify), running, failed or stopped; none when nothing copies."""
+    rs: dict[str, Any] = st.get("resync") or {}
+    if not rs:
+        return []
+    kind = str(rs.get("kind"))
+    bm = st.get("bitmap") or {}
+    if kind == "sync":
+        # the cursor is where the copy is (a resumed sync copied the bytes below it earlier)
+        done = float(rs.get("cursor") or rs.get("bytes_copied") or 0)
+        total: float | None = float(rs.get("bytes_total") or st["size"])
+    else:
+        done = float(rs.get("bytes_copied") or 0)
+        total = None if rs.get("bytes_total") is None else float(rs["bytes_total"])
+        if total is None and rs.get("regions_total") is not None and bm.get("region_size"):
+            total = float(min(rs["regions_total"] * bm["region_size"], st["size"]))
+    return [Copy(kind, bool(rs.get("running")), bool(rs.get("error")), done, total,
+                 rs.get("regions_done"), rs.get("regions_total"), rs.get("eta_seconds"),
+                 rs.get("started_wall"))]
 
 
-MIRROR_STATES = ("mirrored", "splitting", "split", "rejoining", "syncing")
-LEG_STATES = ("in-sync", "live", "draining", "frozen", "resyncing", "syncing")
+def _oldest_age(runner: Any, now: float) -> float:
+    """Age of the oldest command the ring loop fetched and has not answered (0 if none)."""
+    try:
+        entries = list(runner.inflight.values())
+    except (RuntimeError, AttributeError):  # resized while copied: the next scrape sees it
+        return 0.0
+    return max((now - started for started, _job in entries), default=0.0)
 
 
 class MirrorCollector:
     """Builds every metric family from the daemon's devices at scrape time."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, ops: ControlOps) -> None:
+        self.ops = ops
 
     def describe(self) -> Iterable[Metric]:
         return []  # families depend on the devices present: no static description
@@ -154,46 +134,61 @@ class MirrorCollector:
             GaugeMetricFamily,
             HistogramMetricFamily,
             InfoMetricFamily,
-            StateSetMetricFamily,
         )
 
         info = InfoMetricFamily("targetmirror_build", "targetmirrord version")
         info.add_metric([], {"version": __version__})
         yield info
 
-        with self.daemon._lock:
-            devices = sorted(self.daemon.devices.values(), key=lambda d: d.info.dev_name)
+        ops = self.ops
+        with ops.registry.lock:
+            devices = sorted(ops.registry.devices.values(), key=lambda d: d.info.dev_name)
+        watchdog = ops.watchdog
+        verified = dict(ops.verified)
+        scheduler = ops.scheduler
 
         def gauge(name: str, doc: str, labels: tuple[str, ...] = ("mirror",)) -> Any:
             return GaugeMetricFamily(f"targetmirror_{name}", doc, labels=list(labels))
 
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Any:
+            return CounterMetricFamily(f"targetmirror_{name}", doc, labels=list(labels))
+
         ready = gauge("device_ready", "1 if the device is served, 0 if it answers NOT READY "
                       "(bad cfgstring or images; see the log)", ("device",))
-        ring_cmds = CounterMetricFamily("targetmirror_ring_commands",
-                                        "commands fetched from the TCMU ring", labels=["device"])
-        ring_batches = CounterMetricFamily("targetmirror_ring_batches",
-                                           "batches fetched (one kernel notify each)",
-                                           labels=["device"])
-        lane_cmds = CounterMetricFamily("targetmirror_express_commands",
-                                        "commands the compiled express lane served straight "
-                                        "from the ring", labels=["device"])
-        lane_runs = CounterMetricFamily("targetmirror_express_runs",
-                                        "express lane runs, by why each stopped (head: ring "
-                                        "empty; entry, gate, io, full: Python took over)",
-                                        labels=["device", "stop"])
-        m_state = StateSetMetricFamily("targetmirror_mirror_state", "where the mirror is in its "
-                                       "split / rejoin cycle", labels=["mirror"])
+        ring_cmds = counter("ring_commands", "commands fetched from the TCMU ring", ("device",))
+        ring_batches = counter("ring_batches", "batches fetched (one kernel notify each)",
+                               ("device",))
+        stuck = gauge("stuck_commands", "commands unanswered for longer than the daemon's "
+                      "--stuck-after (the watchdog logged each)", ("device",))
+        oldest = gauge("oldest_command_seconds", "age of the oldest command fetched from the "
+                       "ring and not yet answered (0: none)", ("device",))
+        lane_cmds = counter("express_commands", "commands the compiled express lane served "
+                            "straight from the ring", ("device",))
+        lane_runs = counter("express_runs", "express lane runs, by why each stopped (head: "
+                            "ring empty; entry, gate, io, full: Python took over)",
+                            ("device", "stop"))
+        m_state = gauge("mirror_state", "1 for the state the mirror is in, 0 for the others",
+                        ("mirror", "state"))
+        m_health = gauge("mirror_health", "1 for the mirror's health: ok, degraded (a leg "
+                         "failed, a complete one serves) or failed (no complete leg)",
+                         ("mirror", "health"))
         m_info = InfoMetricFamily("targetmirror_mirror", "the mirror's images",
                                   labels=["mirror"])
         epoch = gauge("mirror_epoch", "mirror epoch (grows at each split and rejoin)")
         size = gauge("mirror_size_bytes", "LUN size")
-        l_state = StateSetMetricFamily("targetmirror_leg_state", "what each leg is doing "
-                                       "(A is the split-off copy, B the live leg)",
-                                       labels=["mirror", "leg"])
+        l_state = gauge("leg_state", "1 for what the leg is doing (A is the split-off copy, "
+                        "B the live leg), 0 for the rest", ("mirror", "leg", "state"))
+        l_health = gauge("leg_health", "1 for the leg's health: ok, resyncing (being made "
+                         "whole) or failed", ("mirror", "leg", "health"))
+        l_failure = InfoMetricFamily("targetmirror_leg_failure", "why a failed leg failed "
+                                     "(present only while it is failed)",
+                                     labels=["mirror", "leg"])
+        l_failed_at = gauge("leg_failed_timestamp_seconds", "when the leg failed",
+                            ("mirror", "leg"))
         inflight = gauge("writes_in_flight", "writes admitted and not finished")
         pre = gauge("pre_split_in_flight", "pre-split writes still draining to A")
-        dirty = gauge("bitmap_dirty_regions", "regions changed on B since the split (what a "
-                      "rejoin copies)")
+        dirty = gauge("bitmap_dirty_regions", "regions marked in the change bitmap (changed "
+                      "since the split, or written while a leg was failed)")
         regions = gauge("bitmap_regions", "regions in the change bitmap")
         region_size = gauge("bitmap_region_size_bytes", "bytes per bitmap region")
         split_epoch = gauge("split_epoch", "epoch of the latest split")
@@ -202,27 +197,42 @@ class MirrorCollector:
         split_drain = gauge("split_drain_seconds", "instant to A complete, latest split")
         split_info = InfoMetricFamily("targetmirror_split", "latest split: what A is",
                                       labels=["mirror"])
-        resync_active = gauge("resync_active", "1 while a rejoin or initial sync copies",
-                              ("mirror", "kind"))
-        resync_bytes = gauge("resync_bytes_copied", "bytes copied by the running rejoin or sync",
-                             ("mirror", "kind"))
-        resync_total = gauge("resync_bytes_total", "bytes the running rejoin or sync will copy",
-                             ("mirror", "kind"))
-        resync_eta = gauge("resync_eta_seconds", "estimated time left", ("mirror", "kind"))
-        commands = CounterMetricFamily("targetmirror_commands", "SCSI commands finished",
-                                       labels=["mirror", "direction"])
-        nbytes = CounterMetricFamily("targetmirror_bytes", "bytes moved per leg (a mirrored "
-                                     "write counts on both legs)",
-                                     labels=["mirror", "direction", "leg"])
+        kind_labels = ("mirror", "kind")
+        r_active = gauge("resync_active", "1 while a copy of this kind runs (sync, rejoin, "
+                         "repair, recovery, verify)", kind_labels)
+        r_failed = gauge("resync_failed", "1 when the latest copy of this kind stopped on an "
+                         "error (see the log; retry or repair)", kind_labels)
+        r_bytes = gauge("resync_bytes_copied", "bytes copied (verify: compared or skipped) by "
+                        "the current copy; for a sync, its position", kind_labels)
+        r_total = gauge("resync_size_bytes", "bytes the current copy covers", kind_labels)
+        r_ratio = gauge("resync_progress_ratio", "share of the current copy done, 0 to 1",
+                        kind_labels)
+        r_regions_done = gauge("resync_regions_done", "regions committed by the current copy",
+                               kind_labels)
+        r_regions_total = gauge("resync_size_regions", "regions the current copy covers",
+                                kind_labels)
+        r_eta = gauge("resync_eta_seconds", "estimated time left", kind_labels)
+        r_started = gauge("resync_started_timestamp_seconds", "when the current copy started",
+                          kind_labels)
+        v_mismatch = gauge("verify_last_mismatches", "mismatching regions found by the latest "
+                           "completed verify since the daemon started")
+        v_last = gauge("verify_last_timestamp_seconds", "when the latest verify completed")
+        commands = counter("commands", "SCSI commands finished", ("mirror", "direction"))
+        nbytes = counter("bytes", "bytes moved per leg (a mirrored write counts on both legs)",
+                         ("mirror", "direction", "leg"))
         latency = HistogramMetricFamily("targetmirror_command_latency_seconds",
                                         "worker execution time of a command",
                                         labels=["mirror", "direction"])
 
+        now = time.monotonic()
         for dev in devices:
             name = dev.info.dev_name
             ready.add_metric([name], 0.0 if dev.reason else 1.0)
             ring_cmds.add_metric([name], dev.runner.commands)
             ring_batches.add_metric([name], dev.runner.batches)
+            oldest.add_metric([name], _oldest_age(dev.runner, now))
+            if watchdog is not None:
+                stuck.add_metric([name], watchdog.stuck(name))
             lane = dev.lane
             if lane is not None:
                 lane_cmds.add_metric([name], lane.served)
@@ -231,14 +241,43 @@ class MirrorCollector:
             m = dev.mirror
             if m is None:
                 continue
+            stats = dev.stats
+            if stats is not None:
+                t = stats.totals()
+                for d, dname in enumerate(DIRECTIONS):
+                    commands.add_metric([name, dname], stats.commands(t, d))
+                    latency.add_metric([name, dname], stats.buckets(t, d),
+                                       stats.latency_sum_seconds(t, d))
+                    if d != OTHER:
+                        for li, leg in enumerate(LEGS):
+                            nbytes.add_metric([name, dname, leg], stats.bytes(t, d, li))
+            if dev.volume != 1:
+                continue  # volume 2 shares volume 1's mirror: its state is reported there
             st = m.status()
-            state = st["state"]
-            m_state.add_metric([name], {s: s == state for s in MIRROR_STATES})
+            state = str(st["state"])
+            for s in dict.fromkeys((*MIRROR_STATES, state)):
+                m_state.add_metric([name, s], 1.0 if s == state else 0.0)
+            health = str(st.get("health", "ok"))
+            for h in dict.fromkeys((*MIRROR_HEALTH, health)):
+                m_health.add_metric([name, h], 1.0 if h == health else 0.0)
             m_info.add_metric([name], {"image_a": st["image_a"], "image_b": st["image_b"]})
             epoch.add_metric([name], st["epoch"])
             size.add_metric([name], st["size"])
-            for leg, ls in zip(LEGS, leg_states(state), strict=True):
-                l_state.add_metric([name, leg], {s: s == ls for s in LEG_STATES})
+            failed_legs = st.get("failed_legs") or {}
+            for leg, (ls, lh) in leg_view(st).items():
+                for s in dict.fromkeys((*LEG_STATES, ls)):
+                    l_state.add_metric([name, leg, s], 1.0 if s == ls else 0.0)
+                for h in LEG_HEALTH:
+                    l_health.add_metric([name, leg, h], 1.0 if h == lh else 0.0)
+                f = failed_legs.get(leg)
+                if f is not None:
+                    l_failure.add_metric([name, leg], {
+                        "kind": str(f.get("kind")),
+                        "errno": "" if f.get("errno") is None else
+                        errno_mod.errorcode.get(int(f["errno"]), str(f["errno"])),
+                        "reason": str(f.get("reason"))[:200]})
+                    if f.get("wall") is not None:
+                        l_failed_at.add_metric([name, leg], f["wall"])
             inflight.add_metric([name], st["writes_in_flight"])
             pre.add_metric([name], st["pre_split_in_flight"])
             bm = st.get("bitmap")
@@ -255,48 +294,60 @@ class MirrorCollector:
                     split_drain.add_metric([name], sp["drain_seconds"])
                 split_info.add_metric([name], {"a_status": str(sp.get("a_status")),
                                                "epoch": str(sp["epoch"])})
-            rs: dict[str, Any] = st.get("resync") or {}
-            for kind in ("rejoin", "sync"):
-                running = rs.get("kind") == kind and "error" not in rs
-                resync_active.add_metric([name, kind], 1.0 if running else 0.0)
-            if rs:
-                kind = str(rs.get("kind"))
-                resync_bytes.add_metric([name, kind], rs.get("bytes_copied", 0))
-                total = rs.get("bytes_total")
-                if total is None and rs.get("regions_total") is not None and bm:
-                    total = rs["regions_total"] * bm["region_size"]
-                if total is not None:
-                    resync_total.add_metric([name, kind], total)
-                if rs.get("eta_seconds") is not None:
-                    resync_eta.add_metric([name, kind], rs["eta_seconds"])
-            stats = dev.stats
-            if stats is None:
-                continue
-            t = stats.totals()
-            for d, dname in enumerate(DIRECTIONS):
-                commands.add_metric([name, dname], stats.commands(t, d))
-                latency.add_metric([name, dname], stats.buckets(t, d),
-                                   stats.latency_sum_seconds(t, d))
-                if d != OTHER:
-                    for li, leg in enumerate(LEGS):
-                        nbytes.add_metric([name, dname, leg], stats.bytes(t, d, li))
+            cps = {c.kind: c for c in copies(st)}
+            for kind in dict.fromkeys((*RESYNC_KINDS, *cps)):
+                c = cps.get(kind)
+                r_active.add_metric([name, kind], 1.0 if c is not None and c.active else 0.0)
+                r_failed.add_metric([name, kind], 1.0 if c is not None and c.failed else 0.0)
+                if c is None:
+                    continue
+                lab = [name, kind]
+                r_bytes.add_metric(lab, c.done_bytes)
+                for fam, v in ((r_total, c.total_bytes), (r_ratio, c.ratio),
+                               (r_regions_done, c.regions_done),
+                               (r_regions_total, c.regions_total), (r_eta, c.eta_seconds),
+                               (r_started, c.started_wall)):
+                    if v is not None:
+                        fam.add_metric(lab, float(v))
+            last = verified.get(name)
+            if last:
+                v_mismatch.add_metric([name], last["mismatches"])
+                v_last.add_metric([name], last["completed_wall"])
 
-        yield from (ready, ring_cmds, ring_batches, lane_cmds, lane_runs, m_state, m_info,
-                    epoch, size, l_state, inflight, pre, dirty, regions, region_size,
-                    split_epoch, split_instant,
-                    split_drain, split_info, resync_active, resync_bytes, resync_total,
-                    resync_eta, commands, nbytes, latency)
+        yield from (ready, ring_cmds, ring_batches, stuck, oldest, lane_cmds, lane_runs,
+                    m_state, m_health, m_info, epoch, size, l_state, l_health, l_failure,
+                    l_failed_at, inflight, pre, dirty, regions, region_size, split_epoch,
+                    split_instant, split_drain, split_info, r_active, r_failed, r_bytes,
+                    r_total, r_ratio, r_regions_done, r_regions_total, r_eta, r_started,
+                    v_mismatch, v_last, commands, nbytes, latency)
+        if scheduler is not None:
+            yield from scheduler.metrics()
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``:PORT`` (all addresses) or ``[V6]:PORT`` -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"--metrics-address {text!r}: expected HOST:PORT, e.g. "
-                          "127.0.0.1:9745 or [::1]:9745")
-    # ":PORT" asks for every address
-    host = host.strip("[]") or "0.0.0.0"  # noqa: S104  # nosec B104
-    return host, int(port)
+    """``IP:PORT`` (the one rule of :mod:`targetmirror.netaddr`) -> (host, port)."""
+    hp = parse_hostport(text)
+    if hp is None:
+        raise ConfigError(f"--metrics-address {text!r}: expected {EXPECTED}")
+    return hp
+
+
+def registry(ops: ControlOps) -> CollectorRegistry:
+    """Everything ``/metrics`` serves: the mirrors (:class:`MirrorCollector`) and the
+    process (CPU seconds, resident memory, open fds, start time: prometheus_client's own)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(MirrorCollector(ops))
+    ProcessCollector(registry=reg)
+    return reg
+
+
+def render(ops: ControlOps) -> str:
+    """One scrape's text, without the HTTP server (tests, and a look from a debugger)."""
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry(ops)).decode()
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -311,15 +362,16 @@ class _Server(ThreadingMixIn, WSGIServer):
 class MetricsServer:
     """The ``/metrics`` endpoint on its own thread."""
 
-    def __init__(self, daemon: Daemon, address: str) -> None:
-        from prometheus_client import CollectorRegistry, make_wsgi_app
-
-        host, port = parse_address(address)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(MirrorCollector(daemon))
+    def __init__(self, ops: ControlOps, address: str | tuple[str, int]) -> None:
+        """``address``: ``IP:PORT`` as the admin writes it, or ``(host, port)`` from code
+        (port 0 binds any free port: tests)."""
+        host, port = parse_address(address) if isinstance(address, str) else address
+        self.registry = registry(ops)
         server_cls: type[_Server] = _Server
         if ":" in host:
             server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+        from prometheus_client import make_wsgi_app
+
         try:
             self.httpd = make_server(host, port, make_wsgi_app(self.registry),
                                      server_class=server_cls, handler_class=_QuietHandler)

@@ -43,6 +43,7 @@ log = logging.getLogger("targetmirror.device")
 
 SAM_STAT_CHECK_CONDITION = 0x02
 SAM_STAT_TASK_ABORTED = 0x40
+SAM_STAT_BUSY = 0x08
 _POLL_TIMEOUT_MS = 1000
 
 
@@ -250,6 +251,28 @@ class DeviceRunner:
             self._drain_on_exit()
 
     def _fetch_and_dispatch(self) -> None:
+        jobs: list[tuple[int, Job]] = []
+        handed = [0]
+        try:
+            self._fetch_admit_run(jobs, handed)
+        except BaseException:
+            # Whatever was admitted and not handed to a worker must give back what admission
+            # took (range tickets, in-flight counts, busy regions: a leak would stall every
+            # overlapping write and any split drain for good) and be answered -- BUSY, which
+            # initiators retry, since it never ran (issue 15, defect 6).
+            for cmd_id, job in jobs[handed[0]:]:
+                self.inflight.pop(cmd_id, None)
+                try:
+                    job.cancel()
+                except BaseException:
+                    log.exception("cancelling command %d failed", cmd_id,
+                                  extra={"device": self.name})
+                self._done.append((cmd_id, SAM_STAT_BUSY, None, None))
+            raise
+
+    def _fetch_admit_run(self, jobs: list[tuple[int, Job]], handed: list[int]) -> None:
+        """Fetch, admit (into ``jobs``) and run or dispatch one wake-up's commands, counting
+        in ``handed[0]`` how many of ``jobs`` were handed on (run inline or to a worker)."""
         served = 0
         with self.lock:
             boundary = self._boundary
@@ -266,14 +289,14 @@ class DeviceRunner:
                 if not pending:
                     served = 0  # nothing for the notify below to report
             if boundary is None:
-                jobs = self._admit_all(self.ring.fetch())
+                self._admit_all(self.ring.fetch(), jobs)
             else:
                 head, new_tag, on_passed = boundary
-                jobs = self._admit_all(self.ring.fetch(until=head))
+                self._admit_all(self.ring.fetch(until=head), jobs)
                 self._boundary = None
                 self.tag = new_tag
                 on_passed()
-                jobs += self._admit_all(self.ring.fetch())
+                self._admit_all(self.ring.fetch(), jobs)
         if served and not (jobs and all(job.inline for _, job in jobs)):
             # The lane's answers are in the ring; tell the kernel now unless inline jobs are
             # about to finish and notify for everything at once.
@@ -295,16 +318,19 @@ class DeviceRunner:
         self.inflight.update((cmd_id, (now, job)) for cmd_id, job in jobs)
         for cmd_id, job in jobs:
             if pool is None or job.inline:
-                self._run(cmd_id, job)
+                handed[0] += 1
+                self._run(cmd_id, job)  # answers every outcome itself
             else:
                 fut = pool.submit(self._run, cmd_id, job)
+                handed[0] += 1
                 self._futures[cmd_id] = fut
                 self._jobs[cmd_id] = job
                 fut.add_done_callback(self._wake_up)
 
-    def _admit_all(self, entries: list[Command | Tmr | BadEntry]) -> list[tuple[int, Job]]:
-        """Admit commands in ring order (under the lock); answer bad entries and TMRs."""
-        jobs: list[tuple[int, Job]] = []
+    def _admit_all(self, entries: list[Command | Tmr | BadEntry],
+                   jobs: list[tuple[int, Job]]) -> None:
+        """Admit commands in ring order (under the lock) into ``jobs``; answer bad entries
+        and TMRs."""
         saw_tmr = False
         tag = self.tag
         for entry in entries:
@@ -329,7 +355,6 @@ class DeviceRunner:
             # fetch() moved cmd_tail past the TMR entries; only a notify lets the kernel
             # reuse that ring space when no command completion follows.
             self.uio.notify()
-        return jobs
 
     def _handle_tmr(self, tmr: Tmr) -> None:
         """An abort or reset: commands not started yet are answered TASK ABORTED, never run."""

@@ -13,24 +13,15 @@ from typing import Any
 
 from targetmirror.config.cfgstring import SUBTYPE, MirrorSpec, check_images, parse_any
 from targetmirror.errors import LioError
+from targetmirror.lio import rts
 
 DEFAULT_HW_MAX_SECTORS = 2048
 DEFAULT_CONTROL = "nl_reply_supported=-1"
 
 
-def _rtslib() -> Any:
-    try:
-        import rtslib_fb
-    except ImportError as exc:  # pragma: no cover - depends on the host
-        raise LioError("rtslib-fb is not installed (pip install rtslib-fb, or "
-                       "apt-get install python3-rtslib-fb)") from exc
-    return rtslib_fb
-
-
 def find_backstore(name: str) -> Any | None:
     """The ``user:mirror`` storage object called ``name``, or None."""
-    rtslib = _rtslib()
-    for so in rtslib.RTSRoot().storage_objects:
+    for so in rts.root().storage_objects:
         if so.plugin == "user" and so.name == name and str(so.config or "").startswith(
                 SUBTYPE + "/"):
             return so
@@ -45,7 +36,7 @@ def create_backstore(name: str, size: int, cfgstring: str, *,
     The cfgstring is parsed and (with ``check``) the images checked on this host first, so a bad
     one is refused with a reason before LIO sees it.
     """
-    rtslib = _rtslib()
+    rtslib = rts.module()
     spec = parse_any(cfgstring)
     if check and isinstance(spec, MirrorSpec):
         check_images(spec, size)
@@ -55,7 +46,7 @@ def create_backstore(name: str, size: int, cfgstring: str, *,
         return rtslib.UserBackedStorageObject(
             name, size=size, config=f"{SUBTYPE}/{spec.to_cfgstring()}", wwn=wwn,
             hw_max_sectors=hw_max_sectors, control=DEFAULT_CONTROL)
-    except rtslib.RTSLibError as exc:
+    except (rtslib.RTSLibError, OSError) as exc:
         # rtslib removes the half-made object itself when _configure fails; make sure.
         so = find_backstore(name)
         if so is not None:
@@ -68,6 +59,9 @@ def delete_backstore(name: str) -> None:
     so = find_backstore(name)
     if so is None:
         raise LioError(f"no user:mirror backstore named {name!r}")
-    for lun in list(so.attached_luns):
-        lun.delete()
-    so.delete()
+    try:
+        for lun in list(so.attached_luns):
+            lun.delete()
+        so.delete()
+    except rts.failures() as exc:
+        raise LioError(f"deleting user:mirror backstore {name!r} failed: {exc}") from exc

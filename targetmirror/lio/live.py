@@ -12,10 +12,10 @@ from typing import Any
 
 from targetmirror.config.cfgstring import SUBTYPE
 from targetmirror.config.loader import Chap
-from targetmirror.config.plan import TPG_TAG, AclState, BackstoreState, LioState, TargetState
+from targetmirror.config.plan import AclState, BackstoreState, LioState, TargetState
 from targetmirror.errors import LioError
-from targetmirror.lio import backstore
-from targetmirror.lio.backstore import _rtslib
+from targetmirror.lio import backstore, iscsi, rts
+from targetmirror.lio.iscsi import TPG_TAG
 
 
 def _so_label(so: Any) -> str:
@@ -33,23 +33,22 @@ class RtslibLio:
     """The live LIO (needs root, configfs and the target modules)."""
 
     def __init__(self) -> None:
-        self.rtslib = _rtslib()
+        self.rtslib = rts.module()
 
     # -- reading ---------------------------------------------------------------------------
     def read_state(self) -> LioState:
         state = LioState()
-        root = self.rtslib.RTSRoot()
+        root = rts.root()
         for so in root.storage_objects:
             if so.plugin == "user" and str(so.config or "").startswith(SUBTYPE + "/"):
                 state.backstores[so.name] = BackstoreState(
                     int(so.size), str(so.config)[len(SUBTYPE) + 1:], str(so.wwn or ""))
-        for target in self.rtslib.FabricModule("iscsi").targets:
-            tpgs = [t for t in target.tpgs if t.tag == TPG_TAG]
+        for target in rts.iscsi().targets:
+            tpg = iscsi.find_tpg(target)
             ts = TargetState()
             state.targets[target.wwn] = ts
-            if not tpgs:
+            if tpg is None:
                 continue
-            tpg = tpgs[0]
             ts.enabled = bool(tpg.enable)
             ts.authentication = tpg.get_attribute("authentication") == "1"
             ts.generate_node_acls = tpg.get_attribute("generate_node_acls") == "1"
@@ -66,16 +65,16 @@ class RtslibLio:
 
     # -- lookups ---------------------------------------------------------------------------
     def _target(self, iqn: str) -> Any:
-        for t in self.rtslib.FabricModule("iscsi").targets:
-            if t.wwn == iqn:
-                return t
-        raise LioError(f"no iSCSI target {iqn}")
+        target = iscsi.find_target(iqn)
+        if target is None:
+            raise LioError(f"no iSCSI target {iqn}")
+        return target
 
     def _tpg(self, iqn: str) -> Any:
-        for tpg in self._target(iqn).tpgs:
-            if tpg.tag == TPG_TAG:
-                return tpg
-        raise LioError(f"iSCSI target {iqn} has no TPG {TPG_TAG}")
+        tpg = iscsi.find_tpg(self._target(iqn))
+        if tpg is None:
+            raise LioError(f"iSCSI target {iqn} has no TPG {TPG_TAG}")
+        return tpg
 
     def _acl(self, iqn: str, initiator: str) -> Any:
         for acl in self._tpg(iqn).node_acls:
@@ -98,30 +97,14 @@ class RtslibLio:
         backstore.delete_backstore(name)
 
     def create_target(self, iqn: str) -> None:
-        rts = self.rtslib
-
-        def make() -> None:
-            target = rts.Target(rts.FabricModule("iscsi"), iqn, mode="create")
-            try:
-                rts.TPG(target, TPG_TAG, mode="create")
-            except BaseException:
-                target.delete()
-                raise
-
-        self._wrap(f"creating target {iqn}", make)
+        self._wrap(f"creating target {iqn}", iscsi.create_target, iqn)
 
     def delete_target(self, iqn: str) -> None:
         self._wrap(f"deleting target {iqn}", self._target(iqn).delete)
 
     def set_tpg(self, iqn: str, authentication: bool) -> None:
-        tpg = self._tpg(iqn)
-
-        def setattrs() -> None:
-            tpg.set_attribute("generate_node_acls", "0")
-            tpg.set_attribute("demo_mode_write_protect", "1")
-            tpg.set_attribute("authentication", "1" if authentication else "0")
-
-        self._wrap(f"setting authentication of {iqn}", setattrs)
+        self._wrap(f"setting authentication of {iqn}", iscsi.set_acl_mode, self._tpg(iqn),
+                   authentication)
 
     def enable_tpg(self, iqn: str) -> None:
         tpg = self._tpg(iqn)

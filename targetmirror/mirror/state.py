@@ -9,16 +9,22 @@ change on the I/O path, live in their own files.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from targetmirror.errors import ConfigError, MirrorError
 from targetmirror.mirror.bitmap import Bitmap
+
+if TYPE_CHECKING:
+    from targetmirror.mirror.policy import Event
 
 SCHEMA = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -99,6 +105,9 @@ class MirrorState:
     replaced: dict[str, str] = field(default_factory=dict)
     """Configured image path -> the image ``repair --replace`` put in its place (the
     cfgstring still names the old one until the backstore is recreated)."""
+    last_split: SplitRecord | None = None
+    """The split record of the previous cycle, moved here by the transition that ended it
+    (``split`` belongs to the split states only; see ``mirror/policy.py``)."""
     schema: int = SCHEMA
 
     def to_json(self) -> dict[str, Any]:
@@ -110,6 +119,7 @@ class MirrorState:
             if data.get("schema") != SCHEMA:
                 raise MirrorError(f"{origin}: unsupported state schema {data.get('schema')!r}")
             split = data.get("split")
+            last_split = data.get("last_split")
             return cls(
                 name=str(data["name"]),
                 state=State(data["state"]),
@@ -128,6 +138,7 @@ class MirrorState:
                 last_repair=data.get("last_repair"),
                 last_recovery=data.get("last_recovery"),
                 replaced={str(k): str(v) for k, v in (data.get("replaced") or {}).items()},
+                last_split=SplitRecord(**last_split) if last_split else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MirrorError(f"{origin}: malformed mirror state: {exc}") from exc
@@ -200,3 +211,69 @@ class StateStore:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+_DEFAULTS = MirrorState("")
+
+
+class Records:
+    """One mirror's state document in memory and on disk, and the one way to change it.
+
+    The discipline (issue 15): a change is built on a *copy* of the current document, saved
+    durably, and only then made the current one -- so a failed save changes nothing, in memory
+    or on disk, and a reader never sees a state that a crash could take back.  Changes are
+    serialised (a second one starts from the first one's result, never from a stale copy), and
+    the swap happens under the mirror's admission lock, so admission sees either the old or
+    the new document whole.  No lock admission needs is held across the save.
+    """
+
+    def __init__(self, store: StateStore | None, st: MirrorState,
+                 mu: threading.Lock) -> None:
+        self.store = store
+        self._st = st
+        self._mu = mu
+        self._save = threading.Lock()
+
+    @property
+    def current(self) -> MirrorState:
+        """The current document (treat it as read-only: change it through :meth:`commit`)."""
+        return self._st
+
+    def commit(self, change: Callable[[MirrorState], None],
+               apply: Callable[[MirrorState], None] | None = None) -> MirrorState:
+        """Save ``change`` applied to a copy, then make the copy current and call ``apply``
+        with it (under the admission lock: keep it to memory updates).  ``change`` may raise
+        to refuse; nothing is changed then."""
+        with self._save:
+            new = copy.deepcopy(self._st)
+            change(new)
+            if self.store is not None:
+                self.store.save(new)
+            with self._mu:
+                self._st = new
+                if apply is not None:
+                    apply(new)
+            return new
+
+    def transition(self, event: Event, change: Callable[[MirrorState], None] | None = None,
+                   apply: Callable[[MirrorState], None] | None = None) -> MirrorState:
+        """:meth:`commit` of the table's transition for ``event`` (raises
+        ``IllegalTransition`` when the current state has none), resetting the records that
+        belong to the state left (``policy.OWNED``) before ``change`` runs."""
+        from targetmirror.mirror.policy import leaving, next_state
+
+        def run(new: MirrorState) -> None:
+            old = new.state
+            new.state = next_state(old, event)
+            for rec in leaving(old, new.state):
+                if rec == "split":
+                    new.last_split = new.split
+                setattr(new, rec, copy.deepcopy(getattr(_DEFAULTS, rec)))
+            if change is not None:
+                change(new)
+        return self.commit(run, apply)
+
+    def replace(self, st: MirrorState) -> None:
+        """Make ``st`` current without saving (opening a mirror: nothing runs yet)."""
+        with self._mu:
+            self._st = st

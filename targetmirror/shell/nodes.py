@@ -33,14 +33,11 @@ from targetmirror.client import (
     describe_verify,
     status_rows,
 )
-from targetmirror.daemon.metrics import leg_states
 from targetmirror.errors import TargetMirrorError
+from targetmirror.states import STEADY_STATES, leg_states
 
 T = TypeVar("T")
 
-#: states in which the mirror is doing what it should (green); transitional ones are plain
-_HEALTHY = {"mirrored", "split"}
-_BUSY = {"splitting", "rejoining", "syncing"}
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -91,12 +88,18 @@ def mirror_summary(m: dict[str, Any]) -> tuple[str, bool | None]:
             parts.append(f"{rs.get('kind')} {100 * rs.get('bytes_copied', 0) / total:.0f}%")
     if m.get("reason"):
         parts.append(str(m["reason"]))
-    if state in _HEALTHY and sp.get("a_status", "consistent") in ("consistent",
-                                                                   "crash-consistent"):
+    health = m.get("health", "ok")
+    if health != "ok":
+        failed = ", ".join(sorted(m.get("failed_legs") or {})).upper()
+        parts.append(f"{health.upper()} (leg {failed} failed)" if failed else health.upper())
+        return ", ".join(parts), False
+    if str(sp.get("a_status", "")).startswith("lost"):
+        return ", ".join(parts), False
+    if state in STEADY_STATES:  # resting where it should (the state table says which)
         return ", ".join(parts), True
-    if state in _BUSY:
-        return ", ".join(parts), None
-    return ", ".join(parts), False
+    if state in ("not-ready", "snapshot"):
+        return ", ".join(parts), state == "snapshot"
+    return ", ".join(parts), None  # on its way: a drain, a copy
 
 
 class Node(ConfigNode):  # type: ignore[misc]
@@ -172,7 +175,9 @@ class RootNode(Node):
         Show every mirror as ``targetmirror status`` does: state, epoch, writes in flight,
         pre-split writes, the last split instant, its drain time and what A is."""
         self.refresh()
-        for row in status_rows(self.snapshot.get("mirrors", [])):
+        if self.error:
+            raise ExecutionError(self.error)
+        for row in status_rows(self.snapshot.get("mirrors", []), self.snapshot.get("config")):
             self.say(row)
 
 
@@ -352,10 +357,17 @@ class LegNode(Node):
 
     def summary(self) -> tuple[str, bool | None]:
         st = self.parent.status()
-        a, b = leg_states(st["state"])
-        what = a if self.leg == "a" else b
-        return f"{st.get('image_' + self.leg, '?')}, {what}", None if what in (
-            "draining", "resyncing", "syncing") else True
+        leg = (st.get("legs") or {}).get(self.leg)
+        if leg is None:  # an older daemon: the role from the state alone
+            a, b = leg_states(st["state"])
+            leg = {"role": a if self.leg == "a" else b, "health": "ok"}
+        text = f"{st.get('image_' + self.leg, '?')}, {leg['role']}"
+        if leg.get("reason"):
+            text += f": {leg['reason']}"
+        if leg.get("slow"):
+            text += f", SLOW (oldest call {leg.get('oldest_call_seconds', 0):.1f} s)"
+        health = leg.get("health", "ok")
+        return text, False if health == "failed" else None if health == "resyncing" else True
 
 
 class GroupsNode(Node):
@@ -415,7 +427,7 @@ class GroupNode(Node):
                   for n in self.members()]
         text = " ".join(f"{n}:{s}" for n, s in zip(self.members(), states, strict=True))
         return text, (False if "absent" in states else
-                      True if len(set(states)) == 1 and states[0] in _HEALTHY else None)
+                      True if len(set(states)) == 1 and states[0] in STEADY_STATES else None)
 
     def ui_command_status(self) -> None:
         """

@@ -13,13 +13,15 @@ import ctypes
 import ctypes.util
 import errno as errno_mod
 import fcntl
+import importlib
 import os
 import stat
 import struct
 import threading
 from collections.abc import Sequence
+from typing import Any
 
-from targetmirror.errors import StoreError
+from targetmirror.errors import FrozenImageError, StoreError
 
 # linux/falloc.h
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -59,6 +61,9 @@ class Image:
     mirror).  ``direct=True`` opens with O_DIRECT where the backing allows it; tmpfs does not, so
     it falls back to buffered I/O and says so in ``self.direct``.
     """
+
+    access: Any = None
+    """How a networked kind reaches its storage (an RBD leg's CephAccess); None for a file."""
 
     def __init__(self, path: str, *, readonly: bool = False, direct: bool = False) -> None:
         self.path = path
@@ -120,7 +125,7 @@ class Image:
         """Refuse every write from now on (A after a split: it must never change again).
 
         Enforced here, at the lowest layer, so no bug above can quietly modify a point-in-time
-        copy: a write to a frozen image raises :class:`StoreError`.
+        copy: a write to a frozen image raises :class:`FrozenImageError` (a StoreError).
         """
         self.frozen = True
 
@@ -130,8 +135,8 @@ class Image:
 
     def _check_writable(self, what: str) -> None:
         if self.frozen:
-            raise StoreError(f"{what} refused: image {self.path} is frozen (split copy)",
-                             kind="write", path=self.path)
+            raise FrozenImageError(f"{what} refused: image {self.path} is frozen (split copy)",
+                                   path=self.path)
 
     # -- data ------------------------------------------------------------------------------
     def readv(self, offset: int, iov: Sequence[memoryview]) -> None:
@@ -215,6 +220,11 @@ class Image:
                 raise StoreError(f"zeroing {length} bytes at {offset} of {self.path} failed: "
                                  f"{exc.strerror}", kind="write", path=self.path,
                                  errno=exc.errno) from exc
+        self.fill_zeroes(offset, length)
+
+    def fill_zeroes(self, offset: int, length: int) -> None:
+        """Write zeros over ``[offset, offset+length)``, 1 MiB at a time: the fallback when a
+        discard or a hole punch fails (the range must still read back as zeros)."""
         zero = memoryview(_ZERO_CHUNK)
         pos, end = offset, offset + length
         while pos < end:
@@ -226,15 +236,23 @@ class Image:
         """Deallocate a range; it reads back as zeros afterwards (we report LBPRZ)."""
         self.write_zeroes(offset, length)
 
+    @classmethod
+    def open(cls, name: str, access: Any = None, *, readonly: bool = False,
+             direct: bool = False) -> Image:
+        """Open a leg of this kind (see :func:`open_image`); a file or block device needs no
+        ``access``."""
+        del access
+        return cls(name, readonly=readonly, direct=direct)
+
     def reopen(self, path: str | None = None) -> Image:
         """A new handle on ``path`` (default: this image), opened the way this one was.
 
         The mirror's repair reopens a failed leg (or its replacement) through this, so it need
-        not know whether a leg is a file, a block device or an RBD image.
+        not know whether a leg is a file, a block device or an RBD image: the registry picks
+        the class for the name (:func:`open_image`).
         """
-        from targetmirror.store.rbd import open_image
-
-        return open_image(path or self.path, readonly=self.readonly, direct=self.direct)
+        return open_image(path or self.path, self.access, readonly=self.readonly,
+                          direct=self.direct)
 
     def close(self) -> None:
         """Close the image; safe to call twice."""
@@ -246,3 +264,28 @@ class Image:
 
     def __repr__(self) -> str:
         return f"Image({self.path!r}, size={self.size})"
+
+
+#: Which class opens a leg name, like rtslib-fb's ``so_mapping``: (name prefix, module, class).
+#: A name no prefix matches is a file or block device (:class:`Image`).  The module is imported
+#: when a name of its kind is first opened, so this module imports none of the kinds it lists
+#: (they import it: each derives from :class:`Image`) and hosts without librbd never load it.
+IMAGE_KINDS: tuple[tuple[str, str, str], ...] = (
+    ("rbd/", "targetmirror.store.rbd", "RbdImage"),
+)
+
+
+def image_class(name: str) -> type[Image]:
+    """The class that opens leg ``name``."""
+    for prefix, module, cls_name in IMAGE_KINDS:
+        if name.startswith(prefix):
+            cls: type[Image] = getattr(importlib.import_module(module), cls_name)
+            return cls
+    return Image
+
+
+def open_image(name: str, access: Any = None, *, readonly: bool = False,
+               direct: bool = False) -> Image:
+    """Open a leg by name: an RBD image for ``rbd/...`` (``access`` says how to reach its
+    cluster), else a file or block device (``direct``: O_DIRECT)."""
+    return image_class(name).open(name, access, readonly=readonly, direct=direct)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from targetmirror.errors import ConfigError, StoreError
-from targetmirror.store.image import Image
+from targetmirror.store.image import Image, open_image
 
 PREFIX = "rbd/"
 PIECE = 1 << 20
@@ -182,12 +182,13 @@ class RbdImage(Image):
         self.fast = False
         """Every call is a network round trip: never run on the ring thread."""
 
-    def reopen(self, path: str | None = None) -> Image:
-        """A new handle on ``path`` (default: this image) reached the same way."""
-        target = path or self.path
-        if is_rbd(target):
-            return RbdImage(target, self.access, readonly=self.readonly)
-        return Image(target, readonly=self.readonly)
+    @classmethod
+    def open(cls, name: str, access: Any = None, *, readonly: bool = False,
+             direct: bool = False) -> Image:
+        """Open an RBD leg (see :func:`targetmirror.store.image.open_image`); librbd has no
+        O_DIRECT: ``direct`` is ignored."""
+        del direct
+        return cls(name, access, readonly=readonly)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _wait(self, w: _Waiter, kind: str, what: str) -> None:
@@ -328,9 +329,4 @@ class RbdImage(Image):
         return f"RbdImage({self.path!r}, size={self.size})"
 
 
-def open_image(name: str, access: CephAccess | None = None, *, readonly: bool = False,
-               direct: bool = False) -> Image:
-    """Open a leg by name: an RBD image for ``rbd/...``, else a file or block device."""
-    if is_rbd(name):
-        return RbdImage(name, access, readonly=readonly)
-    return Image(name, readonly=readonly, direct=direct)
+__all__ = ["CephAccess", "RbdImage", "RbdName", "is_rbd", "open_image", "parse_name"]

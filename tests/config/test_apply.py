@@ -265,8 +265,8 @@ def test_cli_apply_json_and_exit_codes(tmp_path: Path, monkeypatch: pytest.Monke
                                        capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, good(tmp_path))
     lio, groups = FakeLio(), FakeGroups()
-    monkeypatch.setattr(cli, "_lio_seam", lambda: lio)
-    monkeypatch.setattr(cli, "_DaemonGroups", lambda socket: groups)
+    monkeypatch.setattr(cli.common, "lio_seam", lambda: lio)
+    monkeypatch.setattr(cli.ui_config, "DaemonGroups", lambda socket: groups)
     assert cli.main(["apply", "--config", str(path), "--dry-run", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["dry_run"] and out["plan"] and out["applied"] == []
@@ -280,9 +280,14 @@ def test_cli_apply_groups_need_daemon(tmp_path: Path, monkeypatch: pytest.Monkey
                                       capsys: pytest.CaptureFixture[str]) -> None:
     doc = good(tmp_path)
     lio = FakeLio()
-    monkeypatch.setattr(cli, "_lio_seam", lambda: lio)
+    monkeypatch.setattr(cli.common, "lio_seam", lambda: lio)
     rc = cli.main(["apply", "--config", str(write(tmp_path, doc))])
     assert rc == 1 and "does not answer" in capsys.readouterr().err and lio.calls == []
+    # a dry run needs no daemon (provisioning checks the file before it starts one)
+    rc = cli.main(["apply", "--config", str(write(tmp_path, doc)), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "+ group g: m1, m2" in out and "dry run: nothing changed" in out
+    assert "are planned as if it had none" in err and lio.calls == []
     doc["groups"] = []
     assert cli.main(["apply", "--config", str(write(tmp_path, doc))]) == 0
     assert "m1" in lio.state.backstores
@@ -294,8 +299,8 @@ def test_cli_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     path = write(tmp_path, good(tmp_path))
     lio, groups = FakeLio(), FakeGroups()
     lio.state.backstores["hand"] = BackstoreState(2 * MiB, "a=/h/a;b=/h/b", "hand-serial")
-    monkeypatch.setattr(cli, "_lio_seam", lambda: lio)
-    monkeypatch.setattr(cli, "_DaemonGroups", lambda socket: groups)
+    monkeypatch.setattr(cli.common, "lio_seam", lambda: lio)
+    monkeypatch.setattr(cli.ui_config, "DaemonGroups", lambda socket: groups)
     assert cli.main(["apply", "--config", str(path)]) == 0
     capsys.readouterr()
     assert cli.main(["list", "--config", str(path), "--json"]) == 0

@@ -116,6 +116,16 @@ def _set(path: str, value: Any) -> Any:
 DELETE = object()
 
 
+def _rename(path: str, old: str, new: str) -> Any:
+    """A mutation renaming key ``old`` of the mapping at ``path`` (a typo)."""
+    def mutate(doc: dict[str, Any], tmp: Path) -> None:
+        obj: Any = doc
+        for p in path.split("."):
+            obj = obj[int(p)] if p.isdigit() else obj[p]
+        obj[new] = obj.pop(old)
+    return mutate
+
+
 def _symlink_out(tmp: Path) -> str:
     outside = tmp / "outside"
     outside.mkdir(exist_ok=True)
@@ -195,6 +205,24 @@ BAD: list[tuple[str, Any, str, str]] = [
      "exports[0].luns[0].mirror", "a mirror under mirrors"),
     ("no ACL", _set("exports.0.acls", []), "exports[0].acls", "at least one ACL"),
     ("bool as direct", _set("mirrors.0.direct", "yes"), "mirrors[0].direct", "true or false"),
+    # issue 16: these crashed the checker with AssertionError
+    ("missing size", _set("mirrors.0.size", DELETE), "mirrors[0].size", "it is required"),
+    ("size typo", _rename("mirrors.0", "size", "sise"), "mirrors[0].sise",
+     "no such key (did you mean size? It is required; known keys here: name, size,"),
+    ("image typo", _rename("mirrors.1", "image_b", "imageb"), "mirrors[1].imageb",
+     "did you mean image_b? It is required"),
+    ("optional key typo", _set("mirrors.0.regionsize", "64K"), "mirrors[0].regionsize",
+     "did you mean region_size? known keys"),
+    ("daemon key typo", _set("daemon.log_levl", "info"), "daemon.log_levl",
+     "did you mean log_level?"),
+    ("bad name", lambda d, t: _add_mirror(d, t, "bad name!"), "mirrors[2].name",
+     "expected a name of letters, digits"),
+    ("portal without port", _set("exports.0.portals.0", "10.0.0.1"), "exports[0].portals[0]",
+     "expected IP:PORT with a numeric IP"),
+    ("portal host name", _set("exports.0.portals.0", "target.example:3260"),
+     "exports[0].portals[0]", "numeric IP"),
+    ("metrics address without host", _set("daemon.metrics_address", ":9745"),
+     "daemon.metrics_address", "expected IP:PORT"),
 ]
 
 
@@ -218,8 +246,8 @@ def _assert_apply_changes_nothing(tmp: Path, path: Path, monkeypatch: pytest.Mon
                                   capsys: pytest.CaptureFixture[str], key: str) -> None:
     fake = FakeLio()
     groups = FakeGroups()
-    monkeypatch.setattr(cli, "_lio_seam", lambda: fake)
-    monkeypatch.setattr(cli, "_DaemonGroups", lambda socket: groups)
+    monkeypatch.setattr(cli.common, "lio_seam", lambda: fake)
+    monkeypatch.setattr(cli.ui_config, "DaemonGroups", lambda socket: groups)
     before = sorted(p.name for p in (tmp / "images").iterdir())
     rc = cli.main(["apply", "--config", str(path)])
     err = capsys.readouterr().err
@@ -350,3 +378,65 @@ def test_rbd_leg_without_ceph_entries_uses_the_defaults(tmp_path: Path) -> None:
     assert m1.cfgstring() == f"a={tmp_path}/images/m1-a.img;b=rbd/pool/m1-b"
     assert m1.spec().access("b") is not None and m1.spec().access("b").conf == \
         "/etc/ceph/ceph.conf"
+
+
+def test_missing_name_is_reported_not_a_crash(tmp_path: Path) -> None:
+    """issue 16: a mirror without ``name`` crashed the checker with AssertionError."""
+    doc = good(tmp_path)
+    del doc["mirrors"][0]["name"]
+    checked = loader.check(doc, "f.yaml")
+    assert "f.yaml: mirrors[0].name: expected this key (it is required)" in checked.problems
+    # the other mirror is still valid; the group and the export that name m1 (now a name no
+    # entry has) are problems of their own and left out, not guessed at
+    assert [m.name for m in checked.config.mirrors] == ["m2"]
+    assert checked.config.groups == () and checked.config.exports == ()
+    assert "f.yaml: groups[0].mirrors[0]: expected the name of a mirror under mirrors, got " \
+        "'m1'" in checked.problems
+
+
+def test_check_keeps_the_valid_part_and_names_the_refused_mirrors(tmp_path: Path) -> None:
+    """What the daemon serves from a file with one bad mirror: the good one, and the bad one's
+    name with its problems (it is answered NOT READY, reason config)."""
+    doc = good(tmp_path)
+    doc["mirrors"][1]["sise"] = doc["mirrors"][1].pop("size")
+    checked = loader.check(doc, "f.yaml")
+    assert not checked.ok
+    assert [m.name for m in checked.config.mirrors] == ["m1"]
+    assert checked.config.groups == ()                      # g needs m2
+    assert checked.config.exports[0].luns == ((0, "m1"),)   # the export keeps m1's LUN
+    assert list(checked.refused) == ["m2"]
+    assert checked.refused["m2"] == (
+        "f.yaml: mirrors[1].sise: expected no such key (did you mean size? It is required; "
+        "known keys here: name, size, image_a, image_b, region_size, direct, create_images, "
+        "cluster_a, cluster_b, rbd_snapshots_keep)",)
+    # a bad daemon setting falls back to its default in the valid part
+    doc["daemon"]["log_level"] = "loud"
+    assert loader.check(doc, "f.yaml").config.daemon.log_level == "info"
+
+
+def test_yaml_aliases_cannot_blow_up_memory(tmp_path: Path) -> None:
+    """The billion laughs: nine levels of nine aliases is 9**9 values once followed; the
+    document is refused from its composed node graph, before anything is built."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 10):
+        refs = ", ".join([f"*a{i - 1}"] * 9)
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    text = "\n".join(lines) + "\n"
+    with pytest.raises(ConfigFileError, match=r"expected at most 100000 values with YAML "
+                       r"aliases expanded"):
+        loader.loads(text, "laughs.yaml")
+    # a few aliases are fine (they are YAML): the same ACL list for two targets, say
+    ok = loader.parse_yaml("x: &acl [{initiator: iqn.2026-01.org.example:h}]\ny: *acl\n")
+    assert ok == {"x": [{"initiator": "iqn.2026-01.org.example:h"}],
+                  "y": [{"initiator": "iqn.2026-01.org.example:h"}]}
+
+
+def test_recursive_alias_duplicate_key_and_size_limits() -> None:
+    with pytest.raises(ConfigFileError, match="line 1: expected no recursive YAML alias"):
+        loader.parse_yaml("a: &a [1, *a]\n", "rec.yaml")
+    with pytest.raises(ConfigFileError) as info:
+        loader.parse_yaml("mirrors:\n  - name: m1\n    size: 1G\n    size: 2G\n", "dup.yaml")
+    assert info.value.problems == ["dup.yaml: line 4: expected each key once in a mapping, got "
+                                   "'size' again (first at line 3)"]
+    with pytest.raises(ConfigFileError, match="at most 1048576 bytes"):
+        loader.parse_yaml("#" * (2 << 20), "big.yaml")

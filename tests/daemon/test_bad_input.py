@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from targetmirror.daemon import device, main
+from targetmirror.daemon import device, registry
 from targetmirror.daemon.main import Daemon
 from targetmirror.errors import ConfigError
 from targetmirror.scsi.sense import parse_fixed_sense
@@ -78,7 +78,7 @@ class Rig:
         self.infos: list[UioInfo] = []
         self.cfs: dict[str, _Cfs] = {}
         self.uios: dict[str, _Uio] = {}
-        monkeypatch.setattr(main, "find_devices", lambda *a: list(self.infos))
+        monkeypatch.setattr(registry, "find_devices", lambda *a: list(self.infos))
         monkeypatch.setattr(device.ConfigfsDevice, "for_device",
                             classmethod(lambda cls, info, root: self.cfs[info.dev_name]))
         monkeypatch.setattr(device, "reset_stale_ring", lambda *a: "clean")
@@ -126,7 +126,7 @@ class Rig:
         return done.status, done.sense
 
     def status(self, dev: str) -> dict[str, Any]:
-        for m in self.daemon.op_status({})["mirrors"]:
+        for m in self.daemon.ops.status()["mirrors"]:
             if m["name"] == dev:
                 return m
         raise AssertionError(f"{dev} not in status")
@@ -197,7 +197,7 @@ def test_a_repair_may_not_take_an_image_outside_or_in_use(rig: Rig) -> None:
     for replace, text in ((f"{rig.images}/link.img", "outside the image directories"),
                           (f"{rig.images}/m1-a.img", "already used by m1")):
         with pytest.raises(ConfigError, match=text) as err:
-            rig.daemon.op_repair({"name": "m2", "leg": "b", "replace": replace})
+            rig.daemon.ops.repair("m2", leg="b", replace=replace)
         assert err.value.code == "config"
     assert rig.files() == before
     assert rig.status("m2")["state"] == "mirrored"

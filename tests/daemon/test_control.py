@@ -10,20 +10,21 @@ import time
 
 import pytest
 
-from targetmirror.daemon.control import MAX_REQUEST, ControlServer, call, handle_line
+from targetmirror.daemon.control import MAX_REQUEST, ControlServer, handle_line
 from targetmirror.errors import MirrorError, TargetMirrorError
+from targetmirror.protocol import call
 
 
 def handlers():
     calls = []
 
-    def split(req):
-        calls.append(req)
-        if req.get("names") == ["bad"]:
+    def split(names: list[str], wait: bool = True) -> dict:
+        calls.append({"names": names, "wait": wait})
+        if names == ["bad"]:
             raise MirrorError("mirror bad is split, not mirrored")
-        return {"split": req["names"]}
+        return {"split": names}
 
-    return {"split": split, "ping": lambda req: {"pong": True}}, calls
+    return {"split": split, "ping": lambda: {"pong": True}}, calls
 
 
 @pytest.mark.parametrize("line, code", [
@@ -129,7 +130,7 @@ def test_garbage_on_the_socket_is_answered_and_runs_nothing(tmp_path):
                      b'{"v": 1, "op": "split"}\n'):
             resp = json.loads(_raw(server.path, junk))
             assert resp["ok"] is False and resp["error"]["code"] == "protocol", resp
-        assert calls == [{"v": 1, "op": "split"}]  # reached, lacked its names: refused
+        assert calls == []  # lacked its names: refused before the handler
         assert call(server.path, "ping") == {"pong": True}
     finally:
         server.close()
@@ -190,8 +191,84 @@ def test_many_connections_are_bounded_and_the_daemon_stays_usable(tmp_path):
 
 
 def test_an_unforeseen_handler_failure_is_answered_internal(tmp_path):
-    def broken(req):
+    def broken():
         raise AttributeError("'int' object has no attribute 'lower'")
 
     resp = handle_line(b'{"v": 1, "op": "x"}', {"x": broken})
     assert resp["ok"] is False and resp["error"]["code"] == "internal"
+
+
+def test_a_bug_inside_a_handler_is_internal_not_bad_arguments():
+    """A KeyError/TypeError raised *inside* a handler is a bug of the daemon: it is answered
+    ``internal`` (and logged), never passed off as the client's bad arguments."""
+    def op(name: str) -> dict:
+        return {}["missing" + name]
+
+    def op2(name: str) -> dict:
+        return len(5)  # type: ignore[arg-type]
+
+    for fn in (op, op2):
+        resp = handle_line(b'{"v": 1, "op": "x", "name": "m"}', {"x": fn})
+        assert resp["error"]["code"] == "internal", resp
+
+
+@pytest.mark.parametrize("args, why", [
+    ({"name": "m", "colour": "red"}, "unknown argument 'colour'"),
+    ({}, "missing argument 'name'"),
+    ({"name": 5}, "name: expected a string, got 5"),
+    ({"name": "m", "rate": "fast"}, 'rate: expected a number or null, got "fast"'),
+    ({"name": "m", "rate": True}, "rate: expected a number or null, got true"),
+    ({"name": "m", "names": ["a", 1]}, 'names: expected a list of strings or null, got ["a", 1]'),
+    ({"name": "m", "wait": "yes"}, "wait: expected true or false"),
+    ({"name": "m", "count": 1.5}, "count: expected an integer"),
+])
+def test_arguments_are_checked_against_the_handler_before_it_runs(args, why):
+    """configshell-fb's assert_params, for the control API: every request's arguments against
+    the handler's signature and annotations; the handler is not called when they do not fit."""
+    calls = []
+
+    def op(name: str, rate: float | None = None, names: list[str] | None = None,
+           wait: bool = False, count: int = 0) -> dict:
+        calls.append(name)
+        return {"ok": name}
+
+    resp = handle_line(json.dumps({"v": 1, "op": "x", **args}).encode(), {"x": op})
+    assert resp["ok"] is False and resp["error"]["code"] == "protocol", resp
+    assert why in resp["error"]["message"] and "bad arguments for x" in resp["error"]["message"]
+    assert calls == []
+    ok = handle_line(json.dumps({"v": 1, "op": "x", "name": "m", "rate": 3, "names": None,
+                                 "wait": True, "count": 2}).encode(), {"x": op})
+    assert ok == {"v": 1, "ok": True, "result": {"ok": "m"}} and calls == ["m"]
+
+
+def test_every_daemon_error_is_the_same_class_on_the_client(tmp_path):
+    """``except MirrorError`` (or ConfigError, StoreError, ...) works in a client: each code
+    the daemon answers with is raised as the class that has it."""
+    from targetmirror import errors
+    from targetmirror.protocol import ERROR_CLASSES
+
+    raised = [errors.ConfigError("c"), errors.ConfigFileError("/f", ["/f: x: expected y"]),
+              errors.MirrorError("m"), errors.LioError("l"), errors.StoreError("s", kind="read"),
+              errors.FrozenImageError("frozen"), errors.DeviceError("d"), errors.RingError("r"),
+              errors.ProtocolError("p"), errors.InternalError("i")]
+
+    def boom(i: int) -> dict:
+        raise raised[i]
+
+    path = str(tmp_path / "control.sock")
+    server = ControlServer(path, {"boom": boom}, allowed_uids=(os.getuid(),))
+    server.start()
+    try:
+        for i, exc in enumerate(raised):
+            with pytest.raises(TargetMirrorError) as err:
+                call(path, "boom", i=i)
+            want = ERROR_CLASSES[exc.code]
+            assert isinstance(exc, want)  # the class the client raises is the daemon's (base)
+            assert type(err.value) is want and err.value.code == exc.code
+            assert str(err.value) == str(exc)
+        with pytest.raises(errors.ProtocolError, match="unknown argument 'j'"):
+            call(path, "boom", j=1)
+    finally:
+        server.close()
+    assert set(ERROR_CLASSES) >= {"config", "mirror", "lio", "store", "device", "ring",
+                                  "protocol", "permission", "busy", "internal"}

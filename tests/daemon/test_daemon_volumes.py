@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from targetmirror.daemon import main
+from targetmirror.daemon import registry
 from targetmirror.daemon.device import ServedDevice
 from targetmirror.daemon.main import Daemon
+from targetmirror.errors import MirrorError
 from targetmirror.tcmu.uio import UioInfo
 
 
@@ -52,7 +53,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, lis
 
     def serve(info: UioInfo, *, mirrors: Any, **_kw: Any) -> ServedDevice:
         events.append(f"serve {info.dev_name}")
-        owner = main.volume_of(info)
+        owner = registry.volume_of(info)
         if owner is None:
             m = _Mirror(info.dev_name)
             dev = ServedDevice(info, None, _Runner(), m)  # type: ignore[arg-type]
@@ -66,37 +67,37 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, lis
         dev.close = close  # type: ignore[method-assign]
         return dev
 
-    monkeypatch.setattr(main, "serve", serve)
+    monkeypatch.setattr(registry, "serve", serve)
     return Daemon(state_dir=str(tmp_path / "state"), stuck_after=0), events
 
 
 def test_a_mirror_is_attached_before_its_volume_2(daemon, monkeypatch) -> None:
     d, events = daemon
     # the volume 2 has the lower minor, so discovery lists it first
-    monkeypatch.setattr(main, "find_devices", lambda *a: [VOLUME2, MIRROR])
+    monkeypatch.setattr(registry, "find_devices", lambda *a: [VOLUME2, MIRROR])
     d.rescan()
     assert events == ["serve db", "serve db2"]
     assert d.devices[VOLUME2.name].mirror is d.devices[MIRROR.name].mirror
-    st = d.op_status({})["mirrors"]
+    st = d.ops.status()["mirrors"]
     assert {m["name"]: m.get("volume2", m.get("mirror")) for m in st} == {
         "db": ["db2"], "db2": "db"}
 
 
 def test_volume_2_waits_for_its_mirror(daemon, monkeypatch, caplog) -> None:
     d, events = daemon
-    monkeypatch.setattr(main, "find_devices", lambda *a: [VOLUME2])
+    monkeypatch.setattr(registry, "find_devices", lambda *a: [VOLUME2])
     with caplog.at_level(logging.WARNING, "targetmirror.daemon"):
         d.rescan()
     assert events == [] and not d.devices
     assert "volume 2 of mirror db, which is not served" in caplog.text
-    monkeypatch.setattr(main, "find_devices", lambda *a: [VOLUME2, MIRROR])
+    monkeypatch.setattr(registry, "find_devices", lambda *a: [VOLUME2, MIRROR])
     d.rescan()
     assert events == ["serve db", "serve db2"]
 
 
 def test_detaching_a_mirror_detaches_its_volume_2_first(daemon, monkeypatch) -> None:
     d, events = daemon
-    monkeypatch.setattr(main, "find_devices", lambda *a: [VOLUME2, MIRROR])
+    monkeypatch.setattr(registry, "find_devices", lambda *a: [VOLUME2, MIRROR])
     d.rescan()
     events.clear()
     d.detach(MIRROR.name)
@@ -105,10 +106,10 @@ def test_detaching_a_mirror_detaches_its_volume_2_first(daemon, monkeypatch) -> 
 
 def test_a_volume_2_cannot_be_split_by_its_own_name(daemon, monkeypatch) -> None:
     d, _events = daemon
-    monkeypatch.setattr(main, "find_devices", lambda *a: [VOLUME2, MIRROR])
+    monkeypatch.setattr(registry, "find_devices", lambda *a: [VOLUME2, MIRROR])
     d.rescan()
-    with pytest.raises(main.MirrorError, match="volume 2 of mirror db; split the mirror"):
-        d.op_split({"names": ["db2"], "one_way": True})
+    with pytest.raises(MirrorError, match="volume 2 of mirror db; split the mirror"):
+        d.ops.split(["db2"], one_way=True)
 
 
 def test_reconfig_that_restates_the_device_is_accepted_and_a_change_refused(daemon) -> None:

@@ -48,7 +48,7 @@ def rig(tmp_path):
     dev = make_device(str(tmp_path), "m0", NBLOCKS, workers=2, store=store)
     daemon = Daemon(state_dir=str(tmp_path / "state"), control_socket=None)
     daemon.devices[dev.served.info.name] = dev.served
-    server = MetricsServer(daemon, "127.0.0.1:0")
+    server = MetricsServer(daemon.ops, ("127.0.0.1", 0))
     server.start()
     yield dev, daemon, server
     server.close()
@@ -66,7 +66,7 @@ def _write(dev, lba: int, n: int, seq: int = 0):
 def test_counters_state_and_split_are_scraped(rig):
     dev, daemon, server = rig
     before = scrape(server)
-    assert val(before, "targetmirror_mirror_state", mirror="m0", targetmirror_mirror_state=
+    assert val(before, "targetmirror_mirror_state", mirror="m0", state=
                "mirrored") == 1
     assert val(before, "targetmirror_commands_total", mirror="m0", direction="write") == 0
     assert val(before, "targetmirror_device_ready", device="m0") == 1
@@ -94,25 +94,25 @@ def test_counters_state_and_split_are_scraped(rig):
     assert val(s, "targetmirror_command_latency_seconds_sum", mirror="m0",
                direction="write") > 0
     assert val(s, "targetmirror_leg_state", mirror="m0", leg="a",
-               targetmirror_leg_state="in-sync") == 1
+               state="in-sync") == 1
     assert val(s, "targetmirror_ring_commands_total", device="m0") == 4
     epoch0 = val(s, "targetmirror_mirror_epoch", mirror="m0")
 
     # split through the control API's handler (what `targetmirror split` runs)
-    res = daemon.op_split({"names": ["m0"], "wait": True, "timeout": 30})
+    res = daemon.ops.split(["m0"], wait=True, timeout=30)
     assert res["split"][0]["state"] == "split"
     _write(dev, 32, 4, seq=9)                             # post-split: B only, marked
 
     s = scrape(server)
     assert val(s, "targetmirror_mirror_state", mirror="m0",
-               targetmirror_mirror_state="split") == 1
+               state="split") == 1
     assert val(s, "targetmirror_mirror_state", mirror="m0",
-               targetmirror_mirror_state="mirrored") == 0
+               state="mirrored") == 0
     assert val(s, "targetmirror_mirror_epoch", mirror="m0") == epoch0 + 1
     assert val(s, "targetmirror_leg_state", mirror="m0", leg="a",
-               targetmirror_leg_state="frozen") == 1
+               state="frozen") == 1
     assert val(s, "targetmirror_leg_state", mirror="m0", leg="b",
-               targetmirror_leg_state="live") == 1
+               state="live") == 1
     assert val(s, "targetmirror_bytes_total", mirror="m0", direction="write", leg="a") == 6 * BS
     assert val(s, "targetmirror_bytes_total", mirror="m0", direction="write", leg="b") == 10 * BS
     assert val(s, "targetmirror_bitmap_dirty_regions", mirror="m0") >= 1
@@ -121,10 +121,10 @@ def test_counters_state_and_split_are_scraped(rig):
     assert val(s, "targetmirror_split_instant_timestamp_seconds", mirror="m0") > 0
     assert val(s, "targetmirror_pre_split_in_flight", mirror="m0") == 0
 
-    daemon.op_rejoin({"names": ["m0"], "wait": True, "timeout": 30})
+    daemon.ops.rejoin(["m0"], wait=True, timeout=30)
     s = scrape(server)
     assert val(s, "targetmirror_mirror_state", mirror="m0",
-               targetmirror_mirror_state="mirrored") == 1
+               state="mirrored") == 1
     assert val(s, "targetmirror_bitmap_dirty_regions", mirror="m0") == 0
     assert val(s, "targetmirror_resync_active", mirror="m0", kind="rejoin") == 0
     assert dev.image_bytes("a") == dev.image_bytes("b")
@@ -168,19 +168,22 @@ def test_stats_shards_per_thread_sum_exactly():
     assert rb[-1] == ("+Inf", 4 * n) and rb[-2][1] == 0
 
 
-@pytest.mark.parametrize("text", ["9100", "host:", "host:port", "1.2.3.4:70000", ""])
+@pytest.mark.parametrize("text", ["9100", "host:", "host:port", "1.2.3.4:70000", "",
+                                  ":9745", "127.0.0.1:0", "localhost:9745", "::1:9745"])
 def test_bad_metrics_address_is_refused(text):
-    with pytest.raises(ConfigError, match="HOST:PORT"):
+    """The one IP:PORT rule of targetmirror.netaddr, as for portals in the file: a numeric
+    IP, a port 1-65535; no ':PORT' shorthand, no port 0 from an admin."""
+    with pytest.raises(ConfigError, match="IP:PORT with a numeric IP and a port 1-65535"):
         parse_address(text)
 
 
 def test_metrics_address_forms():
     assert parse_address("127.0.0.1:9745") == ("127.0.0.1", 9745)
     assert parse_address("[::1]:9745") == ("::1", 9745)
-    assert parse_address(":9745") == ("0.0.0.0", 9745)
+    assert parse_address("0.0.0.0:9745") == ("0.0.0.0", 9745)
 
 
 def test_port_in_use_is_a_clear_error(rig):
     _dev, daemon, server = rig
     with pytest.raises(ConfigError, match="cannot listen"):
-        MetricsServer(daemon, f"127.0.0.1:{server.address[1]}")
+        MetricsServer(daemon.ops, f"127.0.0.1:{server.address[1]}")

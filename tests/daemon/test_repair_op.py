@@ -29,14 +29,14 @@ def test_repair_op_brings_a_failed_leg_back(tmp_path):
     d.devices["uio0"] = SimpleNamespace(info=SimpleNamespace(dev_name="m"), mirror=m,
                                         reason=None)  # type: ignore[assignment]
     try:
-        with pytest.raises(MirrorError, match="no leg is failed"):
-            d.op_repair({"name": "m"})
+        with pytest.raises(MirrorError, match="no failed leg"):
+            d.ops.repair("m")
         with pytest.raises(MirrorError, match="absolute"):
-            d.op_repair({"name": "m", "replace": "rel.img"})
+            d.ops.repair("m", replace="rel.img")
         plan.add(Fault("write", "eio"))
         m.write(8192, [memoryview(b"r" * 512)], False)
         assert m.health == "degraded"
-        out = d.op_repair({"name": "m", "wait": True, "timeout": 20})["repair"]
+        out = d.ops.repair("m", wait=True, timeout=20)["repair"]
         assert out["state"] == "mirrored" and out["health"] == "ok"
         assert out["last_repair"]["bytes_copied"] == 4096
         with open(paths[0], "rb") as fa, open(paths[1], "rb") as fb:

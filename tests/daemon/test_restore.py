@@ -21,8 +21,9 @@ from tests.config.test_loader import good, write
 def test_apply_at_start_uses_group_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          caplog: pytest.LogCaptureFixture) -> None:
     path = write(tmp_path, good(tmp_path))
-    config, problem = restore.load(str(path))
-    assert config is not None and problem is None
+    loaded = restore.read(str(path))
+    config = loaded.config
+    assert config is not None and loaded.ok and loaded.problems == ()
     fake = FakeLio()
     monkeypatch.setattr(live, "RtslibLio", lambda: fake)
     state = tmp_path / "daemon-state"
@@ -41,12 +42,22 @@ def test_apply_at_start_uses_group_store(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(fake.calls) == calls, "a restart applies nothing new"
 
 
-def test_bad_file_is_reported_not_applied(tmp_path: Path) -> None:
+def test_bad_file_is_reported_and_only_its_valid_part_applied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     doc = good(tmp_path)
     doc["mirrors"][0]["size"] = "huge"
-    config, problem = restore.load(str(write(tmp_path, doc)))
-    assert config is None and problem is not None
-    assert "mirrors[0].size" in problem and "serving what exists" in problem
+    loaded = restore.read(str(write(tmp_path, doc)))
+    assert not loaded.ok and loaded.config is not None
+    assert len(loaded.problems) == 1 and "mirrors[0].size" in loaded.problems[0]
+    assert loaded.refused == {"m1": "mirrors[0].size: expected a positive size in bytes or "
+                                    "with a unit (512M, 10G), a multiple of 512, got 'huge'"}
+    fake = FakeLio()
+    monkeypatch.setattr(live, "RtslibLio", lambda: fake)
+    groups = GroupStore(str(tmp_path / "groups.json"))
+    assert restore.apply_config(loaded.config, groups, str(tmp_path / "st"), only_new=True)
+    # m2 is new and valid: made; m1 is refused; the group and m1's LUN need m1: not made
+    assert set(fake.state.backstores) == {"m2"} and groups.all() == {}
+    assert fake.state.targets["iqn.2026-01.org.example:t1"].luns == {1: "m2"}
 
 
 def test_conflict_is_logged_and_daemon_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -66,10 +77,10 @@ def test_conflict_is_logged_and_daemon_goes_on(tmp_path: Path, monkeypatch: pyte
 def test_no_file_no_restore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(loader.ENV_VAR, raising=False)
     monkeypatch.setattr(loader, "DEFAULT_PATH", str(tmp_path / "absent.yaml"))
-    assert restore.load(None) == (None, None)
+    assert restore.config_path(None) is None
     monkeypatch.setenv(loader.ENV_VAR, str(tmp_path / "absent.yaml"))
-    config, problem = restore.load(None)
-    assert config is None and problem is not None and "cannot read" in problem
+    loaded = restore.read(str(restore.config_path(None)))
+    assert loaded.config is None and "cannot read" in loaded.problems[0]
 
 
 def test_parser_has_config() -> None:

@@ -178,3 +178,49 @@ def test_stop_answers_everything_fetched(rig):
     # Whatever the ring thread fetched before the stop was answered; nothing was half done.
     assert all(uio.completions[i].status == 0 for i in answered)
     assert runner.error is None
+
+
+def test_a_ring_thread_dying_between_admission_and_dispatch_leaks_nothing(tmp_path):
+    """Issue 15, defect 6: the ring thread admits a batch, then fails before any of it runs
+    (here the split boundary's callback raises; a failing notify does the same).  What the
+    batch took at admission -- range tickets, in-flight counts, busy regions -- must be given
+    back, and its commands answered (BUSY: they never ran, initiators retry), or every later
+    overlapping write waits forever and a split never drains."""
+    paths = []
+    for name in ("a.img", "b.img"):
+        p = tmp_path / name
+        with open(p, "wb") as f:
+            f.truncate(SIZE)
+        paths.append(str(p))
+    mirror = Mirror("t", Image(paths[0]), Image(paths[1]), size=SIZE)
+    commands = MirrorCommands(
+        mirror, lambda: DeviceIdentity(serial="test0001", max_transfer_blocks=2048))
+    producer = Producer(cmdr_size=64 * 1024 - 128, data_size=1 << 20)
+    uio = FakeUio(producer)
+    runner = DeviceRunner("t", uio, Ring(producer.buf), commands.admit,
+                          before_dispatch=commands.commit, workers=2)
+
+    def boom() -> None:
+        raise RuntimeError("injected: the ring thread dies after admitting its batch")
+
+    with uio.lock:
+        ids = [producer.queue(write10(0, 8), bytes(8 * BS)),
+               producer.queue(write10(4, 8), bytes(8 * BS))]
+    with runner.lock:
+        runner.set_boundary(producer.head, 1, boom)
+    os.eventfd_write(uio.efd, 1)
+    runner.start()
+    runner.join(10)
+    try:
+        assert not runner.alive and isinstance(runner.error, RuntimeError)
+        with uio.lock:
+            uio.completions.update(producer.reap())
+        assert {i: uio.completions[i].status for i in ids} == dict.fromkeys(ids, 0x08)
+        assert mirror.locks.held() == 0
+        assert not mirror.flight.inflight and not mirror.flight.busy
+        done = threading.Event()
+        threading.Thread(target=lambda: (mirror.write(0, [memoryview(bytes(BS))], False),
+                                         done.set()), daemon=True).start()
+        assert done.wait(10), "an overlapping write waits on a leaked range ticket"
+    finally:
+        mirror.close()

@@ -7,6 +7,7 @@ reason and every safety rule is driven on purpose.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import struct
@@ -21,7 +22,7 @@ from targetmirror import express
 from targetmirror.daemon.device import MirrorCommands
 from targetmirror.daemon.runner import DeviceRunner
 from targetmirror.mirror.mirror import Mirror
-from targetmirror.mirror.state import State, StateStore
+from targetmirror.mirror.state import SplitRecord, State, StateStore
 from targetmirror.scsi.identity import DeviceIdentity
 from targetmirror.store.image import Image
 from targetmirror.tcmu import layout as L
@@ -158,7 +159,7 @@ def test_marked_writes_go_express_to_both_legs_and_reads_come_back(rig: Rig) -> 
     assert done[rid].status == 0 and done[rid].data_in == writes[16]
     assert rig.lane.served == 21 and rig.lane.stops[express.STOP_HEAD] == 2
     # the regions written count as touched: the clear pass spares them
-    assert 0 in rig.mirror._touched
+    assert 0 in rig.mirror.flight.touched
     # metrics: the lane's shard is summed with the others
     totals = rig.commands.stats.totals()
     assert rig.commands.stats.commands(totals, 1) == 22  # 2 Python writes + 20 express
@@ -215,16 +216,26 @@ def test_a_failing_leg_is_left_to_python_which_degrades_the_mirror(tmp_path) -> 
         rig.close()
 
 
+def set_state(m, state: State) -> None:
+    """Put the mirror's state document in ``state`` (without a store: nothing is saved)."""
+    st = dataclasses.replace(m.st, state=state)
+    if state in (State.SPLITTING, State.ONE_WAY):
+        st.split = SplitRecord(epoch=st.epoch + 1, requested_wall=0.0,
+                               one_way=state == State.ONE_WAY)
+    m.records.replace(st)
+    m.refresh_view()
+
+
 @pytest.mark.parametrize("state", [State.SYNCING, State.REJOINING, State.SPLITTING,
                                    State.ONE_WAY])
 def test_only_a_quiet_mirror_lets_the_lane_run(tmp_path, state: State) -> None:
     rig = make_rig(str(tmp_path), store=False)
     try:
-        rig.mirror.st.state = state
+        set_state(rig.mirror, state)
         cid = rig.producer.queue(r10(0, 1), data_in_len=BS)
         rig.run()
         assert rig.lane.runs == 0
-        rig.mirror.st.state = State.MIRRORED
+        set_state(rig.mirror, State.MIRRORED)
         rig.producer.queue(r10(0, 1), data_in_len=BS)
         assert cid is not None
         rig.run()

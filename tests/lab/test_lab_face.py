@@ -140,8 +140,12 @@ def _run(mirrord: Mirrord, tmp_path: Path) -> None:
     for name in ("f0", "f1"):
         from_shell = json.loads(shell(mirrord, f"/mirrors/{name}", "status", "json=true").stdout)
         from_cli = mirrord.ctl_json("status", name)["mirrors"][0]
-        for key in ("state", "epoch", "split", "image_a", "image_b", "bitmap", "size"):
+        for key in ("state", "epoch", "split", "image_a", "image_b", "size"):
             assert from_shell[key] == from_cli[key], key
+        # The write-intent clear pass may run between the two reads (marked and syncs move
+        # on their own once the writes stop); the bitmap's shape may not.
+        for key in ("region_size", "regions"):
+            assert from_shell["bitmap"][key] == from_cli["bitmap"][key], key
 
     before = scrape()
     epoch0 = metric(before, "targetmirror_mirror_epoch", mirror="f0")
@@ -149,7 +153,7 @@ def _run(mirrord: Mirrord, tmp_path: Path) -> None:
                       leg="a")
     assert a_bytes0 >= MiB
     assert metric(before, "targetmirror_mirror_state", mirror="f0",
-                  targetmirror_mirror_state="mirrored") == 1
+                  state="mirrored") == 1
 
     # -- split the group from the shell, write on, back up, metrics show it --------------------
     out = shell(mirrord, "/groups/fg", "split").stdout
@@ -167,10 +171,10 @@ def _run(mirrord: Mirrord, tmp_path: Path) -> None:
 
     s = scrape()
     assert metric(s, "targetmirror_mirror_state", mirror="f0",
-                  targetmirror_mirror_state="split") == 1
+                  state="split") == 1
     assert metric(s, "targetmirror_mirror_epoch", mirror="f0") == epoch0 + 1
     assert metric(s, "targetmirror_leg_state", mirror="f0", leg="a",
-                  targetmirror_leg_state="frozen") == 1
+                  state="frozen") == 1
     assert metric(s, "targetmirror_bitmap_dirty_regions", mirror="f0") >= 1
     assert metric(s, "targetmirror_bytes_total", mirror="f0", direction="write",
                   leg="b") >= metric(s, "targetmirror_bytes_total", mirror="f0",
@@ -189,7 +193,7 @@ def _run(mirrord: Mirrord, tmp_path: Path) -> None:
     assert _read(l0.a, 0, MiB) == a0 and _read(l1.a, 2 * MiB, MiB) == a1
     s = scrape()
     assert metric(s, "targetmirror_mirror_state", mirror="f0",
-                  targetmirror_mirror_state="mirrored") == 1
+                  state="mirrored") == 1
     assert metric(s, "targetmirror_bitmap_dirty_regions", mirror="f0") == 0
 
     # -- targetcli, we own org.kernel.TCMUService1 ---------------------------------------------

@@ -174,7 +174,7 @@ def trial(seed: int) -> dict[str, int]:
             raise
         stats["crashed_in_workload"] = 1
     split_done = model.pre_split is not None and m.split_complete.is_set()
-    m._pool.shutdown(wait=True)
+    m._abandon()
     fs2 = fs.reboot()
 
     # -- recovery: reopen; a rejoin or recovery resync runs by itself -------------------------
@@ -276,6 +276,5 @@ def test_the_checker_catches_a_lost_flushed_write(monkeypatch) -> None:
 
 
 def _alive(m: Mirror) -> bool:
-    t = m._resync_thread
-    return t is not None and t.is_alive()
+    return m.tasks.alive("copy")
 

@@ -74,7 +74,7 @@ def test_sync_resumes_after_restart(tmp_path):
     m.initial_sync(rate=2e6)  # 4 s in all; the first cursor save comes at half-way
     # stop part-way (a daemon shutdown), as soon as the cursor has moved at least once
     while store.load("m").sync_cursor == 0:
-        m._resync_stop.wait(0.01)
+        m.copier.stop.wait(0.01)
     m.close()
     st = store.load("m")
     assert st.state == State.SYNCING and 0 < st.sync_cursor < SIZE

@@ -206,8 +206,9 @@ def test_rejoin_refused_unless_split(rig, tmp_path):
     assert m.split_complete.wait(TIMEOUT)
     post_write(m, 3 * RS, b"q" * BS)
     m.rejoin(rate=RS)                          # slow: still running for the next call
-    with pytest.raises(MirrorError, match="only a split mirror"):
+    with pytest.raises(MirrorError, match="busy: rejoin is running") as busy:
         m.rejoin()
+    assert busy.value.code == "busy"
     m.stop_resync()
     # no state directory: no bitmap, no rejoin
     pa, pb = tmp_path / "x.a", tmp_path / "x.b"
@@ -265,7 +266,7 @@ def test_stopped_rejoin_resumes_after_a_restart(rig):
     assert bitmap_file_bits(rig.store) == set(regions[64:])
     stopper = threading.Thread(target=m.stop_resync)
     stopper.start()
-    assert m._resync_stop.wait(TIMEOUT)
+    assert m.copier.stop.wait(TIMEOUT)
     release.set()
     stopper.join(TIMEOUT)
     assert not stopper.is_alive() and not m.rejoin_complete.is_set()
@@ -518,17 +519,18 @@ def test_admission_racing_a_rejoin_never_writes_b_only_once_mirrored(rig):
     m = rig.mirror()
     split(m)
     in_admit, go_on = threading.Event(), threading.Event()
-    real = m._split_epoch
     admitter = "admitter"
 
-    def split_epoch():
-        value = real()
-        if threading.current_thread().name == admitter and not in_admit.is_set():
-            in_admit.set()
-            assert go_on.wait(TIMEOUT)
-        return value
+    class Inflight(dict):
+        """Admission counts the command in under the admission lock: hold it right there."""
 
-    m._split_epoch = split_epoch
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            if threading.current_thread().name == admitter and not in_admit.is_set():
+                in_admit.set()
+                assert go_on.wait(TIMEOUT)
+
+    m.flight.inflight = Inflight(m.flight.inflight)
     got: list = []
     t = threading.Thread(target=lambda: got.append(m.admit(m.epoch, (8 * RS, 8 * RS + BS))),
                          name=admitter)

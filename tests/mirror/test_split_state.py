@@ -65,6 +65,7 @@ def test_pre_split_write_drains_to_a_then_a_freezes(rig):
     pre = m.admit(m.epoch, (0, 4 * BS))          # queued before the instant
     m.prepare_split(["m"])
     tag = m.begin_split()
+    m.record_instant()
     assert tag == 1 and m.st.split is not None and m.st.split.instant_wall is not None
     post = m.admit(tag, (2 * BS, 6 * BS))       # queued after it, overlapping
     m.boundary_passed()

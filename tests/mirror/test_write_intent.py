@@ -32,12 +32,7 @@ class Rig:
 
 def crash(m: Mirror) -> None:
     """Abandon a mirror as a kill -9 would: no flush, no clean-close record."""
-    m._closed = True
-    m._pool.shutdown(wait=True)
-    assert m.bitmap is not None
-    m.bitmap.close()
-    m.a.close()
-    m.b.close()
+    m._abandon(close_files=True)
 
 
 def test_the_bit_is_durable_before_either_leg_is_written(tmp_path):

@@ -68,7 +68,7 @@ def test_ls_split_backup_rejoin_from_the_shell(rig, capfd, tmp_path):
     rc, out, err = sh(capfd, sock, "/mirrors/m0", "split")
     assert rc == 0, err
     assert "split" in out and "consistent" in out
-    assert daemon.op_status({"names": ["m0"]})["mirrors"][0]["state"] == "split"
+    assert daemon.ops.status(["m0"])["mirrors"][0]["state"] == "split"
     after = write(m0, 0, 4, seq=2)                   # post-split: B only
     assert m0.image_bytes("a")[: 4 * BS] == before
     assert m0.image_bytes("b")[: 4 * BS] == after
@@ -100,7 +100,7 @@ def test_groups_create_split_rejoin_and_delete(rig, capfd):
 
     rc, out, err = sh(capfd, sock, "/groups/g", "split")
     assert rc == 0, err
-    st = {m["name"]: m for m in daemon.op_status({})["mirrors"]}
+    st = {m["name"]: m for m in daemon.ops.status()["mirrors"]}
     assert st["m0"]["state"] == st["m1"]["state"] == "split"
     assert st["m0"]["split"]["group"] == st["m1"]["split"]["group"] == ["m0", "m1"]
 
@@ -117,7 +117,7 @@ def test_refusals_are_one_clear_line_and_change_nothing(rig, capfd, tmp_path):
     assert rc == 1
     assert err.strip() == ("targetmirror-shell: mirror: mirror m0 is mirrored; only a split "
                            "mirror can be rejoined")
-    assert daemon.op_status({"names": ["m0"]})["mirrors"][0]["state"] == "mirrored"
+    assert daemon.ops.status(["m0"])["mirrors"][0]["state"] == "mirrored"
 
     rc, _out, err = sh(capfd, sock, "/mirrors/nope", "status")
     assert rc == 1 and "nope" in err
@@ -127,7 +127,7 @@ def test_refusals_are_one_clear_line_and_change_nothing(rig, capfd, tmp_path):
     assert rc == 1 and "full=maybe: expected true or false" in err
     rc, _out, err = sh(capfd, sock, "/mirrors/m0", "split", "bogus=1")
     assert rc == 1 and "bogus" in err
-    assert daemon.op_status({"names": ["m0"]})["mirrors"][0]["state"] == "mirrored"
+    assert daemon.ops.status(["m0"])["mirrors"][0]["state"] == "mirrored"
 
 
 def test_shell_and_cli_report_the_same_state(rig, capfd):
@@ -201,4 +201,24 @@ def test_verify_and_sync_from_the_shell(rig, capfd):
     assert rc == 0, err
     assert "m1: initial sync complete" in out
     assert m1.image_bytes("a") == m1.image_bytes("b")
-    assert daemon.op_status({"names": ["m1"]})["mirrors"][0]["state"] == "mirrored"
+    assert daemon.ops.status(["m1"])["mirrors"][0]["state"] == "mirrored"
+
+
+def test_every_state_of_the_table_has_a_colour_derived_from_it():
+    """The shell colours a mirror from the state table (policy.STEADY) and its health, for
+    every state the table has: green where it rests healthy, plain on its way, red when a leg
+    failed or the split copy is lost."""
+    from targetmirror.mirror import policy
+    from targetmirror.shell.nodes import mirror_summary
+
+    for state in policy.STATES:
+        base = {"name": "m", "state": str(state), "epoch": 1, "health": "ok"}
+        text, colour = mirror_summary(base)
+        assert text.startswith(str(state))
+        assert colour is (True if state in policy.STEADY else None), state
+        text, colour = mirror_summary({**base, "health": "degraded",
+                                       "failed_legs": {"a": {"reason": "EIO"}}})
+        assert colour is False and "DEGRADED (leg A failed)" in text
+    _, colour = mirror_summary({"name": "m", "state": "split", "health": "ok",
+                                "split": {"a_status": "lost: EIO"}})
+    assert colour is False

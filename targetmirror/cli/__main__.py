@@ -1,0 +1,7 @@
+"""``python3 -m targetmirror.cli``: the ``targetmirror`` command (the lab runs it this way)."""
+
+import sys
+
+from targetmirror.cli import main
+
+sys.exit(main())
