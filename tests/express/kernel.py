@@ -14,12 +14,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import select
 import socket
 import threading
-from array import array
 from collections.abc import Iterable
 
 from targetmirror.mirror.mirror import Mirror, QuietPlan
@@ -97,19 +94,20 @@ class SocketUio:
 
 
 class StandInLease:
-    """Leases a :class:`Mirror`'s quiet plan to the lane without holding any of its locks.
+    """The mirror's own lane lease (``Mirror.lane_lease``), wrapped so a test can count the
+    leases, see what each release reported, and hold the lane off.
 
-    Only safe while nothing but the lane changes the mirror: a test that wants a transition
-    calls :meth:`revoke` first, which writes ``stop_fd`` and waits for :meth:`release`, and
-    :meth:`allow` afterwards.  The real lease (the mirror's state machine) revokes on every
-    transition itself.
+    :meth:`revoke` stops further leases, writes the real lease's ``stop_fd`` (through the
+    mirror's gate, as a transition would) and waits for :meth:`release`; :meth:`allow` lets
+    the lane lease again.
     """
 
     def __init__(self, mirror: Mirror) -> None:
         self.mirror = mirror
-        self.stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.io_clock = array("q", [0, 0])
+        self.stop_fd = -1
+        self.io_clock: bytearray | None = None
         self.plan: QuietPlan | None = None
+        self._real: object | None = None
         self._cv = threading.Condition()
         self._out = False
         self._allowed = True
@@ -117,47 +115,44 @@ class StandInLease:
         self.released: list[tuple[int, tuple[int, ...]]] = []
 
     def lease(self, volume: int) -> StandInLease | None:
-        if volume != 1:
-            return None
         m = self.mirror
         with self._cv:
             if not self._allowed or self._out:
                 return None
-            with m._mu:
-                plan = m._quiet_plan_locked()
-                if plan is None:
-                    return None
-                with m.locks.guard:
-                    if not m.locks.idle_locked():
-                        return None
-            self.plan = plan
+            real = m.lane.lease(volume)
+            if real is None:
+                return None
+            self._real = real
+            self.plan, self.stop_fd, self.io_clock = real.plan, real.stop_fd, real.io_clock
             self._out = True
             self.leases += 1
             return self
 
     def release(self, served: int, touched: Iterable[int]) -> None:
         touched = tuple(touched)
-        with self.mirror._mu:
-            self.mirror._touched.update(touched)
+        real = self._real
+        assert real is not None, "release without a lease"
+        real.release(served, touched)  # type: ignore[attr-defined]
         with self._cv:
             assert self._out, "release without a lease"
             self._out = False
+            self._real = None
             self.released.append((served, touched))
             self._cv.notify_all()
 
     def revoke(self, timeout: float = 30.0) -> None:
         """Stop leasing, make the lane return, wait until it released."""
+        m = self.mirror
         with self._cv:
             self._allowed = False
             if self._out:
-                os.eventfd_write(self.stop_fd, 1)
+                with m.mu:
+                    m.lane.revoke_locked()
             assert self._cv.wait_for(lambda: not self._out, timeout), "the lane did not return"
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.stop_fd)
 
     def allow(self) -> None:
         with self._cv:
             self._allowed = True
 
     def close(self) -> None:
-        os.close(self.stop_fd)
+        """Nothing to free: the mirror owns the lease's stop_fd and closes it."""
