@@ -11,9 +11,11 @@ import argparse
 import json
 from pathlib import Path
 
-ORDER = ("fileio", "tcmu-runner", "targetmirror", "targetmirror-python")
-COLOURS = {"fileio": "#888888", "tcmu-runner": "#4477aa", "targetmirror": "#cc6677",
-           "targetmirror-python": "#ddaa33"}
+ORDER = ("fileio", "tcmu-runner", "plain", "targetmirror", "tm-calls", "tm-drain",
+         "targetmirror-python", "ab-default", "ab-drain")
+COLOURS = {"fileio": "#888888", "tcmu-runner": "#4477aa", "plain": "#66aa55",
+           "targetmirror": "#cc6677", "tm-calls": "#aa4499", "tm-drain": "#882255",
+           "targetmirror-python": "#ddaa33", "ab-default": "#ee8866", "ab-drain": "#663333"}
 
 
 def main() -> None:

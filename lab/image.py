@@ -111,6 +111,9 @@ PACKAGES: tuple[str, ...] = (
     "systemd",
     "python3-seccomp",
     "busybox-static",  # for the lab's own initramfs (lab/initramfs.py)
+    "strace",  # benchmarks/lab_fio.py counts each user backstore's syscalls per command
+    "linux-perf",  # where the kernel's share of a command goes (docs/performance.md)
+    "liburing2",  # the express lane submits both legs' I/O through io_uring when built so
     # the RBD leg's lab test runs a one-node Ceph cluster inside the guest (no network)
     "ceph-mon",
     "ceph-osd",

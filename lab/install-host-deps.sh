@@ -5,7 +5,9 @@
 #   - gcc + dpkg-dev + a deb-src entry so `apt-get source tcmu` can fetch tcmu-runner's
 #     file_example.c, which we compile into the `file` handler Debian does not ship,
 #   - python3-dev (with gcc) to build the express lane, targetmirror's one C extension
-#     (optional: without it the daemon serves everything from Python, only slower),
+#     (optional: without it the daemon serves everything from Python, only slower), and
+#     liburing-dev for its batched io_uring submission (optional too: without it the lane
+#     makes one pwritev/preadv per leg; the guest image carries liburing2 to load it),
 #   - ceph-mon, ceph-osd, ceph-common and librbd's Python binding (python3-rbd, python3-rados)
 #     for the RBD leg's tests: they start a disposable one-node cluster on 127.0.0.1.  The
 #     binding exists only for Debian's /usr/bin/python3, which is why dev/bootstrap.sh builds
@@ -22,8 +24,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-PKGS="qemu-system-x86 mmdebstrap e2fsprogs dpkg-dev gcc libc6-dev python3-dev ca-certificates
-      ceph-mon ceph-osd ceph-common python3-rbd python3-rados"
+PKGS="qemu-system-x86 mmdebstrap e2fsprogs dpkg-dev gcc libc6-dev python3-dev liburing-dev
+      ca-certificates ceph-mon ceph-osd ceph-common python3-rbd python3-rados"
 SRC_LIST=/etc/apt/sources.list.d/targetmirror-lab-src.sources
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 need_update=0

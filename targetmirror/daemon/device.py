@@ -10,6 +10,7 @@ commands hanging until the kernel's timeout, and the reason is logged for the ad
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from array import array
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +29,7 @@ from targetmirror.config.cfgstring import (
 )
 from targetmirror.daemon.runner import Admit, DeviceRunner, Job, PlainJob
 from targetmirror.daemon.stats import OTHER, READ, WRITE, CommandStats
-from targetmirror.errors import ConfigError, MirrorError, TargetMirrorError
+from targetmirror.errors import ConfigError, DeviceError, MirrorError, TargetMirrorError
 from targetmirror.mirror.bitmap import DEFAULT_REGION
 from targetmirror.mirror.mirror import LEG_A, WI_EXTENT, Mirror, MirrorIO, QuietPlan
 from targetmirror.mirror.snapshot import SnapshotVolume, owning_split_mirror
@@ -56,6 +57,17 @@ EXPRESS_MAX = 1 << 20
 the ring thread); larger ones go to the workers, which write both legs in parallel."""
 TOUCHED_MAX = 4096
 """Regions one lane run may report as written before it stops and lets the ring go on."""
+LEASE_WAIT_MS = 1000
+LEASE_BUDGET_NS = 1_000_000_000
+"""With the mirror's lane lease (``Mirror.lane_lease``): how long the lane's wait loop may wait
+for the next command, and stay in C in all, before the ring thread's Python loop runs again
+(its stop check, the stuck-command watchdog's view).  A transition does not wait for either:
+it writes the lease's stop_fd and the loop returns at once."""
+QUIET_WAIT_MS = 20
+QUIET_BUDGET_NS = 50_000_000
+"""Without a lease (a mirror that only offers ``Mirror.quiet``, which holds the mirror's lock
+and the range lock's guard across the call): the wait loop runs inside ``quiet``, so every
+other user of those locks waits for it; these keep that wait short."""
 
 # LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED (04/03)
 _NOT_READY = ScsiResult(C.Status.CHECK_CONDITION,
@@ -197,22 +209,53 @@ class MirrorCommands:
         """Once per ring batch, before it runs: one sync for the bits admission marked."""
         self._mirror.commit_marks()
 
-    def express(self, ring: Ring) -> int:
+    def express(self, ring: Ring, uio_fd: int = -1, wake_fd: int = -1) -> tuple[int, bool]:
         """Before a batch is fetched: let the compiled lane serve what it can, straight from
-        the ring; return how many commands it answered (see ``targetmirror/express``).
+        the ring; return how many commands it answered and whether the kernel still has to
+        be notified of some of them (see ``targetmirror/express``).
+
+        With ``uio_fd`` the lane's wait loop keeps serving, notifying once per batch and
+        waiting for the next commands in C, until an entry needs Python, the mirror revokes
+        the lane, ``wake_fd`` (the ring thread's own) is kicked, or it times out.  The mirror's
+        lane lease (``Mirror.lane_lease``: no lock held while it is out, revoked by every
+        transition) says what it may do; a mirror without one lends its plan through
+        ``Mirror.quiet`` for a short wait (``QUIET_BUDGET_NS``).
 
         Called once per ring wake-up, so it is kept to a few operations: the lane's fixed
         parameters are set once, when the first command has built the SCSI device."""
         lane = self.lane
         if lane is None or self._scsi is None:  # the first command builds the SCSI device
-            return 0
+            return 0, False
+        m = self._mirror
         if lane.ring is not ring:
-            m = self._mirror
             lane.write_protected = self._scsi.write_protected
             lane.max_bytes = min(EXPRESS_MAX, self._max_blocks * m.block_size)
             lane.geometry = (m.block_size, m.num_blocks)
             lane.ring = ring
-        return self._mirror.quiet(1, lane.serve)
+        lease_of = getattr(m, "lane_lease", None)
+        if lease_of is None or uio_fd < 0 or express.loop is None:
+            if uio_fd < 0 or express.loop is None:
+                served = m.quiet(1, lane.serve)
+                return served, served > 0
+            lane.wait = (uio_fd, -1, wake_fd, QUIET_WAIT_MS, QUIET_BUDGET_NS, None)
+            try:
+                served = m.quiet(1, lane.serve)
+            finally:
+                lane.wait = None
+            return served, lane.unnotified
+        lease = lease_of(1)
+        if lease is None:
+            return 0, False
+        served = 0
+        touched: Sequence[int] = ()
+        try:
+            lane.wait = (uio_fd, lease.stop_fd, wake_fd, LEASE_WAIT_MS, LEASE_BUDGET_NS,
+                         lease.io_clock)
+            served, touched = lane.serve(lease.plan)
+        finally:
+            lane.wait = None
+            lease.release(served, touched)
+        return served, lane.unnotified
 
     def _device(self) -> ScsiDevice:
         scsi = self._scsi
@@ -256,14 +299,28 @@ class _Lane:
     the regions written.  Counters say how often it ran and why it stopped.
     """
 
-    __slots__ = ("_bounds", "_bytes_off", "_drain", "_ntouched", "_plan", "_shard", "_stride",
-                 "_touched",
-                 "geometry", "max_bytes", "ring", "runs", "served", "stops", "write_protected")
+    __slots__ = ("_bounds", "_bytes_off", "_drain", "_loop", "_ntouched", "_plan", "_shard",
+                 "_stride", "_touched", "_uring",
+                 "errno", "geometry", "max_bytes", "notifies", "ring", "runs", "served", "stops",
+                 "unnotified", "uring_min", "uring_why_not", "wait", "write_protected")
 
     def __init__(self, stats: CommandStats) -> None:
         drain = express.drain
         assert drain is not None, "a lane is only built when the extension is available"
         self._drain = drain
+        self._loop = express.loop
+        self._uring: object | None = None
+        self.uring_min = express.URING_MIN
+        self.uring_why_not: str | None = "not tried yet"
+        """Why the lane makes one call per leg instead of batched io_uring submission (None:
+        it batches)."""
+        self.wait: tuple[int, int, int, int, int, object | None] | None = None
+        """(uio_fd, stop_fd, wake_fd, timeout_ms, budget_ns, io_clock) for the next
+        :meth:`serve`: the wait loop; None: one drain of what is queued."""
+        self.unnotified = False
+        """The last run left answers in the ring the kernel was not told of."""
+        self.notifies = 0
+        self.errno = 0
         self._shard = stats.array_shard()
         self._bounds, self._stride, self._bytes_off = stats.layout()
         self._touched = array("Q", bytes(8 * TOUCHED_MAX))
@@ -293,11 +350,33 @@ class _Lane:
         wa, wb = (-1, -1) if self.write_protected else (plan.write_a, plan.write_b)
         gate = plan.gate
         bs, nblocks = self.geometry
-        rp, served, self._ntouched, stop, _err = self._drain(
-            mv, cmdr_off, cmdr_size, rp, wa, wb, plan.read_fd, 0 if plan.read_leg == LEG_A
-            else 1, bs, nblocks, self.max_bytes, None if gate is None else gate.bits,
-            0 if gate is None else gate.shift, 0 if gate is None else gate.regions,
-            self._touched, self._shard, self._bounds, self._stride, self._bytes_off)
+        wait = self.wait
+        if wait is None or self._loop is None:
+            rp, served, self._ntouched, stop, self.errno = self._drain(
+                mv, cmdr_off, cmdr_size, rp, wa, wb, plan.read_fd, 0 if plan.read_leg == LEG_A
+                else 1, bs, nblocks, self.max_bytes, None if gate is None else gate.bits,
+                0 if gate is None else gate.shift, 0 if gate is None else gate.regions,
+                self._touched, self._shard, self._bounds, self._stride, self._bytes_off)
+            self.unnotified = served > 0
+        else:
+            if self.uring_why_not == "not tried yet":
+                self._uring, self.uring_why_not = express.new_uring()
+            uio_fd, stop_fd, wake_fd, timeout_ms, budget_ns, clock = wait
+            rp, served, self._ntouched, stop, self.errno, notifies, unnotified = self._loop(
+                mv, cmdr_off, cmdr_size, rp, wa, wb, plan.read_fd, 0 if plan.read_leg == LEG_A
+                else 1, bs, nblocks, self.max_bytes, None if gate is None else gate.bits,
+                0 if gate is None else gate.shift, 0 if gate is None else gate.regions,
+                self._touched, self._shard, self._bounds, self._stride, self._bytes_off,
+                uio_fd, stop_fd, wake_fd, timeout_ms, budget_ns, clock, self._uring,
+                not self.write_protected, self.uring_min)
+            self.notifies += notifies
+            self.unnotified = bool(unnotified)
+            if stop == express.STOP_DEVICE:
+                self.runs += 1
+                self.served += served
+                self.stops[stop] += 1
+                raise DeviceError(f"the express lane's uio fd failed: "
+                                  f"{os.strerror(self.errno) if self.errno else 'hang-up'}")
         self.runs += 1
         self.served += served
         self.stops[stop] += 1

@@ -309,7 +309,10 @@ class Daemon:
             if not bus.start():
                 bus = None
         log.info("targetmirrord %s serving %d device(s); express lane %s", __version__,
-                 len(self.devices), "on" if express.available() else f"off: {express.WHY_NOT}")
+                 len(self.devices),
+                 (f"on (wait loop {'on' if express.loop is not None else 'off'}, io_uring "
+                  f"{'built' if express.HAVE_URING else 'not built'})")
+                 if express.available() else f"off: {express.WHY_NOT}")
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)")
         try:
             while not self._stop.is_set():

@@ -86,7 +86,11 @@ class ControlOps:
             if dev.lane is not None:
                 st["express"] = {"commands": dev.lane.served, "runs": dev.lane.runs,
                                  "stops": {why: dev.lane.stops[code]
-                                           for code, why in express.STOP_NAMES.items()}}
+                                           for code, why in express.STOP_NAMES.items()},
+                                 "loop": express.loop is not None,
+                                 "notifies": dev.lane.notifies,
+                                 "batched": dev.lane.uring_why_not is None,
+                                 "batched_why_not": dev.lane.uring_why_not}
             if self.watchdog is not None:
                 st["stuck_commands"] = self.watchdog.stuck(dev.info.dev_name)
             out.append(st)

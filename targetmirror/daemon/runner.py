@@ -92,6 +92,10 @@ class PlainJob:
 Admit = Callable[[bytes, list[memoryview], int], Job]
 """Called on the ring thread, in ring order, with (cdb, iov, tag); cheap and non-blocking."""
 
+Express = Callable[[Ring, int, int], tuple[int, bool]]
+"""``express(ring, uio_fd, wake_fd) -> (served, notify_needed)``: the express lane's turn
+(``MirrorCommands.express``)."""
+
 
 class UioLike(Protocol):
     """The part of ``targetmirror.tcmu.uio.UioDevice`` the runner needs (a test double fits)."""
@@ -108,7 +112,7 @@ class DeviceRunner:
     def __init__(self, name: str, uio: UioLike, ring: Ring, admit: Admit, *,
                  workers: int = 2, tag: int = 0,
                  before_dispatch: Callable[[], None] | None = None,
-                 express: Callable[[Ring], int] | None = None) -> None:
+                 express: Express | None = None) -> None:
         self.name = name
         self.uio = uio
         self.ring = ring
@@ -119,7 +123,10 @@ class DeviceRunner:
         self.express = express
         """Offered the ring (under :attr:`lock`) before each fetch while nothing of this device
         is in flight and no split boundary is pending: it answers what it can of the queued
-        commands in place and returns how many (``targetmirror/express``)."""
+        commands in place -- and, given the UIO fd, keeps waiting for and answering the next
+        ones in its own loop -- and returns how many, and whether the kernel still has to be
+        notified of some (``targetmirror/express``).  It returns promptly when the wake fd
+        is kicked (:meth:`stop`, a worker)."""
         self.workers = workers
         self.tag = tag
         """Given to each command at admission; switched at a split boundary."""
@@ -140,6 +147,7 @@ class DeviceRunner:
         self.inflight: dict[int, tuple[float, Job]] = {}
         """cmd_id -> (monotonic time fetched, job) of every command not yet answered; read
         (never locked) by the stuck-command watchdog (``daemon/watchdog.py``)."""
+        self._uio_fd = -1
         self.error: BaseException | None = None
         self.commands = 0
         self.batches = 0
@@ -211,6 +219,10 @@ class DeviceRunner:
     def _loop(self) -> None:
         poller = select.poll()
         uio_fd = self.uio.fileno()
+        # the express lane's wait loop speaks the uio protocol itself (4-byte event read and
+        # notify); a test double without it gets one drain per wake-up
+        lane_fd = getattr(self.uio, "lane_fd", None)
+        self._uio_fd = lane_fd() if lane_fd is not None else -1
         poller.register(uio_fd, select.POLLIN)
         poller.register(self._wake, select.POLLIN)
         try:
@@ -266,13 +278,16 @@ class DeviceRunner:
             boundary = self._boundary
             if (boundary is None and self.express is not None and not self._futures
                     and not self._done):
-                served = self.express(self.ring)
+                served, pending = self.express(self.ring, self._uio_fd, self._wake)
                 if served:
                     self.commands += served
                     if not self.ring.has_entries():  # the lane answered the whole wake-up
                         self.batches += 1
-                        self.uio.notify()
+                        if pending:
+                            self.uio.notify()
                         return
+                if not pending:
+                    served = 0  # nothing for the notify below to report
             if boundary is None:
                 self._admit_all(self.ring.fetch(), jobs)
             else:

@@ -198,6 +198,11 @@ class UioDevice:
         """The uio fd, for an external poll loop (readable = new entries may be queued)."""
         return self._fd
 
+    def lane_fd(self) -> int:
+        """The uio fd for the express lane's wait loop, which polls it, reads the event count
+        (4 bytes) and notifies (4 bytes) itself, in C (``targetmirror/express``)."""
+        return self._fd
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to *timeout* seconds (None: forever) for a kernel event; True if one came.
 

@@ -21,6 +21,7 @@ import functools
 import itertools
 import os
 import random
+import socket
 import struct
 import threading
 import time
@@ -135,8 +136,11 @@ class RecordingUio(FakeUio):
                          blocks, data_out, label)
             self.log.append(rec)
             self.lock.notify_all()
-        os.eventfd_write(self.efd, 1)
+        self._event()
         return rec
+
+    def _event(self) -> None:
+        os.eventfd_write(self.efd, 1)
 
     def queued(self) -> int:
         return len(self.log)
@@ -151,6 +155,53 @@ class RecordingUio(FakeUio):
 
     def close(self) -> None:
         """What ServedDevice.close() calls on its UioDevice (the rig closes the eventfd)."""
+
+
+class RecordingSocketUio(RecordingUio):
+    """RecordingUio whose fd speaks the UIO protocol (4-byte events and notifies) through a
+    ``SOCK_SEQPACKET`` pair, so the express lane's wait loop can poll, ack and notify it in C
+    (``lane_fd``); a thread plays the kernel and reaps (and stamps) on every notify."""
+
+    def __init__(self, producer: Producer, clock: Callable[[], int] | None = None) -> None:
+        super().__init__(producer, clock)
+        self.user, self.kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.user.setblocking(False)
+        self._reaper = threading.Thread(target=self._reap_loop, name="kernel", daemon=True)
+        self._reaper.start()
+
+    def fileno(self) -> int:
+        return self.user.fileno()
+
+    def lane_fd(self) -> int:
+        return self.user.fileno()
+
+    def ack(self) -> bool:
+        try:
+            return len(self.user.recv(4)) == 4
+        except BlockingIOError:
+            return False
+
+    def notify(self) -> None:
+        self.user.send(bytes(4))
+
+    def _reap_loop(self) -> None:
+        while True:
+            try:
+                msg = self.kernel.recv(4)
+            except OSError:
+                return
+            if not msg:
+                return
+            RecordingUio.notify(self)
+
+    def _event(self) -> None:
+        self.kernel.send(bytes(4))
+
+    def shutdown(self) -> None:
+        self.kernel.shutdown(socket.SHUT_RDWR)
+        self._reaper.join(10)
+        self.kernel.close()
+        self.user.close()
 
 
 # -- the images -------------------------------------------------------------------------------
@@ -240,6 +291,8 @@ class RigDevice:
         self.runner.stop()
         self.runner.join(timeout)
         self.mirror.close()
+        if isinstance(self.uio, RecordingSocketUio):
+            self.uio.shutdown()
         self.producer.close()
         os.close(self.uio.efd)
 
@@ -271,11 +324,13 @@ def make_device(directory: str, name: str, nblocks: int, *, workers: int,
                 mirror_name: str | None = None, images: tuple[str, str] | None = None,
                 clock: Callable[[], int] | None = None, start: bool = True,
                 cmdr_size: int = 256 * 1024, data_size: int = 2 << 20,
-                fast: bool = False, express: bool = False) -> RigDevice:
+                fast: bool = False, express: bool = False, loop: bool = False) -> RigDevice:
     """Images with the initial content, a Mirror over jittery Images, a Producer whose ring
     does not wrap within a trial, and a started DeviceRunner.  ``fast`` images let the ring
     thread run small commands itself (never with gates: a gated write would stall it);
-    ``express`` (with ``fast``) also gives the runner the compiled express lane, if built."""
+    ``express`` (with ``fast``) also gives the runner the compiled express lane, if built;
+    ``loop`` (with ``express``) lets the lane wait for commands in C (its wait loop, on a
+    socket that speaks the UIO protocol) instead of draining once per wake-up."""
     pa, pb = images if images is not None else prepare_images(directory, name, nblocks)
     a = JitterImage(pa, rng, max_delay, p_delay)
     b = JitterImage(pb, rng, max_delay, p_delay)
@@ -285,7 +340,7 @@ def make_device(directory: str, name: str, nblocks: int, *, workers: int,
     commands = MirrorCommands(
         mirror, lambda: DeviceIdentity(serial=f"{name}0001"[:16], max_transfer_blocks=2048))
     producer = Producer(cmdr_size=cmdr_size, data_size=data_size)
-    uio = RecordingUio(producer, clock)
+    uio = (RecordingSocketUio if loop and express else RecordingUio)(producer, clock)
     runner = DeviceRunner(name, uio, Ring(producer.buf), commands.admit,
                           before_dispatch=commands.commit, workers=workers,
                           tag=mirror.epoch,

@@ -219,9 +219,10 @@ def split_trial(seed: int, directory: str, store: StateStore, name: str) -> dict
     gaps = random.Random(rng.getrandbits(64))
     fast = rng.random() < 0.5
     express = fast and rng.random() < 0.5  # the compiled lane serves part of the trial
+    loop = express and rng.random() < 0.5  # ... waiting for commands in C (its wait loop)
     dev = make_device(directory, "t", nblocks, workers=workers, store=store,
                       rng=random.Random(rng.getrandbits(64)), max_delay=max_delay,
-                      p_delay=0.5, mirror_name=name, fast=fast, express=express)
+                      p_delay=0.5, mirror_name=name, fast=fast, express=express, loop=loop)
     initial = initial_image(nblocks)
     results: list[dict[str, Any]] = []
     try:
@@ -251,8 +252,10 @@ def split_trial(seed: int, directory: str, store: StateStore, name: str) -> dict
         assert res["name"] == name and res["epoch"] == 1
         stats = check_device(dev, res, initial, store)
         stats["workers"] = workers
+        dev.close()  # the lane's counters are final once its C call returned
         lane = dev.extra["commands"].lane
         stats["express_served"] = lane.served if express and lane is not None else 0
+        stats["loop_served"] = lane.served if loop and lane is not None else 0
         return stats
     finally:
         dev.close()
@@ -306,6 +309,7 @@ def test_split_checker(tmp_path):
         assert totals["strict_reads"] > 0
         if express_mod.available():
             assert totals["express_served"] > 0, "the express lane never served a command"
+            assert totals["loop_served"] > 0, "the lane's wait loop never served a command"
 
 
 # -- the consistency-group checker ---------------------------------------------------------------
@@ -323,7 +327,7 @@ def group_trial(seed: int, directory: str, store: StateStore, name: str) -> dict
     devs = [make_device(directory, f"g{k}", nblocks, workers=rng.choice([0, 2, 4]), store=store,
                         rng=jitter, max_delay=max_delay, p_delay=0.5,
                         mirror_name=f"{name}-{k}", clock=clock, fast=fast[k],
-                        express=fast[k] and rng.random() < 0.5)
+                        express=fast[k] and rng.random() < 0.5, loop=rng.random() < 0.5)
             for k in range(2)]
     # Every (chain, step) writes its own 1-3 blocks of a slot of 4: presence is unambiguous.
     slots = [rng.sample(range(nblocks // 4), nblocks // 4) for _ in devs]

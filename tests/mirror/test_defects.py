@@ -533,7 +533,7 @@ def test_d7_a_stalled_lane_run_does_not_stall_a_group_peer(tmp_path: Any) -> Non
     d2 = make_device(str(tmp_path), "g2", 256, workers=2, store=store, fast=True, start=False)
     serve, entered, release = _stalling_serve()
     d2.a.express = d2.b.express = True  # JitterImage offers its fd to a lane only if told
-    d2.runner.express = lambda ring: md.quiet(d2.mirror, 1, serve)
+    d2.runner.express = lambda ring, *_: (md.quiet(d2.mirror, 1, serve), False)
     splitter: threading.Thread | None = None
     try:
         d1.runner.start()
