@@ -290,6 +290,12 @@ class Legs:
                 self.call(leg, "write", _fill_zeroes, pos, n, nbytes=n)
             pos += n
 
+    def mark_failed(self, leg: int) -> None:
+        """Fail ``leg`` in memory only: its failure was saved already (a healthy leg retired
+        by ``repair --replace``)."""
+        with self._mu:
+            self.failed |= leg
+
     def fail(self, leg: int, exc: StoreError) -> bool:
         """Mark ``leg`` failed now and have the mirror persist it; True if the failure is
         durable (or was already)."""

@@ -627,8 +627,7 @@ class Mirror:
                 raise MirrorError(f"image {path} has {new.size} bytes, the LUN needs "
                                   f"{self.size}")
             if not self.legs.failed & bit:
-                self.legs.fail(bit, StoreError(f"replaced by repair --replace {path}",
-                                               kind="replace", path=old_path))
+                self._retire(bit, path)
             with self.lane.blocked():
                 old = self.legs.swap(bit, new, timeout)
                 try:
@@ -651,6 +650,31 @@ class Mirror:
             self._start_copy(Op.REPAIR, "sync", "a", rate, True)
         else:
             self._start_copy(Op.REPAIR, "repair", "a" if leg == "b" else "b", rate, False)
+
+    def _retire(self, bit: int, path: str) -> None:
+        """A healthy leg about to be replaced is failed: durably first, then in memory (a
+        failed save leaves it healthy and serving).  If the repair fails after this, the leg
+        stays failed -- as after any failure -- and the repair can be run again."""
+        name = LEG_NAMES[bit]
+        reason = f"replaced by repair --replace {path}"
+
+        def change(new: MirrorState) -> None:
+            new.failed[name] = {"reason": reason, "kind": "replace", "errno": None,
+                                "wall": time.time(), "state": str(new.state)}
+            if (bit == LEG_A and new.split is not None
+                    and new.state in (State.SPLITTING, State.SPLIT)):
+                new.split.a_status = f"lost: {reason}"
+
+        def apply(_new: MirrorState) -> None:
+            self.lane.revoke_locked()
+            self.legs.mark_failed(bit)
+            self.refresh_view_locked()
+
+        self.records.commit(change, apply)
+        log.warning("%s: leg %s retired for replacement by %s; writes go to %s alone and are "
+                    "tracked until the copy to the new image is done", self.name,
+                    name.upper(), path, "B" if bit == LEG_A else "A",
+                    extra={"device": self.name})
 
     def _record_repair(self, leg: str, bit: int, path: str, old_path: str,
                        replaced: bool) -> None:

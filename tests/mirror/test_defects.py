@@ -924,3 +924,45 @@ def test_m5_repair_replace_in_one_way_keeps_volume_2_writes(rig: SimRig) -> None
     assert md.wait_copier(m, BOUND)
     assert md.read(m, md.epoch(m), RS, RS) == data(2, RS), (
         "an acknowledged volume-2 write was lost by repair --replace of B")
+
+
+def test_m6_repair_replace_of_a_healthy_leg_is_saved_before_it_is_live(rig: SimRig) -> None:
+    """Model invariant I7 (long mode, seed 0xe1e02c648bd5aa3f): ``repair --leg b --replace NEW``
+    of a healthy B failed B in memory first and then saved; with the state save failing
+    (ENOSPC) the repair was refused but B stayed failed in memory only -- the mirror degraded
+    by a command that reported failure, its state document still saying healthy.  Now the
+    retirement is saved first: a failed save leaves B healthy and serving; a save that works
+    and a failure later leaves B failed in memory and on disk alike (the repair can be rerun)."""
+    m = rig.m
+    md.write(m, rig.tag, 0, data(1, RS))
+    doc_before = rig.store.doc("m")
+    rig.ctl.fail_next = 1
+    with pytest.raises((OSError, MirrorError, StoreError)):
+        md.repair(m, leg="b", replace="/sim/b2.img")
+    assert md.failed_legs(m) == set(), "a refused repair --replace failed a healthy leg"
+    assert rig.store.doc("m") == doc_before
+    assert md.state(m) == "mirrored"
+    md.write(m, md.epoch(m), RS, data(2, RS))
+    assert md.read(m, md.epoch(m), RS, RS) == data(2, RS)
+    # the first save (the retirement) works, the next (the repair's record) fails
+    rig.ctl.fail_next = 0
+    gate_after_first = rig.ctl.saves + 1
+
+    orig = rig.ctl.before_save
+
+    def second_fails() -> None:
+        orig()
+        if rig.ctl.saves > gate_after_first:
+            raise OSError(28, "No space left on device (injected)")
+
+    rig.ctl.before_save = second_fails  # type: ignore[method-assign]
+    with pytest.raises((OSError, MirrorError, StoreError)):
+        md.repair(m, leg="b", replace="/sim/b3.img")
+    rig.ctl.before_save = orig  # type: ignore[method-assign]
+    doc = rig.store.doc("m")
+    assert doc is not None and sorted(doc.get("failed") or {}) == ["b"]
+    assert md.failed_legs(m) == {"b"}
+    md.repair(m, leg="b", replace="/sim/b3.img")  # rerun: it goes through now
+    assert md.wait_copier(m, BOUND)
+    assert md.failed_legs(m) == set()
+    assert md.read(m, md.epoch(m), RS, RS) == data(2, RS)

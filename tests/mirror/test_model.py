@@ -997,6 +997,31 @@ class MirrorMachine(RuleBasedStateMachine):
                             + ("; the durable state changed too" if after[5] != before[5]
                                else "; the durable state did not"))
 
+    def _retired(self, mi: int, before: tuple[Any, ...] | None, leg: str,
+                 exc: BaseException) -> None:
+        """I7 for ``repair --replace`` of a healthy leg: the leg is failed first (saved, then
+        live) and stays failed if the repair fails after that.  Nothing else may change, and
+        memory must agree with the state document."""
+        _count("refused:repair-replace")
+        self.note(mi, f"repair --replace of healthy leg {leg} failed: {exc}")
+        m = self.ms[mi]
+        if (before is None or m is None or md.copier_alive(m)
+                or any(c.thread is not None and not c.done.is_set() for c in self._pending(mi))):
+            return
+        after = self._snap(mi)
+        if after[:4] != before[:4] or not set(after[4]) <= set(before[4]) | {leg}:
+            raise Violation(f"I7: repair --replace of {NAMES[mi]}'s healthy leg {leg} failed "
+                            f"({exc!r}) and changed more than that leg: {before[:5]} -> "
+                            f"{after[:5]}")
+        raw = after[5]
+        doc = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+        if isinstance(doc, dict) and sorted(doc.get("failed") or {}) != after[4]:
+            raise Violation(f"I7: repair --replace of {NAMES[mi]}'s healthy leg {leg} failed "
+                            f"({exc!r}): failed legs {after[4]} in memory, "
+                            f"{sorted(doc.get('failed') or {})} in the state document")
+        if leg in after[4]:
+            self.faulted[mi][leg] = True  # failed by the admin's command: not a stray failure
+
     @precondition(lambda self: on("split"))
     @rule(which=st.sampled_from(["m0", "m1", "group"]), one_way=st.booleans())
     @guarded
@@ -1136,7 +1161,10 @@ class MirrorMachine(RuleBasedStateMachine):
                 self.call(lambda: md.repair(m, leg=leg, replace=path, rate=self._rate(throttled)),
                           "repair", timeout=BOUND + 35)
             except (MirrorError, StoreError, OSError) as exc:
-                self._refused(mi, before, "repair", exc)
+                if path is not None and target is not None and target not in failed:
+                    self._retired(mi, before, target, exc)
+                else:
+                    self._refused(mi, before, "repair", exc)
                 return
             if target is not None:  # from now on a failure of this leg needs a new fault
                 self.faulted[mi][target] = False
