@@ -92,6 +92,17 @@ def close(m: Mirror) -> None:
     m.close()
 
 
+def kill(m: Mirror) -> None:
+    """What the process's death does to a mirror's threads, for a mirror whose machine lost
+    power: they stop (housekeeping, copier, idle leg workers), nothing is flushed, cleared or
+    saved, and nothing here waits (a thread blocked on the dead machine stays blocked).
+    Without it every power cut of a long model run left a housekeeping thread ticking."""
+    m._closed = True
+    m.copier.stop.set()
+    m._hk_stop.set()
+    m.legs._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def stop_resync(m: Mirror) -> None:
     m.stop_resync()
 
