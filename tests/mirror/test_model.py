@@ -331,6 +331,10 @@ class Cmd:
     data: bytes
     verify: bytes | None
     faults0: int
+    degraded0: bool = False
+    """A leg was failed (or a fault had fired on one) when it was admitted: a write may be
+    refused for a failure that cannot be recorded, even if a repair has revived the leg by
+    the time the command is judged."""
     thread: threading.Thread | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: str | None = None  # ok | err | miscompare | powerloss | exception
@@ -648,7 +652,7 @@ class MirrorMachine(RuleBasedStateMachine):
             self.call(lambda: md.commit_marks(m), "commit_marks")
         self.cids += 1
         c = Cmd(self.cids, mi, kind, vol, lba, nblk, fua, io, w, data, verify,
-                self.faults_fired(mi))
+                self.faults_fired(mi), self.excused(mi, self.faults_fired(mi)))
         model.add(w, lba, nblk)
         self.cmds.append(c)
         self.note(mi, f"admit #{c.cid} {kind} lba {lba}+{nblk} vol {vol} tag {tag} seq {seq} "
@@ -719,7 +723,7 @@ class MirrorMachine(RuleBasedStateMachine):
             raise Crashed("command")
         if c.result == "exception":
             raise Violation(f"I11: command {c.kind} raised {c.error!r}")
-        if c.result == "err" and not self.excused(c.mi, c.faults0):
+        if c.result == "err" and not c.degraded0 and not self.excused(c.mi, c.faults0):
             raise Violation(f"I8: {c.kind} lba {c.lba}+{c.nblk} vol {c.vol} (tag "
                             f"{'pre' if c.wr.pre else 'post'}-split) on {NAMES[c.mi]} failed "
                             f"without any fault: {c.error}")
