@@ -60,6 +60,7 @@ class DelayLeg:
     def __init__(self, name: str, backing: Path, size: int) -> None:
         guest.run(["modprobe", "-a", "loop", "dm_mod", "dm_delay"])
         self.name = name
+        self.backing = backing
         self.sectors = size // 512
         with backing.open("wb") as f:
             f.truncate(size)
@@ -85,6 +86,7 @@ class DelayLeg:
     def remove(self) -> None:
         guest.run(["dmsetup", "remove", "--noudevsync", self.name], check=False)
         guest.run(["losetup", "-d", self.loop], check=False)
+        self.backing.unlink(missing_ok=True)
 
 
 @dataclass
@@ -101,8 +103,13 @@ class SlowLun:
 
     @classmethod
     def create(cls, name: str, tmp_path: Path, size: int, daemon: Mirrord) -> SlowLun:
-        leg = DelayLeg(f"tm_{name}_a", tmp_path / f"{name}-a.backing", size)
-        b = tmp_path / f"{name}-b.img"
+        # On the scratch disk, not tmp_path: guest tmpfs is half the guest's RAM (1.5 GiB),
+        # shared with every earlier test of the boot, and zeroing through dm-delay writes
+        # real zero pages (CI ran out of it here: ENOSPC on leg A, mkfs EIO).
+        del tmp_path
+        base = guest.scratch_dir()
+        leg = DelayLeg(f"tm_{name}_a", base / f"{name}-a.backing", size)
+        b = base / f"{name}-b.img"
         with b.open("wb") as f:
             f.truncate(size)
         so = guest.create_user_backstore(name, "mirror", f"a={leg.path};b={b};direct=1", size)
@@ -127,6 +134,7 @@ class SlowLun:
 
     def remove(self) -> None:
         self.leg.remove()
+        self.b.unlink(missing_ok=True)
 
 
 ZEROING_RATE = 22 << 20
