@@ -259,13 +259,20 @@ class Mirror:
         why = policy.refusal(self.view(), op, **kw)
         if why:
             return why
-        leg = kw.get("leg") or (sorted(self.st.failed)[0] if self.st.failed else None)
+        leg = kw.get("leg") or self._failed_leg()
         touches_a = op in (Op.REJOIN, Op.SYNC) or (op == Op.REPAIR and leg == "a")
         readers = self.a_readers() if touches_a else []
         if readers:
             return (f"has its A exported read-only as {', '.join(readers)}; A would change "
                     "under it: remove that export first")
         return None
+
+    def _failed_leg(self) -> str | None:
+        """The leg a ``repair`` without ``--leg`` means: the first one failed *live*, as the
+        state table judged it -- not the saved record, which lacks a failure whose save
+        failed (that leg is failed all the same and must be repairable)."""
+        failed = self.legs.failed
+        return next((LEG_NAMES[b] for b in (LEG_A, LEG_B) if failed & b), None)
 
     def _refuse(self, op: Op, **kw: Any) -> None:
         why = self.refusal(op, **kw)
@@ -615,7 +622,9 @@ class Mirror:
     def _repair(self, leg: str | None, replace: str | None, rate: float | None,
                 timeout: float) -> None:
         if leg is None:
-            leg = sorted(self.st.failed)[0]
+            leg = self._failed_leg()
+            if leg is None:  # (revived between the refusal check and here)
+                raise MirrorError(f"mirror {self.name} has no failed leg")
         bit = LEG_BITS[leg]
         bm = self.bitmap
         assert bm is not None

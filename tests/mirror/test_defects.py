@@ -966,3 +966,25 @@ def test_m6_repair_replace_of_a_healthy_leg_is_saved_before_it_is_live(rig: SimR
     assert md.wait_copier(m, BOUND)
     assert md.failed_legs(m) == set()
     assert md.read(m, md.epoch(m), RS, RS) == data(2, RS)
+
+
+def test_m7_a_leg_failed_whose_save_failed_is_listed_and_repairable(rig: SimRig) -> None:
+    """Model (long mode, seed 0x98e0e696cd4cabe0): a leg that fails while the state save fails
+    is failed in memory and not yet in the state document.  ``status`` must still list it
+    (else a degraded mirror looks healthy), and ``repair`` without ``--leg`` -- which the
+    state table accepted because the leg *is* failed -- picked the leg from the saved record
+    and crashed with IndexError.  Now it repairs that leg."""
+    m = rig.m
+    md.write(m, rig.tag, 0, data(1, RS))
+    rig.plan_b.add(Fault("write", "eio", nth=rig.plan_b.calls["write"] + 1))
+    rig.ctl.fail_next = 2  # the save of B's failure and the retry before acknowledging
+    with pytest.raises(StoreError):
+        md.write(m, rig.tag, RS, data(2, RS))  # never acknowledged: its failure is not durable
+    assert md.failed_legs(m) == {"b"}
+    listed = md.status(m)["failed_legs"]
+    assert "b" in listed, f"a failed leg is missing from status: {listed}"
+    md.repair(m)  # no --leg: the one failed leg
+    assert md.wait_copier(m, BOUND)
+    assert md.failed_legs(m) == set()
+    md.write(m, md.epoch(m), RS, data(3, RS))
+    assert rig.leg("a")[: 2 * RS] == rig.leg("b")[: 2 * RS] == data(1, RS) + data(3, RS)
