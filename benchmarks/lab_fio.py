@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -107,8 +108,32 @@ def proc_counters(pid: int) -> tuple[int, int, int]:
     return int(io["syscr"]), int(io["syscw"]), switches
 
 
+def lane_counters(daemon: Mirrord, name: str = "b_mirror") -> dict[str, float]:
+    """The mirror's command counters from targetmirrord's status: every command it answered,
+    the ones the express lane served, and why lane runs stopped (``gate``: a write to a
+    region whose write-intent bit was not set yet, which Python marks durably first)."""
+    st = next(m for m in daemon.ctl_json("status")["mirrors"] if m["name"] == name)
+    ex = st.get("express") or {}
+    stops = ex.get("stops") or {}
+    return {"commands": st.get("commands", 0), "lane": ex.get("commands", 0),
+            "gate": stops.get("gate", 0), "entry": stops.get("entry", 0)}
+
+
+def lane_text(r: dict[str, float]) -> str:
+    """The lane columns of a result line (targetmirrord only)."""
+    if "lane_share" not in r:
+        return ""
+    return (f" lane {100 * r['lane_share']:5.1f}% python {r['python_per_io']:.3f}/io "
+            f"gate {r['gate_per_io']:.3f}/io")
+
+
 def fio(dev: str, job: str, args: list[str], seconds: int,
-        pid: int | None = None) -> dict[str, float]:
+        pid: int | None = None,
+        probe: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+    """One fio job; with ``pid`` the handler's CPU and syscalls per I/O, with ``probe`` (a
+    targetmirrord) the share of commands its lane served and the Python takeovers per I/O.
+    The probe (a control call, ~2 s under TCG) runs outside the counted window."""
+    p0 = probe() if probe else None
     c0 = cpu_seconds(pid) if pid else 0.0
     k0 = proc_counters(pid) if pid else (0, 0, 0)
     proc = guest.run(["fio", "--output-format=json", "--name=" + job, f"--filename={dev}",
@@ -122,7 +147,15 @@ def fio(dev: str, job: str, args: list[str], seconds: int,
     # the counters run from before fio starts to after it ends: its start-up and tear-down
     # (a few commands) are counted too, which is negligible against thousands of I/Os
     ios = side["total_ios"] or 1
-    return {"iops": side["iops"], "mbps": side["bw_bytes"] / 1e6,
+    lane: dict[str, float] = {}
+    if probe and p0 is not None:
+        p1 = probe()
+        cmds = max(p1["commands"] - p0["commands"], 1)
+        lane = {"lane_share": (p1["lane"] - p0["lane"]) / cmds,
+                "python_per_io": (cmds - (p1["lane"] - p0["lane"])) / ios,
+                "gate_per_io": (p1["gate"] - p0["gate"]) / ios,
+                "entry_per_io": (p1["entry"] - p0["entry"]) / ios}
+    return {**lane, "iops": side["iops"], "mbps": side["bw_bytes"] / 1e6,
             "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000,
             "cpu_us_per_io": cpu / ios * 1e6 if pid else 0.0,
             "syscr_per_io": (k1[0] - k0[0]) / ios, "syscw_per_io": (k1[1] - k0[1]) / ios,
@@ -241,17 +274,21 @@ def main() -> int:
         if plain is not None:
             pids["plain"] = plain.pid
         results: dict[str, dict[str, list[dict[str, float]]]] = {}
+
+        def probe() -> dict[str, float]:
+            return lane_counters(daemon)
         order = list(devs)
         for rnd in range(args.rounds):
             for job in args.jobs.split(","):
                 for name in (order if rnd % 2 == 0 else order[::-1]):
-                    r = fio(devs[name], job, JOBS[job], args.seconds, pids.get(name))
+                    r = fio(devs[name], job, JOBS[job], args.seconds, pids.get(name),
+                            probe if name == "targetmirror" else None)
                     results.setdefault(job, {}).setdefault(name, []).append(r)
                     print(f"round {rnd + 1} {job:18} {name:13} {r['iops']:9.0f} IOPS "
                           f"{r['mbps']:8.1f} MB/s p50 {r['p50_us']:8.0f} us "
                           f"p99 {r['p99_us']:8.0f} us cpu {r['cpu_us_per_io']:6.0f} us/io "
                           f"rd+wr {r['syscr_per_io'] + r['syscw_per_io']:5.2f}/io "
-                          f"cs {r['cs_per_io']:5.2f}/io", flush=True)
+                          f"cs {r['cs_per_io']:5.2f}/io{lane_text(r)}", flush=True)
         strace: dict[str, dict[str, dict[str, float]]] = {}
         if args.strace_seconds and shutil.which("strace"):
             for job in [j for j in args.jobs.split(",") if j.startswith("4k")]:
@@ -291,12 +328,12 @@ def main() -> int:
                     assert daemon.proc is not None
                     for job in [j for j in args.jobs.split(",") if j.startswith("4k")]:
                         r = fio(devs["targetmirror"], job, JOBS[job], args.seconds,
-                                daemon.proc.pid)
+                                daemon.proc.pid, probe)
                         results[job].setdefault(label, []).append(r)
                         print(f"ab {rnd + 1} {job:18} {label:13} {r['iops']:9.0f} IOPS "
                               f"cpu {r['cpu_us_per_io']:6.0f} us/io rd+wr "
                               f"{r['syscr_per_io'] + r['syscw_per_io']:5.2f}/io "
-                              f"cs {r['cs_per_io']:5.2f}/io", flush=True)
+                              f"cs {r['cs_per_io']:5.2f}/io{lane_text(r)}", flush=True)
         variants = [v for v in args.variants.split(",") if v]
         if not args.python_pass and "python" in variants:
             variants.remove("python")
@@ -308,12 +345,13 @@ def main() -> int:
             assert daemon.proc is not None
             for rnd in range(args.rounds):
                 for job in args.jobs.split(","):
-                    r = fio(devs["targetmirror"], job, JOBS[job], args.seconds, daemon.proc.pid)
+                    r = fio(devs["targetmirror"], job, JOBS[job], args.seconds, daemon.proc.pid,
+                            probe)
                     results[job].setdefault(name, []).append(r)
                     print(f"round {rnd + 1} {job:18} {name:13} {r['iops']:9.0f} IOPS "
                           f"{r['mbps']:8.1f} MB/s cpu {r['cpu_us_per_io']:6.0f} us/io "
                           f"rd+wr {r['syscr_per_io'] + r['syscw_per_io']:5.2f}/io "
-                          f"cs {r['cs_per_io']:5.2f}/io", flush=True)
+                          f"cs {r['cs_per_io']:5.2f}/io{lane_text(r)}", flush=True)
             if args.strace_seconds and shutil.which("strace") and variant != "python":
                 for job in [j for j in args.jobs.split(",") if j.startswith("4k")]:
                     calls = strace_pass(devs["targetmirror"], job, JOBS[job],
@@ -339,7 +377,7 @@ def main() -> int:
                 print(f"{job:18} {name:13} {r['iops']:9.0f} {r['mbps']:8.1f} "
                       f"{r['p50_us']:8.0f} {r['p99_us']:8.0f} {r['cpu_us_per_io']:9.0f} "
                       f"{r['syscr_per_io'] + r['syscw_per_io']:8.2f} {r['cs_per_io']:6.2f}"
-                      f"{ratio}")
+                      f"{ratio}{lane_text(r)}")
         if args.out:
             Path(args.out).write_text(json.dumps({"date": time.strftime("%F %T"),
                                                   "seconds": args.seconds,
