@@ -59,10 +59,12 @@ VARIANTS: dict[str, tuple[str, dict[str, str], list[str]]] = {
     "drain": ("tm-drain", {"TARGETMIRROR_EXPRESS_LOOP": "0", "TARGETMIRROR_URING": "0"}, []),
     "calls": ("tm-calls", {"TARGETMIRROR_URING": "0"}, []),
     "python": ("targetmirror-python", {}, ["--no-express"]),
+    "noahead": ("tm-noahead", {"TARGETMIRROR_WI_AHEAD": "0"}, []),
 }
 """name in the table, environment, targetmirrord arguments.  drain: the lane as it was
 before its wait loop (one drain per ring wake-up, one pwritev per leg); calls: the wait loop
-without io_uring (one call per leg); python: no lane at all."""
+without io_uring (one call per leg); python: no lane at all; noahead: a write-intent mark
+covers the write's own extent only (no marking ahead of a sequential stream)."""
 
 
 def restart(daemon: Mirrord, env: dict[str, str], extra: list[str]) -> None:
@@ -212,6 +214,9 @@ def main() -> int:
                     help="after the main rounds, alternate targetmirrord as it is and as "
                     "--ab says this many times on the 4k jobs (ab-default / ab-VARIANT)")
     ap.add_argument("--ab", default="drain", choices=sorted(VARIANTS))
+    ap.add_argument("--ab-jobs", default="",
+                    help="comma-separated jobs of the A/B rounds (default: the 4k ones of "
+                    "--jobs)")
     ap.add_argument("--no-python-pass", dest="python_pass", action="store_false",
                     help="skip the last pass, which restarts targetmirrord with --no-express "
                     "and runs the jobs again on the same LUN (column targetmirror-python)")
@@ -321,12 +326,14 @@ def main() -> int:
             # targetmirrord as built against one variant, alternated (ABBA...) on the same LUN,
             # so load that drifts during the run hits both alike: the fair before/after
             ab = VARIANTS[args.ab]
+            ab_jobs = [j for j in (args.ab_jobs or args.jobs).split(",")
+                       if args.ab_jobs or j.startswith("4k")]
             configs = [("ab-" + "default", {}, []), ("ab-" + args.ab, ab[1], ab[2])]
             for rnd in range(args.ab_rounds):
                 for label, env, extra in (configs if rnd % 2 == 0 else configs[::-1]):
                     restart(daemon, env, extra)
                     assert daemon.proc is not None
-                    for job in [j for j in args.jobs.split(",") if j.startswith("4k")]:
+                    for job in ab_jobs:
                         r = fio(devs["targetmirror"], job, JOBS[job], args.seconds,
                                 daemon.proc.pid, probe)
                         results[job].setdefault(label, []).append(r)

@@ -330,9 +330,10 @@ class MirrorIO:
                 bm.sync(pm)
             return
         if bm is not None and (m.write_intent or self.legs != BOTH):
-            if not policy.exact_marks(m.cached_view, self.legs):
-                offset, length = m.wi_span(offset, length)
-            gen = bm.mark(offset, length)
+            if policy.exact_marks(m.cached_view, self.legs):
+                gen = bm.mark(offset, length)
+            else:
+                gen = m.wi_mark(bm, offset, length)
             if gen:
                 bm.sync(gen)
 
@@ -446,7 +447,7 @@ class Admission:
                 # Mark now, in memory; the ring thread makes the whole batch's bits durable
                 # with one sync (commit_marks) before any of its commands runs.
                 if wide:
-                    gen = bm.mark(*m.wi_span(extent[0], extent[1] - extent[0]))
+                    gen = m.wi_mark(bm, extent[0], extent[1] - extent[0])
                 else:
                     gen = bm.mark(extent[0], extent[1] - extent[0])
                 if gen > self.pending_mark:

@@ -69,7 +69,14 @@ from targetmirror.mirror.rangelock import RangeLock
 from targetmirror.mirror.splitcycle import SplitCycle
 from targetmirror.mirror.state import MirrorState, Records, State, StateStore
 from targetmirror.mirror.tasks import OpSlot, Tasks
-from targetmirror.mirror.writeintent import WI_EXTENT, WI_INTERVAL, WriteIntent, wi_span
+from targetmirror.mirror.writeintent import (
+    WI_AHEAD,
+    WI_EXTENT,
+    WI_INTERVAL,
+    WriteIntent,
+    wi_mark,
+    wi_span,
+)
 from targetmirror.store.image import Image
 
 log = logging.getLogger("targetmirror.mirror")
@@ -95,7 +102,7 @@ class Mirror:
                  store: StateStore | None = None, region_size: int = DEFAULT_REGION,
                  write_intent: bool = True, wi_interval: float | None = WI_INTERVAL,
                  wi_extent: int = WI_EXTENT, leg_timeout: float | None = LEG_TIMEOUT,
-                 deadlines: Deadlines | None = None) -> None:
+                 deadlines: Deadlines | None = None, wi_ahead: int = WI_AHEAD) -> None:
         if size <= 0 or size % block_size:
             raise MirrorError(f"mirror {name}: size {size} is not a positive multiple of the "
                               f"block size {block_size}")
@@ -117,6 +124,8 @@ class Mirror:
         """Mark mirrored writes too (md's write-intent log); off only to measure its cost."""
         self.wi_interval = wi_interval
         self.wi_extent = wi_extent
+        self.wi_ahead = wi_ahead
+        """Extents a forward stream marks beyond its own (``writeintent.WI_AHEAD``)."""
         self.deadlines = deadlines if deadlines is not None else Deadlines.with_timeout(
             leg_timeout)
         """When a leg call fails its leg (``legs.Deadlines``); ``leg_timeout`` is the data
@@ -307,6 +316,11 @@ class Mirror:
 
     def wi_span(self, offset: int, length: int) -> tuple[int, int]:
         return wi_span(self.wi_extent, offset, length)
+
+    def wi_mark(self, bm: Bitmap, offset: int, length: int) -> int:
+        """Mark a mirrored write's write-intent extents, ahead of a forward stream
+        (``writeintent.wi_mark``)."""
+        return wi_mark(bm, self.wi_extent, self.size, offset, length, self.wi_ahead)
 
     def lane_lease(self, volume: int) -> LaneLease | None:
         """A lease for the express lane if the mirror is quiet (``admission.LaneGate``)."""

@@ -16,6 +16,7 @@ before the window opened is durable on both legs; any later one keeps its bit.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from targetmirror.mirror.policy import BOTH, LEG_A, LEG_B
 from targetmirror.mirror.state import State
 
 if TYPE_CHECKING:
+    from targetmirror.mirror.bitmap import Bitmap
     from targetmirror.mirror.mirror import Mirror
 
 log = logging.getLogger("targetmirror.mirror")
@@ -38,11 +40,36 @@ copied.  Writes that go to one leg only (after a split, with a failed leg) or ar
 copy runs mark their regions exactly, so a rejoin or repair copies only what changed."""
 
 
+WI_AHEAD = int(os.environ.get("TARGETMIRROR_WI_AHEAD", "3"))
+"""A mirrored write that must mark its extent while the extent just before it is marked is
+(most likely) part of a stream moving forward: it marks this many extents beyond its own in
+the same bitmap sync, so a sequential writer pays one sync per 1 + WI_AHEAD extents instead of
+one per extent (in the lab, 1 MiB sequential writes left the express lane for Python at every
+fourth command, each such stop taking the rest of its batch along).  The cost is at most
+WI_AHEAD extents more to copy after a crash, until the next clear pass spares them no more.
+The environment variable is the benchmark's A/B switch (0: off)."""
+
+
 def wi_span(extent: int, offset: int, length: int) -> tuple[int, int]:
     """The write-intent extents (of ``extent`` bytes) around a mirrored write."""
     mask = extent - 1
     start = offset & ~mask
     return start, ((offset + max(length, 1) + mask) & ~mask) - start
+
+
+def wi_mark(bm: Bitmap, extent: int, size: int, offset: int, length: int,
+            ahead: int = WI_AHEAD) -> int:
+    """Mark the write-intent extents around a mirrored write (``Bitmap.mark``'s answer: a
+    generation to sync to, or 0).  When the write has to mark (or wait for a sync) and the
+    extent before it is marked, ``ahead`` extents after it are marked too (see WI_AHEAD);
+    never when its own bits are set and durable, so marking ahead adds no sync of its own."""
+    start, span = wi_span(extent, offset, length)
+    gen = bm.mark(start, span)
+    if gen and ahead > 0 and start > 0 and bm.test((start - 1) >> bm.shift):
+        end = min(start + span + ahead * extent, size)
+        if end > start + span:
+            gen = max(gen, bm.mark(start + span, end - start - span))
+    return gen
 
 
 def _flush(image: object) -> None:
@@ -141,4 +168,4 @@ class WriteIntent:
         m.records.commit(change)
 
 
-__all__ = ["BOTH", "WI_EXTENT", "WI_INTERVAL", "WriteIntent", "wi_span"]
+__all__ = ["BOTH", "WI_AHEAD", "WI_EXTENT", "WI_INTERVAL", "WriteIntent", "wi_mark", "wi_span"]

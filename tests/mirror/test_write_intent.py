@@ -23,11 +23,12 @@ class Rig:
                 f.truncate(SIZE)
         self.dir = str(tmp_path / "state")
         self.wi_extent = RS  # exact write-intent bits: these tests count regions
+        self.wi_ahead = 0    # ... and no marking ahead of a stream (its own tests below)
 
     def mirror(self, image_cls=Image) -> Mirror:
         return Mirror("m", image_cls(self.pa), image_cls(self.pb), size=SIZE, block_size=BS,
                       store=StateStore(self.dir), region_size=RS, wi_interval=None,
-                      leg_timeout=None, wi_extent=self.wi_extent)
+                      leg_timeout=None, wi_extent=self.wi_extent, wi_ahead=self.wi_ahead)
 
 
 def crash(m: Mirror) -> None:
@@ -228,3 +229,70 @@ def test_a_write_admitted_after_the_instant_keeps_its_bit_through_the_split(tmp_
     post.finish()
     assert bitmap_file_bits(StateStore(rig.dir)) == {18}
     m.close()
+
+
+# -- marking ahead of a forward stream (WI_AHEAD) ------------------------------------------------
+
+def marked(m: Mirror) -> set[int]:
+    bm = m.bitmap
+    assert bm is not None
+    return {r for r in range(bm.regions) if bm.test(r)}
+
+
+def test_a_sequential_stream_pays_one_sync_per_run_of_extents(tmp_path):
+    """1 MiB sequential writes left the express lane at every new extent (a durable mark
+    first); a stream now marks 3 extents ahead with the same sync."""
+    rig = extent_rig(tmp_path)
+    rig.wi_ahead = 3
+    m = rig.mirror()
+    bm = m.bitmap
+    assert bm is not None
+    m.write(0, [memoryview(b"s" * RS)], False)          # extent 0; nothing before it
+    assert marked(m) == set(range(4))
+    syncs = bm.syncs
+    for r in range(4, 80):                               # extents 1..19, region by region
+        m.write(r * RS, [memoryview(b"s" * RS)], False)
+    # extent 1 marks 1..4, extent 5 marks 5..8, ... : 19 extents in 5 syncs, not 19
+    assert bm.syncs - syncs == 5
+    assert marked(m) == set(range(4 * 21))               # 0..20: at most 3 extents ahead (17..20)
+    assert read_file(rig.pa) == read_file(rig.pb)
+    m.close()
+
+
+def test_marking_ahead_adds_no_sync_and_random_writes_do_not_mark_ahead(tmp_path):
+    rig = extent_rig(tmp_path)
+    rig.wi_ahead = 3
+    m = rig.mirror()
+    bm = m.bitmap
+    assert bm is not None
+    m.write(41 * RS, [memoryview(b"r" * BS)], False)     # extent 40..43, extent 36 not marked
+    m.write(9 * RS, [memoryview(b"r" * BS)], False)      # extent 8..11, extent 4 not marked
+    assert marked(m) == set(range(40, 44)) | set(range(8, 12))
+    syncs = bm.syncs
+    m.write(43 * RS, [memoryview(b"r" * BS)], False)     # its extent is marked: no sync, ...
+    assert bm.syncs == syncs                             # ... so nothing is marked ahead
+    assert marked(m) == set(range(40, 44)) | set(range(8, 12))
+    m.close()
+
+
+def test_marking_ahead_stops_at_the_end_and_idle_extents_are_cleared(tmp_path):
+    rig = extent_rig(tmp_path)
+    rig.wi_ahead = 3
+    m = rig.mirror()
+    bm = m.bitmap
+    assert bm is not None
+    last = bm.regions - 1
+    m.write((last - 7) * RS, [memoryview(b"e" * BS)], False)   # the second-to-last extent
+    m.write((last - 3) * RS, [memoryview(b"e" * BS)], False)   # the last: ahead is clipped
+    assert marked(m) == set(range(last - 7, last + 1))
+    m.write(0, [memoryview(b"e" * BS)], False)
+    m.write(4 * RS, [memoryview(b"e" * BS)], False)            # 4..7 and 8..19 ahead
+    assert marked(m) >= set(range(0, 20))
+    # a pass spares the extents written since the last one, not marks no write has used
+    assert m.clear_write_intent() == 12
+    assert marked(m) == set(range(0, 8)) | set(range(last - 7, last + 1))
+    m.write(5 * RS, [memoryview(b"f" * BS)], False)            # extent 4..7 stays hot
+    m.clear_write_intent()
+    assert marked(m) == set(range(4, 8))
+    m.close()
+    assert state_doc(StateStore(rig.dir))["clean"] is True
