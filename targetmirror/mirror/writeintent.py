@@ -40,7 +40,17 @@ copied.  Writes that go to one leg only (after a split, with a failed leg) or ar
 copy runs mark their regions exactly, so a rejoin or repair copies only what changed."""
 
 
-WI_AHEAD = int(os.environ.get("TARGETMIRROR_WI_AHEAD", "3"))
+def _env_ahead(default: int = 3) -> int:
+    raw = os.environ.get("TARGETMIRROR_WI_AHEAD", "")
+    try:
+        return max(0, int(raw)) if raw else default
+    except ValueError:
+        log.warning("TARGETMIRROR_WI_AHEAD=%r: expected a count of extents (e.g. 0 or 3); "
+                    "using %d", raw, default)
+        return default
+
+
+WI_AHEAD = _env_ahead()
 """A mirrored write that must mark its extent while the extent just before it is marked is
 (most likely) part of a stream moving forward: it marks this many extents beyond its own in
 the same bitmap sync, so a sequential writer pays one sync per 1 + WI_AHEAD extents instead of
