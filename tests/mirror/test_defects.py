@@ -988,3 +988,40 @@ def test_m7_a_leg_failed_whose_save_failed_is_listed_and_repairable(rig: SimRig)
     assert md.failed_legs(m) == set()
     md.write(m, md.epoch(m), RS, data(3, RS))
     assert rig.leg("a")[: 2 * RS] == rig.leg("b")[: 2 * RS] == data(1, RS) + data(3, RS)
+
+
+def test_m8_a_copy_whose_destination_fails_after_its_last_check_is_no_success(
+        rig: SimRig) -> None:
+    """Model invariant I10 (long mode): a rejoin copies B -> A and checks, batch by batch,
+    that A is still healthy; a foreground write (or A's deadline) that failed A after the last
+    of those checks, before the copy recorded its end, left the copy reporting success --
+    "mirrored", ``rejoin_complete`` set, epoch moved on -- with A failed.  The window is a few
+    instructions wide; the model hit it with threads, this test puts the failure there by
+    wrapping the copy loop.  The copy must end as stopped, and a repair of A then makes A
+    equal B."""
+    from targetmirror.mirror.policy import LEG_A
+
+    m = rig.m
+    md.write(m, rig.tag, 0, data(1, 4 * RS))
+    md.split(m)
+    md.write(m, md.epoch(m), RS, data(2, RS))          # B only: the rejoin copies it to A
+    copy_loop = m.copier.resync
+
+    def then_a_fails(p: Any) -> bool:
+        ok = copy_loop(p)
+        m.legs.fail(LEG_A, StoreError("write on /sim/a.img failed: EIO (injected)",
+                                      kind="write"))
+        return ok
+
+    m.copier.resync = then_a_fails  # type: ignore[method-assign]
+    md.rejoin(m)
+    assert md.wait_copier(m, BOUND)
+    m.copier.resync = copy_loop  # type: ignore[method-assign]
+    assert "a" in md.failed_legs(m)
+    assert not md.rejoin_complete(m).is_set(), (
+        f"the rejoin reported success although A, its destination, failed: {md.status(m)}")
+    assert md.state(m) != "mirrored"
+    md.repair(m, leg="a")
+    assert md.wait_copier(m, BOUND)
+    assert md.failed_legs(m) == set() and md.state(m) == "mirrored"
+    assert rig.leg("a") == rig.leg("b")
