@@ -272,6 +272,11 @@ def test_marking_ahead_adds_no_sync_and_random_writes_do_not_mark_ahead(tmp_path
     m.write(43 * RS, [memoryview(b"r" * BS)], False)     # its extent is marked: no sync, ...
     assert bm.syncs == syncs                             # ... so nothing is marked ahead
     assert marked(m) == set(range(40, 44)) | set(range(8, 12))
+    # next to a marked extent but not at its start: a random writer, not a stream (a lab
+    # repair after a leg failure copied 28 MiB for 16 MiB of random writes before this rule)
+    m.write(13 * RS + BS, [memoryview(b"r" * BS)], False)
+    m.write(46 * RS, [memoryview(b"r" * BS)], False)
+    assert marked(m) == set(range(40, 48)) | set(range(8, 16))
     m.close()
 
 
