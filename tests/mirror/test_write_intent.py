@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 
+from targetmirror.mirror.bitmap import Bitmap
 from targetmirror.mirror.mirror import Mirror
 from targetmirror.mirror.state import State, StateStore
 from targetmirror.store.image import Image
@@ -233,6 +234,15 @@ def test_a_write_admitted_after_the_instant_keeps_its_bit_through_the_split(tmp_
 
 # -- marking ahead of a forward stream (WI_AHEAD) ------------------------------------------------
 
+def ahead_mirror(tmp_path) -> tuple[Rig, Mirror, Bitmap]:
+    """A mirror with 4-region write-intent extents that marks 3 extents ahead."""
+    rig = extent_rig(tmp_path)
+    rig.wi_ahead = 3
+    m = rig.mirror()
+    assert m.bitmap is not None
+    return rig, m, m.bitmap
+
+
 def marked(m: Mirror) -> set[int]:
     bm = m.bitmap
     assert bm is not None
@@ -242,11 +252,7 @@ def marked(m: Mirror) -> set[int]:
 def test_a_sequential_stream_pays_one_sync_per_run_of_extents(tmp_path):
     """1 MiB sequential writes left the express lane at every new extent (a durable mark
     first); a stream now marks 3 extents ahead with the same sync."""
-    rig = extent_rig(tmp_path)
-    rig.wi_ahead = 3
-    m = rig.mirror()
-    bm = m.bitmap
-    assert bm is not None
+    rig, m, bm = ahead_mirror(tmp_path)
     m.write(0, [memoryview(b"s" * RS)], False)          # extent 0; nothing before it
     assert marked(m) == set(range(4))
     syncs = bm.syncs
@@ -260,11 +266,7 @@ def test_a_sequential_stream_pays_one_sync_per_run_of_extents(tmp_path):
 
 
 def test_marking_ahead_adds_no_sync_and_random_writes_do_not_mark_ahead(tmp_path):
-    rig = extent_rig(tmp_path)
-    rig.wi_ahead = 3
-    m = rig.mirror()
-    bm = m.bitmap
-    assert bm is not None
+    _rig, m, bm = ahead_mirror(tmp_path)
     m.write(41 * RS, [memoryview(b"r" * BS)], False)     # extent 40..43, extent 36 not marked
     m.write(9 * RS, [memoryview(b"r" * BS)], False)      # extent 8..11, extent 4 not marked
     assert marked(m) == set(range(40, 44)) | set(range(8, 12))
@@ -281,11 +283,7 @@ def test_marking_ahead_adds_no_sync_and_random_writes_do_not_mark_ahead(tmp_path
 
 
 def test_marking_ahead_stops_at_the_end_and_idle_extents_are_cleared(tmp_path):
-    rig = extent_rig(tmp_path)
-    rig.wi_ahead = 3
-    m = rig.mirror()
-    bm = m.bitmap
-    assert bm is not None
+    rig, m, bm = ahead_mirror(tmp_path)
     last = bm.regions - 1
     m.write((last - 7) * RS, [memoryview(b"e" * BS)], False)   # the second-to-last extent
     m.write((last - 3) * RS, [memoryview(b"e" * BS)], False)   # the last: ahead is clipped
