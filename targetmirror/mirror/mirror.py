@@ -75,7 +75,6 @@ from targetmirror.mirror.writeintent import (
     WI_INTERVAL,
     WriteIntent,
     wi_mark,
-    wi_span,
 )
 from targetmirror.store.image import Image
 
@@ -313,9 +312,6 @@ class Mirror:
     def commit_marks(self) -> None:
         """One bitmap sync for the bits a ring batch's admission marked."""
         self.admission.commit_marks()
-
-    def wi_span(self, offset: int, length: int) -> tuple[int, int]:
-        return wi_span(self.wi_extent, offset, length)
 
     def wi_mark(self, bm: Bitmap, offset: int, length: int) -> int:
         """Mark a mirrored write's write-intent extents, ahead of a forward stream
